@@ -1,0 +1,372 @@
+"""Backup: walk -> files cache -> chunk -> dedup -> pack, then trees, then the snapshot.
+
+The walk runs on the calling thread; changed files are read, cut, hashed,
+compressed and sealed by a small thread pool (blake3, zstd, AES-GCM and file
+reads release the GIL). Trees are written bottom-up once their children are
+known. Order of durability: packs, index objects, snapshot.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+import sys
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import BinaryIO
+
+import pathspec
+from pyfastcdc import FastCDC
+
+from .fsmeta import node_from_stat
+from .index import FileRecord
+from .pack import BLOB_DATA, BLOB_TREE
+from .packer import BlobWriter
+from .progress import Counters
+from .repository import CHUNK_AVG, CHUNK_MAX, CHUNK_MIN, Repository, cache_root
+from .snapshot import Snapshot, Summary
+from .tree import DIR, FILE, Node, encode_tree, split_path
+
+CACHEDIR_SIGNATURE = b"Signature: 8a477f597d28d172789f06886806bc55"
+READ_BLOCK = 8 * 1024 * 1024
+O_NOATIME = getattr(os, "O_NOATIME", 0)
+
+
+@dataclass
+class BackupOptions:
+    paths: list[bytes]
+    excludes: list[str] = field(default_factory=list)
+    exclude_caches: bool = False
+    one_file_system: bool = False
+    tags: list[str] = field(default_factory=list)
+    time: datetime | None = None
+    dry_run: bool = False
+    workers: int = max(2, min(4, os.cpu_count() or 2))
+
+
+def stasisfs_mountpoints() -> set[bytes]:
+    """Mounted stasisfs filesystems: never descend into them (or stat a dead one)."""
+    result = set()
+    try:
+        with open("/proc/self/mountinfo", "rb") as f:
+            for line in f:
+                left, _, right = line.partition(b" - ")
+                fstype, source = (right.split() + [b"", b""])[:2]
+                if fstype.startswith(b"fuse") and (b"stasisfs" in fstype or source.startswith(b"stasisfs")):
+                    mountpoint = left.split()[4].decode("unicode_escape").encode("latin-1")
+                    result.add(mountpoint)
+    except OSError:
+        pass
+    return result
+
+
+class Backup:
+    def __init__(self, repo: Repository, options: BackupOptions, counters: Counters | None = None,
+                 warn: Callable[[str], None] | None = None) -> None:
+        self.repo = repo
+        self.options = options
+        self.counters = counters or Counters()
+        self.warnings: list[str] = []
+        self._warn_sink = warn
+        self.writer = BlobWriter(repo, dry_run=options.dry_run)
+        self.summary = Summary()
+        self._summary_lock = threading.Lock()
+        self.keys = repo.master_keys
+        self.index = repo.index
+        self._chunkers = threading.local()
+        self._file_records: list[tuple[bytes, FileRecord]] = []
+        self._hardlinks: dict[tuple[int, int], Future[Node | None]] = {}
+        self._spec = pathspec.GitIgnoreSpec.from_lines(options.excludes) if options.excludes else None
+        self._skip_inodes = set()
+        for path in (repo.path, cache_root()):
+            try:
+                st = os.stat(path)
+                self._skip_inodes.add((st.st_dev, st.st_ino))
+            except OSError:
+                pass
+        self._skip_paths = stasisfs_mountpoints()
+
+    # --- reporting ---
+    def warn(self, message: str) -> None:
+        self.warnings.append(message)
+        if self._warn_sink is not None:
+            self._warn_sink(message)
+
+    # --- content ---
+    def _chunker(self) -> FastCDC:
+        chunker = getattr(self._chunkers, "chunker", None)
+        if chunker is None:
+            chunker = FastCDC(CHUNK_AVG, min_size=CHUNK_MIN, max_size=CHUNK_MAX, seed=self.keys.chunker_seed)
+            self._chunkers.chunker = chunker
+        return chunker
+
+    def _store_chunk(self, data: bytes | memoryview) -> bytes:
+        chunk_id = self.keys.chunk_id_of(data)
+        if self.writer.add(chunk_id, BLOB_DATA, data):
+            with self._summary_lock:
+                self.summary.data_added += len(data)
+        return chunk_id
+
+    def store_stream(self, stream: BinaryIO) -> tuple[list[bytes], int]:
+        content, size = [], 0
+        for chunk in self._chunker().cut_stream(stream):
+            content.append(self._store_chunk(chunk.data))
+            size += chunk.length
+            self.counters.add(nbytes=chunk.length)
+        return content, size
+
+    def _read_file(self, path: bytes, node: Node, st: os.stat_result) -> Node | None:
+        try:
+            try:
+                fd = os.open(path, os.O_RDONLY | O_NOATIME)
+            except PermissionError:
+                fd = os.open(path, os.O_RDONLY)  # O_NOATIME is only allowed to the owner
+        except OSError as exc:
+            self.warn(f"cannot read {os.fsdecode(path)}: {exc.strerror}; skipped")
+            return None
+        try:
+            data = os.read(fd, CHUNK_MIN) if st.st_size < CHUNK_MIN else b""
+            if st.st_size >= CHUNK_MIN or len(data) >= CHUNK_MIN:
+                os.lseek(fd, 0, os.SEEK_SET)
+                with open(fd, "rb", buffering=0, closefd=False) as stream:
+                    node.content, node.size = self.store_stream(stream)
+            else:  # small files skip the chunker: they are one chunk anyway
+                node.content = [self._store_chunk(data)] if data else []
+                node.size = len(data)
+                self.counters.add(nbytes=len(data))
+            after = os.fstat(fd)
+        except OSError as exc:
+            self.warn(f"cannot read {os.fsdecode(path)}: {exc.strerror}; skipped")
+            return None
+        finally:
+            os.close(fd)
+        if (after.st_mtime_ns, after.st_size) != (st.st_mtime_ns, st.st_size) or node.size != st.st_size:
+            self.warn(f"{os.fsdecode(path)} changed while it was being read; the snapshot holds what was read")
+        else:
+            self._file_records.append(
+                (self.keys.path_key(path), FileRecord(st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns, tuple(node.content)))
+            )
+        self.counters.add(files=1)
+        return node
+
+    # --- the walk ---
+    def _excluded(self, path: bytes, is_dir: bool) -> bool:
+        if self._spec is None:
+            return False
+        rel = os.fsdecode(path.lstrip(b"/")) + ("/" if is_dir else "")
+        return self._spec.match_file(rel)
+
+    def _file_node(self, pool: ThreadPoolExecutor, path: bytes, node: Node, st: os.stat_result) -> Future[Node | None] | Node:
+        record = self.index.file_record(self.keys.path_key(path))
+        if (
+            record is not None
+            and (record.device, record.inode, record.size, record.mtime_ns, record.ctime_ns)
+            == (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+            and not self.index.missing_chunks(record.content)
+        ):
+            node.content = list(record.content)
+            with self._summary_lock:
+                self.summary.files_unmodified += 1
+            self.counters.add(files=1, nbytes=st.st_size)
+            return node
+        with self._summary_lock:
+            if record is None:
+                self.summary.files_new += 1
+            else:
+                self.summary.files_changed += 1
+        key = node.hardlink_key
+        if key is not None:
+            earlier = self._hardlinks.get(key)
+            if earlier is not None:
+                return pool.submit(self._copy_hardlink, earlier, node, path, st)
+            future = pool.submit(self._read_file, path, node, st)
+            self._hardlinks[key] = future
+            return future
+        return pool.submit(self._read_file, path, node, st)
+
+    def _copy_hardlink(self, earlier: Future[Node | None], node: Node, path: bytes, st: os.stat_result) -> Node | None:
+        """Another name of an inode already read: same content, read once."""
+        first = earlier.result()
+        if first is None:
+            return None
+        node.content, node.size = first.content, first.size
+        self._file_records.append(
+            (self.keys.path_key(path), FileRecord(st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns, tuple(node.content)))
+        )
+        self.counters.add(files=1, nbytes=node.size)
+        return node
+
+    def _save_tree(self, nodes: list[Node]) -> bytes:
+        data = encode_tree(nodes)
+        tree_id = self.keys.chunk_id_of(data)
+        if self.writer.add(tree_id, BLOB_TREE, data):
+            with self._summary_lock:
+                self.summary.dirs_new += 1
+        return tree_id
+
+    def _is_cache_dir(self, path: bytes) -> bool:
+        try:
+            with open(os.path.join(path, b"CACHEDIR.TAG"), "rb") as f:
+                return f.read(len(CACHEDIR_SIGNATURE)) == CACHEDIR_SIGNATURE
+        except OSError:
+            return False
+
+    def _save_dir(self, pool: ThreadPoolExecutor, path: bytes, root_dev: int) -> list[Node]:
+        """The nodes of one real directory's entries; subdirectories recursively."""
+        try:
+            entries = sorted(os.scandir(path), key=lambda e: e.name)
+        except OSError as exc:
+            self.warn(f"cannot list {os.fsdecode(path)}: {exc.strerror}; saved as empty")
+            return []
+        pending: list[Future[Node | None] | Node] = []
+        for entry in entries:
+            child = entry.path
+            try:
+                st = entry.stat(follow_symlinks=False)
+                is_dir = stat.S_ISDIR(st.st_mode)
+                if self._excluded(child, is_dir):
+                    continue
+                node = node_from_stat(entry.name, child, st)
+            except OSError as exc:
+                self.warn(f"cannot read {os.fsdecode(child)}: {exc.strerror}; skipped")
+                continue
+            if node.type == FILE:
+                pending.append(self._file_node(pool, child, node, st))
+            elif node.type == DIR:
+                subtree = self._subdir(pool, child, st, root_dev)
+                if subtree is None:
+                    continue
+                node.subtree = subtree
+                pending.append(node)
+            else:
+                pending.append(node)
+        nodes = []
+        for item in pending:
+            result = item.result() if isinstance(item, Future) else item
+            if result is not None:
+                nodes.append(result)
+        return nodes
+
+    def _subdir(self, pool: ThreadPoolExecutor, path: bytes, st: os.stat_result, root_dev: int) -> bytes | None:
+        """The tree id of a directory to descend into, or None to leave it out entirely."""
+        if (st.st_dev, st.st_ino) in self._skip_inodes or path in self._skip_paths:
+            return None
+        if self.options.exclude_caches and self._is_cache_dir(path):
+            return None
+        if self.options.one_file_system and st.st_dev != root_dev:
+            return self._save_tree([])  # keep the mount point, not what is mounted on it
+        return self._save_tree(self._save_dir(pool, path, root_dev))
+
+    def _save_path(self, pool: ThreadPoolExecutor, path: bytes) -> Node | None:
+        """One backed-up path as a node (directories recursively)."""
+        try:
+            st = os.lstat(path)
+            node = node_from_stat(os.path.basename(path) or b"/", path, st)
+        except OSError as exc:
+            self.warn(f"cannot read {os.fsdecode(path)}: {exc.strerror}; skipped")
+            return None
+        if node.type == DIR:
+            subtree = self._subdir(pool, path, st, st.st_dev)
+            if subtree is None:
+                return None
+            node.subtree = subtree
+            return node
+        if node.type == FILE:
+            item = self._file_node(pool, path, node, st)
+            return item.result() if isinstance(item, Future) else item
+        return node
+
+    def _build_root(self, pool: ThreadPoolExecutor, paths: list[bytes]) -> bytes:
+        """A tree for `/` holding every backed-up path, with the real metadata of the directories above them."""
+
+        def build(prefix: list[bytes], targets: list[list[bytes]]) -> list[Node]:
+            by_name: dict[bytes, list[list[bytes]]] = {}
+            for parts in targets:
+                by_name.setdefault(parts[len(prefix)], []).append(parts)
+            nodes = []
+            for name, group in sorted(by_name.items()):
+                here = prefix + [name]
+                full = b"/" + b"/".join(here)
+                if any(len(parts) == len(here) for parts in group):
+                    node = self._save_path(pool, full)
+                else:
+                    try:
+                        node = node_from_stat(name, full, os.lstat(full))
+                    except OSError as exc:
+                        self.warn(f"cannot read {os.fsdecode(full)}: {exc.strerror}; skipped")
+                        continue
+                    node.subtree = self._save_tree(build(here, group))
+                if node is not None:
+                    nodes.append(node)
+            return nodes
+
+        return self._save_tree(build([], [split_path(p) for p in paths]))
+
+    def run(self) -> Snapshot:
+        started = time.monotonic()
+        sys.setrecursionlimit(max(sys.getrecursionlimit(), 20000))
+        paths = normalize_paths(self.options.paths)
+        with ThreadPoolExecutor(self.options.workers, thread_name_prefix="backup") as pool:
+            root = self._build_root(pool, paths)
+        return self._finish(root, paths, started)
+
+    def run_stdin(self, stream: BinaryIO, filename: str) -> Snapshot:
+        started = time.monotonic()
+        name = os.fsencode(filename.strip("/")) or b"stdin"
+        content, size = self.store_stream(stream)
+        now = time.time_ns()
+        node = Node(name=name, type=FILE, mode=0o644, uid=os.getuid(), gid=os.getgid(), mtime_ns=now, size=size, content=content)
+        self.summary.files_new = 1
+        root = self._save_tree([node])
+        return self._finish(root, [b"/" + name], started)
+
+    def _finish(self, root: bytes, paths: list[bytes], started: float) -> Snapshot:
+        self.writer.flush()
+        if not self.options.dry_run:
+            self.index.put_file_records(self._file_records)
+        s = self.summary
+        s.total_files = self.counters.files_done
+        s.total_bytes = self.counters.bytes_done
+        s.duration_s = round(time.monotonic() - started, 3)
+        snapshot = Snapshot(
+            time=self.options.time or datetime.now(timezone.utc).astimezone(),
+            device=self.repo.device,
+            paths=paths,
+            root=root,
+            tags=list(self.options.tags),
+            summary=s,
+            incomplete=list(self.warnings),
+        )
+        if not self.options.dry_run:
+            self.repo.save_snapshot(snapshot)
+        return snapshot
+
+
+def normalize_paths(paths: list[bytes]) -> list[bytes]:
+    """Absolute, normalised, deduplicated; a path inside another given path is dropped."""
+    result: list[bytes] = []
+    for p in sorted({os.path.normpath(os.path.abspath(p)) for p in paths}):
+        if not any(p == q or p.startswith(q.rstrip(b"/") + b"/") for q in result):
+            result.append(p)
+    return result
+
+
+def count_tree(paths: list[bytes], counters: Counters, stop: threading.Event) -> None:
+    """The scanner behind the progress bar's total and ETA; runs beside the backup."""
+    for top in paths:
+        for dirpath, dirnames, filenames in os.walk(top):
+            if stop.is_set():
+                return
+            for name in filenames:
+                try:
+                    st = os.lstat(os.path.join(dirpath, name))
+                except OSError:
+                    continue
+                counters.total_files += 1
+                counters.total_bytes += st.st_size if stat.S_ISREG(st.st_mode) else 0
+    counters.total_known = True
+

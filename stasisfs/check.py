@@ -1,0 +1,172 @@
+"""`check`: verify the repository from its own objects, independently of the LMDB cache.
+
+Structure: index objects decode, every indexed pack exists with its size, every
+snapshot decodes, every tree reachable from a snapshot decodes and every chunk
+it names is indexed. With read-data: every (or a subset of) pack hashes to its
+name, its header matches the index, and every blob decrypts to its id.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from .errors import IntegrityError, UsageError
+from .pack import BlobEntry, decode_index, open_blob, parse_pack
+from .repository import Repository
+from .storage import storage_id
+from .tree import DIR, FILE, decode_tree
+
+
+@dataclass
+class CheckReport:
+    errors: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    packs_read: int = 0
+    snapshots: int = 0
+    trees: int = 0
+
+    @property
+    def ok(self) -> bool:
+        return not self.errors
+
+
+def parse_subset(text: str) -> Callable[[list[bytes]], list[bytes]]:
+    """`N%` picks that share of packs at random; `n/m` picks the n-th of m slices, as restic does."""
+    text = text.strip()
+    if text.endswith("%"):
+        try:
+            share = float(text[:-1])
+        except ValueError:
+            raise UsageError(f"--read-data-subset {text!r}: expected N% or n/m") from None
+        if not 0 < share <= 100:
+            raise UsageError("--read-data-subset percentage must be in (0, 100]")
+        return lambda packs: random.sample(packs, max(1, round(len(packs) * share / 100))) if packs else []
+    try:
+        n, m = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise UsageError(f"--read-data-subset {text!r}: expected N% or n/m") from None
+    if not 1 <= n <= m:
+        raise UsageError("--read-data-subset n/m needs 1 <= n <= m")
+    return lambda packs: [p for p in packs if p[0] % m == n - 1]
+
+
+class Checker:
+    def __init__(self, repo: Repository, say: Callable[[str], None] = lambda s: None) -> None:
+        self.repo = repo
+        self.cipher = repo.cipher
+        self.say = say
+        self.report = CheckReport()
+        self.chunks: dict[bytes, tuple[bytes, BlobEntry]] = {}
+        self.pack_sizes: dict[bytes, int] = {}
+
+    def error(self, message: str) -> None:
+        self.report.errors.append(message)
+        self.say(f"error: {message}")
+
+    def run(self, read_data: bool = False, subset: str | None = None) -> CheckReport:
+        self._check_local_index()
+        self._load_index_objects()
+        self._check_packs_exist()
+        self._check_snapshots()
+        if read_data or subset:
+            packs = sorted(self.pack_sizes)
+            chosen = parse_subset(subset)(packs) if subset else packs
+            self.say(f"reading {len(chosen)} of {len(packs)} packs")
+            for pack_id in chosen:
+                self._read_pack(pack_id)
+        return self.report
+
+    def _check_local_index(self) -> None:
+        state = self.repo.index_state()
+        if state == "missing":
+            self.report.notes.append("the local index is missing; the next command rebuilds it (or run `stasisfs repair index`)")
+        elif state != "ok":
+            self.error(f"the local index is damaged: {state}; run `stasisfs repair index`")
+
+    def _load_index_objects(self) -> None:
+        self.say("loading index objects")
+        for object_id in self.repo.list_objects("index"):
+            try:
+                for pack in decode_index(self.cipher, self.repo.read_object_raw("index", object_id)):
+                    self.pack_sizes[pack.pack_id] = pack.size
+                    for entry in pack.blobs:
+                        self.chunks[entry.chunk_id] = (pack.pack_id, entry)
+            except (IntegrityError, ValueError) as exc:
+                self.error(f"index object {object_id} is damaged ({exc}); run `stasisfs repair index`")
+
+    def _check_packs_exist(self) -> None:
+        self.say(f"checking {len(self.pack_sizes)} packs")
+        on_disk = set(self.repo.list_packs())
+        for pack_id, size in self.pack_sizes.items():
+            path = self.repo.pack_path(pack_id)
+            if pack_id not in on_disk:
+                self.error(f"pack {pack_id.hex()} is missing")
+            elif os.path.getsize(path) != size:
+                self.error(f"pack {pack_id.hex()} has the wrong size (damaged or truncated)")
+        unindexed = on_disk - self.pack_sizes.keys()
+        if unindexed:
+            self.report.notes.append(
+                f"{len(unindexed)} packs are not in any index object yet (left by an interrupted run); the next backup or `repair index` adds them"
+            )
+
+    def _blob(self, chunk_id: bytes) -> bytes:
+        found = self.chunks.get(chunk_id)
+        if found is None:
+            raise IntegrityError(f"chunk {chunk_id.hex()[:16]} is not in any index")
+        pack_id, entry = found
+        with open(self.repo.pack_path(pack_id), "rb") as f:
+            f.seek(entry.offset)
+            box = f.read(entry.length)
+        try:
+            return open_blob(self.cipher, entry, box)
+        except IntegrityError as exc:
+            raise IntegrityError(f"pack {pack_id.hex()}: {exc}") from None
+
+    def _check_snapshots(self) -> None:
+        seen_trees: set[bytes] = set()
+        snapshots = self.repo.snapshots()
+        self.report.snapshots = len(snapshots)
+        self.say(f"checking {len(snapshots)} snapshots")
+        for snapshot in snapshots:
+            stack: list[tuple[bytes, bytes]] = [(snapshot.root, b"")]
+            while stack:
+                tree_id, path = stack.pop()
+                if tree_id in seen_trees:
+                    continue
+                seen_trees.add(tree_id)
+                try:
+                    nodes = decode_tree(self._blob(tree_id))
+                except (IntegrityError, ValueError, OSError) as exc:
+                    self.error(f"snapshot {snapshot.short_id}: tree of {os.fsdecode(path) or '/'} is unreadable: {exc}")
+                    continue
+                for node in nodes:
+                    child = path + b"/" + node.name
+                    if node.type == DIR and node.subtree is not None:
+                        stack.append((node.subtree, child))
+                    elif node.type == FILE:
+                        missing = [c for c in node.content if c not in self.chunks]
+                        if missing:
+                            self.error(f"snapshot {snapshot.short_id}: {os.fsdecode(child)} references {len(missing)} missing chunks")
+        self.report.trees = len(seen_trees)
+
+    def _read_pack(self, pack_id: bytes) -> None:
+        name = pack_id.hex()
+        try:
+            data = self.repo.pack_path(pack_id).read_bytes()
+        except OSError as exc:
+            self.error(f"pack {name} cannot be read: {exc.strerror}")
+            return
+        self.report.packs_read += 1
+        if storage_id(data) != name:
+            self.error(f"pack {name} is damaged: its content does not match its id")
+            return
+        try:
+            entries = parse_pack(self.cipher, data)
+            for entry in entries:
+                open_blob(self.cipher, entry, memoryview(data)[entry.offset : entry.offset + entry.length])
+        except IntegrityError as exc:
+            self.error(f"pack {name} is damaged: {exc}")
+

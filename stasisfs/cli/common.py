@@ -1,0 +1,165 @@
+"""Shared CLI plumbing: global options, credentials, opening the repository, output."""
+
+from __future__ import annotations
+
+import getpass
+import json
+import os
+import shlex
+import stat
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+
+from ..errors import StasisError, UsageError
+from ..keys import parse_machine_key
+from ..repository import Credential, Repository
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+# Global options are accepted before or after the subcommand: each is declared on the
+# group and on every command, and stored on the root context only when given.
+GLOBAL_OPTIONS = (
+    ("--repo", "repo", "Local repository directory [env: STASISFS_REPO]."),
+    ("--password-file", "password_file", "Read the password from this file [env: STASISFS_PASSWORD_FILE]."),
+    ("--password-command", "password_command", "Run this command and use its output as the password [env: STASISFS_PASSWORD_COMMAND]."),
+    ("--key-file", "key_file", "Open with a machine key file instead of a password [env: STASISFS_KEY_FILE]."),
+)
+
+
+def _store(ctx: click.Context, param: click.Parameter, value: object) -> None:
+    if value is not None and param.name is not None:
+        ctx.find_root().meta.setdefault("stasisfs.settings", {})[param.name] = value
+
+
+def global_options(fn: F) -> F:
+    for flag, name, help_text in reversed(GLOBAL_OPTIONS):
+        fn = click.option(flag, name, default=None, expose_value=False, callback=_store, help=help_text, metavar="PATH" if "command" not in name else "CMD")(fn)
+    return fn
+
+
+def setting(name: str, env: str) -> str | None:
+    settings = click.get_current_context().find_root().meta.get("stasisfs.settings", {})
+    value = settings.get(name)
+    return str(value) if value is not None else os.environ.get(env) or None
+
+
+def repo_path() -> Path:
+    value = setting("repo", "STASISFS_REPO")
+    if not value:
+        raise UsageError("no repository given: pass --repo DIR or set STASISFS_REPO")
+    return Path(value)
+
+
+def _read_password_file(path: str) -> str:
+    try:
+        mode = os.stat(path).st_mode
+        text = Path(path).read_text()
+    except OSError as exc:
+        raise StasisError(f"cannot read password file {path}: {exc.strerror}") from None
+    if mode & (stat.S_IRWXG | stat.S_IRWXO):
+        warn(f"password file {path} is readable by others; chmod 600 it")
+    return text.rstrip("\n")
+
+
+def _run_password_command(command: str) -> str:
+    try:
+        done = subprocess.run(shlex.split(command), capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
+    except (OSError, subprocess.TimeoutExpired, ValueError) as exc:
+        raise StasisError(f"password command failed: {exc}") from None
+    if done.returncode != 0:
+        raise StasisError(f"password command exited with status {done.returncode}")
+    return done.stdout.rstrip("\n")
+
+
+def _can_prompt() -> bool:
+    return sys.stdin.isatty()
+
+
+def prompt_password(prompt: str = "repository password: ") -> str:
+    try:
+        return getpass.getpass(prompt)
+    except (EOFError, KeyboardInterrupt):
+        raise StasisError("no password entered") from None
+
+
+def read_password(purpose: str = "repository password", confirm: bool = False) -> str:
+    """The password from (in order) options, environment, or a prompt on a TTY. Never waits without a TTY."""
+    ctx_settings = click.get_current_context().find_root().meta.get("stasisfs.settings", {})
+    if ctx_settings.get("password_file"):
+        return _read_password_file(str(ctx_settings["password_file"]))
+    if ctx_settings.get("password_command"):
+        return _run_password_command(str(ctx_settings["password_command"]))
+    if os.environ.get("STASISFS_PASSWORD_FILE"):
+        return _read_password_file(os.environ["STASISFS_PASSWORD_FILE"])
+    if os.environ.get("STASISFS_PASSWORD_COMMAND"):
+        return _run_password_command(os.environ["STASISFS_PASSWORD_COMMAND"])
+    if "STASISFS_PASSWORD" in os.environ:
+        return os.environ["STASISFS_PASSWORD"]
+    if not _can_prompt():
+        raise StasisError(
+            "no password given and no terminal to ask on: use --password-file, --password-command, "
+            "--key-file or STASISFS_PASSWORD"
+        )
+    password = prompt_password(f"{purpose}: ")
+    if confirm and prompt_password(f"{purpose} again: ") != password:
+        raise StasisError("the passwords do not match")
+    return password
+
+
+def read_credential() -> Credential:
+    key_file = setting("key_file", "STASISFS_KEY_FILE")
+    if key_file:
+        try:
+            repo_id, slot, secret = parse_machine_key(Path(key_file).read_text())
+        except OSError as exc:
+            raise StasisError(f"cannot read key file {key_file}: {exc.strerror}") from None
+        return Credential(machine_slot=slot, machine_secret=secret, machine_repo=repo_id)
+    return Credential(password=read_password())
+
+
+@contextmanager
+def open_repository(unlock: bool = True) -> Iterator[Repository]:
+    repo = Repository(repo_path())
+    try:
+        if unlock:
+            repo.unlock(read_credential())
+        yield repo
+    finally:
+        repo.close()
+
+
+def warn(message: str) -> None:
+    click.echo(f"stasisfs: warning: {message}", err=True)
+
+
+def info(message: str) -> None:
+    click.echo(message, err=True)
+
+
+def print_json(doc: object) -> None:
+    click.echo(json.dumps(doc, ensure_ascii=True))
+
+
+def fs(path: bytes) -> str:
+    """A path for display and JSON: bytes that are not UTF-8 survive as surrogate escapes."""
+    return os.fsdecode(path)
+
+
+def human_size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def write_line(*parts: str | bytes) -> None:
+    """Write to stdout as bytes, so file names that are not UTF-8 come out unchanged."""
+    out = sys.stdout.buffer
+    out.write(b"".join(p if isinstance(p, bytes) else p.encode() for p in parts) + b"\n")

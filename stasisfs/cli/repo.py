@@ -1,0 +1,371 @@
+"""Repository commands: init, backup, snapshots, ls, find, dump, diff, restore, check, repair."""
+
+from __future__ import annotations
+
+import fnmatch
+import os
+import socket
+import sys
+import threading
+from datetime import datetime
+
+import click
+
+from ..backup import Backup, BackupOptions, count_tree
+from ..check import Checker
+from ..errors import EXIT_INCOMPLETE, StasisError, UsageError
+from ..keys import password_weakness
+from ..locking import RepositoryLock
+from ..progress import Counters, Reporter
+from ..reader import TreeReader
+from ..repository import Repository
+from ..restore import OVERWRITE_MODES, RestoreOptions, Restorer
+from ..snapshot import Snapshot, resolve
+from ..tree import DIR, FILE, SYMLINK, Node
+from .common import (
+    fs,
+    global_options,
+    human_size,
+    info,
+    open_repository,
+    print_json,
+    read_password,
+    repo_path,
+    warn,
+    write_line,
+)
+
+
+def find_snapshot(repo: Repository, ref: str) -> Snapshot:
+    try:
+        return resolve(repo.snapshots(), ref)
+    except LookupError as exc:
+        raise UsageError(str(exc)) from None
+
+
+def split_ref(ref: str) -> tuple[str, bytes]:
+    snapshot, _, path = ref.partition(":")
+    return snapshot, os.fsencode(path)
+
+
+@click.command()
+@click.option("--device", default=None, help="Name of this device (default: the hostname).")
+@global_options
+def init(device: str | None) -> None:
+    """Create a repository and this device's key.
+
+    The repository directory must be new or empty. It will hold only
+    encrypted objects; the index lives in ~/.cache/stasisfs.
+    """
+    path = repo_path()
+    if (path / "config").exists():
+        raise StasisError(f"a repository already exists at {path.absolute()}")
+    password = read_password("new repository password", confirm=True)
+    reason = password_weakness(password, [device or socket.gethostname(), "stasisfs"])
+    if reason:
+        raise StasisError(reason)
+    repo, _ = Repository.init(path, password, device or socket.gethostname())
+    info(f"created stasisfs repository {repo.id.hex()[:8]} at {repo.path}")
+    info(
+        "Your password is the only way into this repository. If you forget it, everything in it is lost,\n"
+        "unless you export a recovery key now and keep it somewhere safe:  stasisfs key export --paper"
+    )
+    repo.close()
+
+
+@click.command()
+@click.argument("paths", nargs=-1, type=click.Path(path_type=bytes))
+@click.option("--exclude", "excludes", multiple=True, metavar="PAT", help="Skip paths matching this gitignore-style pattern.")
+@click.option("--exclude-file", type=click.Path(exists=True, dir_okay=False), help="Read exclude patterns from a file, one per line.")
+@click.option("--exclude-caches", is_flag=True, help="Skip directories holding a valid CACHEDIR.TAG.")
+@click.option("--one-file-system", "-x", is_flag=True, help="Stay on the filesystem of each given path.")
+@click.option("--tag", "tags", multiple=True, metavar="T", help="Tag the snapshot (repeatable).")
+@click.option("--time", "when", metavar="ISO8601", help="Record this time instead of now.")
+@click.option("--stdin", "from_stdin", is_flag=True, help="Back up standard input as one file.")
+@click.option("--stdin-filename", default="stdin", show_default=True, help="Name of the file made from standard input.")
+@click.option("--dry-run", "-n", is_flag=True, help="Do everything but write to the repository.")
+@click.option("--json", "json_output", is_flag=True, help="JSON lines: progress, then a summary.")
+@click.option("--quiet", "-q", is_flag=True, help="Print only the snapshot id.")
+@global_options
+def backup(paths: tuple[bytes, ...], excludes: tuple[str, ...], exclude_file: str | None, exclude_caches: bool,
+           one_file_system: bool, tags: tuple[str, ...], when: str | None, from_stdin: bool, stdin_filename: str,
+           dry_run: bool, json_output: bool, quiet: bool) -> None:
+    """Snapshot PATHS into the repository.
+
+    Unchanged files are not read again. The last line of output is the
+    snapshot id. Exits 3 if some files could not be read (the snapshot is
+    saved without them).
+    """
+    if not paths and not from_stdin:
+        raise UsageError("nothing to back up: give one or more paths, or --stdin")
+    if paths and from_stdin:
+        raise UsageError("--stdin takes no paths")
+    patterns = list(excludes)
+    if exclude_file:
+        with open(exclude_file) as f:
+            patterns += [line.rstrip("\n") for line in f if line.strip() and not line.startswith("#")]
+    moment = None
+    if when:
+        try:
+            moment = datetime.fromisoformat(when)
+        except ValueError:
+            raise UsageError(f"--time {when!r} is not an ISO 8601 time") from None
+        if moment.tzinfo is None:
+            moment = moment.astimezone()
+    for p in paths:
+        if not os.path.lexists(p):
+            raise UsageError(f"{fs(p)} does not exist")
+    options = BackupOptions(paths=list(paths), excludes=patterns, exclude_caches=exclude_caches,
+                            one_file_system=one_file_system, tags=list(tags), time=moment, dry_run=dry_run)
+    counters = Counters()
+    mode = Reporter.choose(json_output, quiet)
+    with open_repository() as repo, RepositoryLock(repo, "backup"):
+        repo.sweep()
+        repo.index_orphan_packs()  # resume: chunks a killed run wrote are reused
+        job = Backup(repo, options, counters, warn=None if json_output else warn)
+        stop = threading.Event()
+        if mode == "bar" and not from_stdin:
+            threading.Thread(target=count_tree, args=(job.options.paths, counters, stop), daemon=True).start()
+        with Reporter(counters, mode, "backup"):
+            snapshot = job.run_stdin(sys.stdin.buffer, stdin_filename) if from_stdin else job.run()
+        stop.set()
+    s = snapshot.summary
+    if json_output:
+        print_json({"message_type": "summary", "snapshot_id": snapshot.id.hex() if not dry_run else None,
+                    "dry_run": dry_run, "errors": job.warnings, **s.__dict__})
+    elif not quiet:
+        info(f"files: {s.files_new} new, {s.files_changed} changed, {s.files_unmodified} unmodified")
+        info(f"dirs: {s.dirs_new} new trees; added {human_size(s.data_added)} of data ({human_size(job.writer.bytes_added)} stored)")
+        info(f"processed {s.total_files} files, {human_size(s.total_bytes)} in {s.duration_s:.2f}s")
+        if dry_run:
+            info("dry run: nothing was written")
+        else:
+            info(f"snapshot {snapshot.short_id} saved")
+    if not dry_run:
+        click.echo(snapshot.id.hex())
+    if job.warnings:
+        if not json_output:
+            warn(f"the snapshot is incomplete: {len(job.warnings)} problems (listed above)")
+        sys.exit(EXIT_INCOMPLETE)
+
+
+@click.command()
+@click.option("--json", "json_output", is_flag=True, help="Print a JSON list.")
+@global_options
+def snapshots(json_output: bool) -> None:
+    """List snapshots, oldest first."""
+    with open_repository() as repo:
+        items = repo.snapshots()
+    if json_output:
+        print_json([s.to_json() for s in items])
+        return
+    write_line(f"{'ID':<9} {'Time':<19}  {'Device':<16} {'Tags':<12} Paths")
+    for s in items:
+        paths = b", ".join(s.paths)
+        write_line(f"{s.short_id:<9} {s.time.astimezone().strftime('%Y-%m-%d %H:%M:%S')}  {s.device:<16} {','.join(s.tags):<12} ", paths)
+    write_line(f"{len(items)} snapshots")
+
+
+def node_json(path: bytes, node: Node) -> dict[str, object]:
+    doc: dict[str, object] = {"path": fs(path), "name": fs(node.name), "type": node.type, "mode": node.mode,
+                              "uid": node.uid, "gid": node.gid, "mtime_ns": node.mtime_ns}
+    if node.type == FILE:
+        doc["size"] = node.size
+    if node.type == SYMLINK:
+        doc["target"] = fs(node.target)
+    return doc
+
+
+@click.command()
+@click.argument("snapshot_ref", metavar="SNAPSHOT")
+@click.argument("path", required=False, type=click.Path(path_type=bytes))
+@click.option("--long", "-l", "long_format", is_flag=True, help="Show mode, size and time.")
+@click.option("--json", "json_output", is_flag=True, help="Print a JSON list.")
+@global_options
+def ls(snapshot_ref: str, path: bytes | None, long_format: bool, json_output: bool) -> None:
+    """List everything in a snapshot, or below PATH in it."""
+    with open_repository() as repo:
+        snapshot = find_snapshot(repo, snapshot_ref)
+        reader = TreeReader(repo)
+        start = b"/" + (path or b"").strip(b"/")
+        top = reader.node_at(snapshot.root, start)
+        entries = [(p, n) for p, n in reader.walk(top, start) if p != b"/"]
+    if json_output:
+        print_json([node_json(p, n) for p, n in entries])
+        return
+    for p, n in entries:
+        if long_format:
+            mtime = datetime.fromtimestamp(n.mtime_ns / 1e9).strftime("%Y-%m-%d %H:%M:%S")
+            write_line(f"{n.type:<8} {n.mode:04o} {n.uid:>5} {n.gid:>5} {n.size:>12} {mtime} ", p)
+        else:
+            write_line(p)
+
+
+@click.command()
+@click.argument("pattern")
+@click.option("--snapshot", "snapshot_ref", metavar="SNAPSHOT", help="Search only this snapshot.")
+@click.option("--json", "json_output", is_flag=True, help="Print a JSON list.")
+@global_options
+def find(pattern: str, snapshot_ref: str | None, json_output: bool) -> None:
+    """Find files whose name (or path, if PATTERN has a /) matches a glob."""
+    pat = os.fsencode(pattern)
+    on_path = b"/" in pat
+    results = []
+    with open_repository() as repo:
+        reader = TreeReader(repo)
+        chosen = [find_snapshot(repo, snapshot_ref)] if snapshot_ref else repo.snapshots()
+        for snap in chosen:
+            for p, n in reader.walk(reader.root_node(snap.root), b"/"):
+                if p != b"/" and fnmatch.fnmatchcase(p if on_path else n.name, pat):
+                    results.append((snap, p, n))
+    if json_output:
+        print_json([{"snapshot": s.id.hex(), **node_json(p, n)} for s, p, n in results])
+        return
+    for snap, p, n in results:
+        write_line(f"{snap.short_id}  {n.type:<8} ", p)
+    if not results:
+        info("no matches")
+
+
+@click.command()
+@click.argument("ref", metavar="SNAPSHOT:PATH")
+@global_options
+def dump(ref: str) -> None:
+    """Write one file from a snapshot to standard output."""
+    snapshot_ref, path = split_ref(ref)
+    if not path:
+        raise UsageError("give SNAPSHOT:PATH, for example latest:/home/me/notes.txt")
+    with open_repository() as repo:
+        node = TreeReader(repo).node_at(find_snapshot(repo, snapshot_ref).root, path)
+        if node.type != FILE:
+            raise UsageError(f"{fs(path)} is a {node.type}, not a file; use `stasisfs restore` for directories")
+        out = sys.stdout.buffer
+        for chunk_id in node.content:
+            out.write(repo.load_blob(chunk_id))
+        out.flush()
+
+
+def diff_trees(reader: TreeReader, a: bytes | None, b: bytes | None, path: bytes, out: list[tuple[str, bytes]]) -> None:
+    """Compare two trees; identical subtree ids are skipped without being read."""
+    if a == b:
+        return
+    left = {n.name: n for n in reader.tree(a)} if a else {}
+    right = {n.name: n for n in reader.tree(b)} if b else {}
+    for name in sorted(left.keys() | right.keys()):
+        child = path.rstrip(b"/") + b"/" + name
+        old, new = left.get(name), right.get(name)
+        if new is None:
+            out.append(("-", child + (b"/" if old and old.type == DIR else b"")))
+            if old and old.type == DIR:
+                diff_trees(reader, old.subtree, None, child, out)
+        elif old is None:
+            out.append(("+", child + (b"/" if new.type == DIR else b"")))
+            if new.type == DIR:
+                diff_trees(reader, None, new.subtree, child, out)
+        elif old.type != new.type:
+            out.append(("T", child))
+        elif new.type == DIR:
+            if old.to_dict() | {"subtree": ""} != new.to_dict() | {"subtree": ""}:
+                out.append(("U", child + b"/"))
+            diff_trees(reader, old.subtree, new.subtree, child, out)
+        elif old.content != new.content or old.target != new.target:
+            out.append(("M", child))
+        elif old.to_dict() != new.to_dict():
+            out.append(("U", child))
+
+
+@click.command()
+@click.argument("first", metavar="SNAPSHOT")
+@click.argument("second", metavar="SNAPSHOT")
+@click.option("--json", "json_output", is_flag=True, help="Print a JSON document.")
+@global_options
+def diff(first: str, second: str, json_output: bool) -> None:
+    """Show what changed between two snapshots.
+
+    + added, - removed, M content changed, U metadata changed, T type changed.
+    """
+    with open_repository() as repo:
+        a, b = find_snapshot(repo, first), find_snapshot(repo, second)
+        changes: list[tuple[str, bytes]] = []
+        diff_trees(TreeReader(repo), a.root, b.root, b"/", changes)
+    counts = {k: sum(1 for c, _ in changes if c == k) for k in "+-MUT"}
+    if json_output:
+        print_json({"first": a.id.hex(), "second": b.id.hex(), "changes": [{"modifier": c, "path": fs(p)} for c, p in changes],
+                    "added": counts["+"], "removed": counts["-"], "changed": counts["M"], "metadata": counts["U"], "type": counts["T"]})
+        return
+    for code, p in changes:
+        write_line(f"{code}    ", p)
+    info(f"{counts['+']} added, {counts['-']} removed, {counts['M']} changed, {counts['U']} metadata only, {counts['T']} type changed")
+
+
+@click.command()
+@click.argument("ref", metavar="SNAPSHOT[:PATH]")
+@click.option("--target", "-t", required=True, type=click.Path(path_type=bytes), help="Directory to restore into.")
+@click.option("--include", "includes", multiple=True, metavar="PAT", help="Restore only paths matching (repeatable).")
+@click.option("--exclude", "excludes", multiple=True, metavar="PAT", help="Do not restore paths matching (repeatable).")
+@click.option("--overwrite", type=click.Choice(OVERWRITE_MODES), default="always", show_default=True,
+              help="What to do with files that already exist in the target.")
+@click.option("--verify", is_flag=True, help="Read restored files back and check them.")
+@click.option("--sparse", is_flag=True, help="Leave holes where the data is all zeros.")
+@click.option("--json", "json_output", is_flag=True, help="Print a JSON summary.")
+@global_options
+def restore(ref: str, target: bytes, includes: tuple[str, ...], excludes: tuple[str, ...], overwrite: str,
+            verify: bool, sparse: bool, json_output: bool) -> None:
+    """Restore a snapshot, or one path in it, into --target.
+
+    A backed-up path /home/a/x comes back as TARGET/home/a/x. With :PATH naming
+    a directory, its contents land directly in TARGET.
+    """
+    snapshot_ref, path = split_ref(ref)
+    counters = Counters()
+    with open_repository() as repo:
+        snapshot = find_snapshot(repo, snapshot_ref)
+        counters.total_files, counters.total_bytes, counters.total_known = snapshot.summary.total_files, snapshot.summary.total_bytes, True
+        options = RestoreOptions(target=target, subpath=path, includes=list(includes), excludes=list(excludes),
+                                 overwrite=overwrite, verify=verify, sparse=sparse)
+        restorer = Restorer(repo, options, counters, report=lambda m: warn(m))
+        with Reporter(counters, Reporter.choose(False, json_output), "restore"):
+            result = restorer.run(snapshot)
+    for w in result.warnings:
+        warn(w)
+    if json_output:
+        print_json({"message_type": "summary", "snapshot_id": snapshot.id.hex(), "files_restored": result.files,
+                    "bytes_restored": result.bytes, "files_skipped": result.skipped, "errors": result.errors})
+    else:
+        info(f"restored {result.files} files, {human_size(result.bytes)} from snapshot {snapshot.short_id} to {fs(target)}"
+             + (f"; {result.skipped} existing files left alone" if result.skipped else ""))
+    if result.errors:
+        raise StasisError(f"restore incomplete: {len(result.errors)} files could not be restored (listed above)")
+
+
+@click.command()
+@click.option("--read-data", is_flag=True, help="Also read, decrypt and authenticate every pack.")
+@click.option("--read-data-subset", metavar="N%|n/m", help="Read only a share of the packs.")
+@global_options
+def check(read_data: bool, read_data_subset: str | None) -> None:
+    """Verify the repository's structure, and with --read-data its data."""
+    if read_data and read_data_subset:
+        raise UsageError("use either --read-data or --read-data-subset")
+    with open_repository() as repo:
+        report = Checker(repo, say=info).run(read_data, read_data_subset)
+    for note in report.notes:
+        info(f"note: {note}")
+    if not report.ok:
+        raise StasisError(f"check found {len(report.errors)} problems")
+    info(f"no errors were found ({report.snapshots} snapshots, {report.trees} trees"
+         + (f", {report.packs_read} packs read)" if report.packs_read else ")"))
+
+
+@click.group()
+def repair() -> None:
+    """Repair the local index (and, later, the repository)."""
+
+
+@repair.command("index")
+@click.option("--read-all-packs", is_flag=True, help="Ignore index objects and read every pack header.")
+@global_options
+def repair_index(read_all_packs: bool) -> None:
+    """Rebuild the local LMDB index from the repository's index objects and pack headers."""
+    with open_repository() as repo, RepositoryLock(repo, "repair index"):
+        chunks, recovered = repo.rebuild_index(from_packs=read_all_packs)
+    info(f"index rebuilt: {chunks} chunks" + (f", {recovered} packs read from their headers" if recovered else ""))

@@ -1,0 +1,190 @@
+"""The LMDB index: a rebuildable cache on the device, never in the repository.
+
+Databases (every key is a keyed hash or a storage id; nothing is plaintext):
+
+    chunks      chunk id (32)  -> pack id (32) | blob kind | offset | box length | plaintext length
+    packs       pack id (32)   -> pack size (u64) | id of the index object that covers it (32, zeros if none yet)
+    indexobjs   index object id (32) -> b""   (ingested)
+    snapshots   snapshot id (32) -> the sealed snapshot object, as stored
+    files       keyed path hash (32) -> dev | ino | size | mtime_ns | ctime_ns | chunk ids...
+    meta        b"complete" -> b"1" once a (re)build finished
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+import threading
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import lmdb
+
+from .errors import IndexDamaged
+from .pack import BlobEntry, PackInfo
+
+LOCATION = struct.Struct(">32sBIII")
+PACK_ROW = struct.Struct(">Q32s")
+FILE_ROW = struct.Struct(">QQQqq")
+NO_INDEX_OBJECT = bytes(32)
+MAP_SIZE = 1 << 40  # sparse; grows on MapFullError
+
+
+@dataclass(frozen=True, slots=True)
+class Location:
+    pack_id: bytes
+    kind: int
+    offset: int
+    length: int
+    raw_length: int
+
+    def entry(self, chunk_id: bytes) -> BlobEntry:
+        return BlobEntry(chunk_id, self.kind, self.offset, self.length, self.raw_length)
+
+
+@dataclass(frozen=True, slots=True)
+class FileRecord:
+    device: int
+    inode: int
+    size: int
+    mtime_ns: int
+    ctime_ns: int
+    content: tuple[bytes, ...]
+
+    def encode(self) -> bytes:
+        return FILE_ROW.pack(self.device, self.inode, self.size, self.mtime_ns, self.ctime_ns) + b"".join(self.content)
+
+    @classmethod
+    def decode(cls, raw: bytes) -> FileRecord:
+        fields = FILE_ROW.unpack_from(raw)
+        body = raw[FILE_ROW.size :]
+        return cls(*fields, tuple(body[i : i + 32] for i in range(0, len(body), 32)))
+
+
+class Index:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        path.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self._write_lock = threading.Lock()
+        try:
+            self.env = lmdb.open(str(path), map_size=MAP_SIZE, max_dbs=8, subdir=True, sync=True, metasync=True)
+            self.env.reader_check()
+            self._chunks = self.env.open_db(b"chunks")
+            self._packs = self.env.open_db(b"packs")
+            self._indexobjs = self.env.open_db(b"indexobjs")
+            self._snapshots = self.env.open_db(b"snapshots")
+            self._files = self.env.open_db(b"files")
+            self._meta = self.env.open_db(b"meta")
+            with self.env.begin() as txn:
+                txn.stat(self._chunks)
+        except lmdb.Error as exc:
+            raise IndexDamaged(f"the local index at {path} is damaged ({exc}); run `stasisfs repair index`") from None
+
+    def close(self) -> None:
+        self.env.close()
+
+    def _write(self, fn: Callable[[lmdb.Transaction], None]) -> None:
+        with self._write_lock:
+            while True:
+                try:
+                    with self.env.begin(write=True) as txn:
+                        fn(txn)
+                    return
+                except lmdb.MapFullError:
+                    self.env.set_mapsize(self.env.info()["map_size"] * 2)
+
+    # --- state ---
+    @property
+    def complete(self) -> bool:
+        with self.env.begin() as txn:
+            return txn.get(b"complete", db=self._meta) == b"1"
+
+    def set_complete(self, value: bool) -> None:
+        self._write(lambda txn: txn.put(b"complete", b"1" if value else b"0", db=self._meta))
+
+    def clear(self) -> None:
+        def drop(txn: lmdb.Transaction) -> None:
+            for db in (self._chunks, self._packs, self._indexobjs, self._snapshots, self._meta):
+                txn.drop(db, delete=False)
+
+        self._write(drop)
+
+    # --- chunks and packs ---
+    def lookup(self, chunk_id: bytes) -> Location | None:
+        with self.env.begin() as txn:
+            raw = txn.get(chunk_id, db=self._chunks)
+        return Location(*LOCATION.unpack(raw)) if raw is not None else None
+
+    def has_chunk(self, chunk_id: bytes) -> bool:
+        with self.env.begin() as txn:
+            return txn.get(chunk_id, db=self._chunks) is not None
+
+    def missing_chunks(self, chunk_ids: Iterable[bytes]) -> list[bytes]:
+        with self.env.begin() as txn:
+            return [c for c in chunk_ids if txn.get(c, db=self._chunks) is None]
+
+    def add_packs(self, packs: Iterable[PackInfo], index_object_id: bytes = NO_INDEX_OBJECT) -> None:
+        packs = list(packs)
+
+        def put(txn: lmdb.Transaction) -> None:
+            for pack in packs:
+                txn.put(pack.pack_id, PACK_ROW.pack(pack.size, index_object_id), db=self._packs)
+                for e in pack.blobs:
+                    txn.put(e.chunk_id, LOCATION.pack(pack.pack_id, e.kind, e.offset, e.length, e.raw_length), db=self._chunks)
+            if index_object_id != NO_INDEX_OBJECT:
+                txn.put(index_object_id, b"", db=self._indexobjs)
+
+        self._write(put)
+
+    def packs(self) -> dict[bytes, tuple[int, bytes]]:
+        with self.env.begin() as txn:
+            return {bytes(k): PACK_ROW.unpack(v) for k, v in txn.cursor(db=self._packs)}
+
+    def chunk_count(self) -> int:
+        with self.env.begin() as txn:
+            return int(txn.stat(self._chunks)["entries"])
+
+    def iter_chunks(self) -> Iterator[tuple[bytes, Location]]:
+        with self.env.begin() as txn:
+            for k, v in txn.cursor(db=self._chunks):
+                yield bytes(k), Location(*LOCATION.unpack(v))
+
+    def index_objects(self) -> set[bytes]:
+        with self.env.begin() as txn:
+            return {bytes(k) for k in txn.cursor(db=self._indexobjs).iternext(values=False)}
+
+    # --- snapshots ---
+    def put_snapshot(self, snapshot_id: bytes, sealed: bytes) -> None:
+        self._write(lambda txn: txn.put(snapshot_id, sealed, db=self._snapshots))
+
+    def remove_snapshot(self, snapshot_id: bytes) -> None:
+        self._write(lambda txn: txn.delete(snapshot_id, db=self._snapshots))
+
+    def snapshots(self) -> dict[bytes, bytes]:
+        with self.env.begin() as txn:
+            return {bytes(k): bytes(v) for k, v in txn.cursor(db=self._snapshots)}
+
+    # --- files cache ---
+    def file_record(self, path_key: bytes) -> FileRecord | None:
+        with self.env.begin() as txn:
+            raw = txn.get(path_key, db=self._files)
+        return FileRecord.decode(raw) if raw is not None else None
+
+    def put_file_records(self, records: Iterable[tuple[bytes, FileRecord]]) -> None:
+        records = list(records)
+
+        def put(txn: lmdb.Transaction) -> None:
+            for key, record in records:
+                txn.put(key, record.encode(), db=self._files)
+
+        self._write(put)
+
+
+
+def remove_index_dir(path: Path) -> None:
+    for name in ("data.mdb", "lock.mdb"):
+        try:
+            os.unlink(path / name)
+        except FileNotFoundError:
+            pass

@@ -1,0 +1,156 @@
+"""The pack and index-object formats. Pure: bytes in, bytes out, no I/O.
+
+A pack is
+
+    blob box | blob box | ... | header box | random padding | trailer box
+
+* each blob box seals `flag (0 raw, 1 zstd) | payload` with the chunk id in the associated data;
+* the header box lists every blob (`HEADER_ENTRY`), so the index can be rebuilt from packs alone;
+* the trailer box (fixed `TRAILER_BOX_LEN` bytes) holds the header's offset and length;
+* random padding brings the total to Padmé(max(content, floor)), so neither the
+  chunk sizes nor where the real content ends can be read from the outside.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import struct
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+
+import zstandard
+
+from .crypto import BOX_OVERHEAD, KIND_CHUNK, KIND_INDEX, KIND_PACK_HEADER, KIND_PACK_TRAILER, Cipher, padded_size
+from .errors import IntegrityError
+
+BLOB_DATA = 0
+BLOB_TREE = 1
+
+PACK_TARGET_SIZE = 16 * 1024 * 1024
+PACK_PAD_FLOOR = 1024 * 1024
+
+FLAG_RAW = 0
+FLAG_ZSTD = 1
+
+HEADER_MAGIC = b"SPH1"
+HEADER_ENTRY = struct.Struct(">32sBIII")  # chunk id, blob kind, offset, box length, plaintext length
+TRAILER = struct.Struct(">QI")  # header offset, header length
+TRAILER_BOX_LEN = BOX_OVERHEAD + TRAILER.size
+
+INDEX_MAGIC = b"SIX1"
+INDEX_PACK = struct.Struct(">32sQI")  # pack id, pack size, entry count
+
+
+@dataclass(frozen=True, slots=True)
+class BlobEntry:
+    chunk_id: bytes
+    kind: int
+    offset: int
+    length: int
+    raw_length: int
+
+
+@dataclass(frozen=True, slots=True)
+class PackInfo:
+    pack_id: bytes
+    size: int
+    blobs: tuple[BlobEntry, ...]
+
+
+def encode_blob_payload(data: bytes | memoryview, compressed: bytes | None) -> bytes:
+    """Keep zstd output only when it is smaller than the input."""
+    if compressed is not None and len(compressed) < len(data):
+        return b"\x01" + compressed
+    return b"\x00" + bytes(data)
+
+
+def decode_blob_payload(payload: bytes, raw_length: int) -> bytes:
+    if not payload:
+        raise IntegrityError("empty blob payload")
+    if payload[0] == FLAG_RAW:
+        return payload[1:]
+    if payload[0] == FLAG_ZSTD:
+        return zstandard.ZstdDecompressor().decompress(payload[1:], max_output_size=raw_length)
+    raise IntegrityError("unknown blob compression flag")
+
+
+class PackBuilder:
+    """Collects sealed blobs in memory until the pack is full."""
+
+    def __init__(self) -> None:
+        self.body = bytearray()
+        self.entries: list[BlobEntry] = []
+
+    def __len__(self) -> int:
+        return len(self.body)
+
+    def add(self, chunk_id: bytes, kind: int, box: bytes, raw_length: int) -> None:
+        self.entries.append(BlobEntry(chunk_id, kind, len(self.body), len(box), raw_length))
+        self.body += box
+
+    def finish(self, cipher: Cipher, floor: int = PACK_PAD_FLOOR) -> tuple[bytes, PackInfo]:
+        header = HEADER_MAGIC + b"".join(
+            HEADER_ENTRY.pack(e.chunk_id, e.kind, e.offset, e.length, e.raw_length) for e in self.entries
+        )
+        header_box = cipher.seal(header, KIND_PACK_HEADER)
+        header_offset = len(self.body)
+        content = len(self.body) + len(header_box) + TRAILER_BOX_LEN
+        padding = os.urandom(padded_size(content, floor) - content)
+        trailer_box = cipher.seal(TRAILER.pack(header_offset, len(header_box)), KIND_PACK_TRAILER)
+        data = b"".join((self.body, header_box, padding, trailer_box))
+        pack_id = hashlib.sha256(data).digest()
+        return data, PackInfo(pack_id, len(data), tuple(self.entries))
+
+
+def read_trailer(cipher: Cipher, trailer_box: bytes, pack_size: int) -> tuple[int, int]:
+    offset, length = TRAILER.unpack(cipher.open(trailer_box, KIND_PACK_TRAILER))
+    if offset + length > pack_size - TRAILER_BOX_LEN:
+        raise IntegrityError("pack trailer points outside the pack")
+    return offset, length
+
+
+def parse_header(cipher: Cipher, header_box: bytes) -> list[BlobEntry]:
+    header = cipher.open(header_box, KIND_PACK_HEADER)
+    if header[:4] != HEADER_MAGIC or (len(header) - 4) % HEADER_ENTRY.size:
+        raise IntegrityError("malformed pack header")
+    return [BlobEntry(*fields) for fields in HEADER_ENTRY.iter_unpack(memoryview(header)[4:])]
+
+
+def parse_pack(cipher: Cipher, data: bytes) -> list[BlobEntry]:
+    """Entries of a whole pack held in memory."""
+    offset, length = read_trailer(cipher, data[-TRAILER_BOX_LEN:], len(data))
+    return parse_header(cipher, data[offset : offset + length])
+
+
+def encode_index(cipher: Cipher, packs: Iterable[PackInfo]) -> bytes:
+    parts = [INDEX_MAGIC]
+    for pack in packs:
+        parts.append(INDEX_PACK.pack(pack.pack_id, pack.size, len(pack.blobs)))
+        parts.extend(HEADER_ENTRY.pack(e.chunk_id, e.kind, e.offset, e.length, e.raw_length) for e in pack.blobs)
+    return cipher.seal(zstandard.ZstdCompressor(level=3).compress(b"".join(parts)), KIND_INDEX)
+
+
+def decode_index(cipher: Cipher, data: bytes) -> Iterator[PackInfo]:
+    plain = zstandard.ZstdDecompressor().decompress(cipher.open(data, KIND_INDEX), max_output_size=1 << 31)
+    if plain[:4] != INDEX_MAGIC:
+        raise IntegrityError("malformed index object")
+    view = memoryview(plain)
+    pos = 4
+    while pos < len(plain):
+        pack_id, size, count = INDEX_PACK.unpack_from(view, pos)
+        pos += INDEX_PACK.size
+        end = pos + count * HEADER_ENTRY.size
+        if end > len(plain):
+            raise IntegrityError("truncated index object")
+        blobs = tuple(BlobEntry(*fields) for fields in HEADER_ENTRY.iter_unpack(view[pos:end]))
+        pos = end
+        yield PackInfo(pack_id, size, blobs)
+
+
+def open_blob(cipher: Cipher, entry: BlobEntry, box: bytes | memoryview, verify: bool = True) -> bytes:
+    """Decrypt, decompress and (by default) check the plaintext against its keyed id."""
+    data = decode_blob_payload(cipher.open(box, KIND_CHUNK, entry.chunk_id), entry.raw_length)
+    if len(data) != entry.raw_length or (verify and cipher.keys.chunk_id_of(data) != entry.chunk_id):
+        raise IntegrityError(f"chunk {entry.chunk_id.hex()[:16]} does not match its id")
+    return data

@@ -1,0 +1,61 @@
+"""Reading snapshot trees back: lookups by path and depth-first walks."""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from collections.abc import Iterator
+
+from .errors import IntegrityError, UsageError
+from .repository import Repository
+from .tree import DIR, Node, decode_tree, split_path
+
+
+class TreeReader:
+    def __init__(self, repo: Repository, cache_size: int = 4096) -> None:
+        self.repo = repo
+        self._cache: OrderedDict[bytes, list[Node]] = OrderedDict()
+        self._cache_size = cache_size
+        self._lock = threading.Lock()
+
+    def tree(self, tree_id: bytes) -> list[Node]:
+        with self._lock:
+            nodes = self._cache.get(tree_id)
+            if nodes is not None:
+                self._cache.move_to_end(tree_id)
+                return nodes
+        try:
+            nodes = decode_tree(self.repo.load_blob(tree_id))
+        except ValueError as exc:
+            raise IntegrityError(f"tree {tree_id.hex()[:16]} is malformed: {exc}") from None
+        with self._lock:
+            self._cache[tree_id] = nodes
+            while len(self._cache) > self._cache_size:
+                self._cache.popitem(last=False)
+        return nodes
+
+    def root_node(self, root: bytes) -> Node:
+        return Node(name=b"/", type=DIR, mode=0o755, subtree=root)
+
+    def node_at(self, root: bytes, path: bytes) -> Node:
+        node = self.root_node(root)
+        for part in split_path(path):
+            if node.type != DIR or node.subtree is None:
+                raise UsageError(f"{path.decode(errors='replace')} is not in the snapshot")
+            match = next((n for n in self.tree(node.subtree) if n.name == part), None)
+            if match is None:
+                raise UsageError(f"{path.decode(errors='replace')} is not in the snapshot")
+            node = match
+        return node
+
+    def walk(self, node: Node, path: bytes) -> Iterator[tuple[bytes, Node]]:
+        """(path, node) for `node` and everything below it, parents before children."""
+        stack = [(path, node)]
+        while stack:
+            current_path, current = stack.pop()
+            yield current_path, current
+            if current.type == DIR and current.subtree is not None:
+                children = self.tree(current.subtree)
+                base = current_path.rstrip(b"/")
+                for child in reversed(children):
+                    stack.append((base + b"/" + child.name, child))

@@ -1,0 +1,407 @@
+"""The local repository: the same objects a server would hold, and nothing else.
+
+    REPO/config                  plaintext JSON: format version, repository id, sealed settings
+    REPO/keys/<slot id>          wrapped master key slots
+    REPO/data/<2 hex>/<64 hex>   packs
+    REPO/index/<64 hex>          sealed index objects
+    REPO/snapshots/<64 hex>      sealed snapshots
+    REPO/locks/<64 hex>          sealed locks
+
+The LMDB index and the files cache live in the device's cache directory.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import socket
+import struct
+import threading
+from collections import OrderedDict
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import keys as keyslots
+from .crypto import KIND_INDEX, KIND_SETTINGS, KIND_SNAPSHOT, Cipher, MasterKeys, padded_size
+from .errors import IndexDamaged, IntegrityError, RepositoryMissing, StasisError, UsageError, WrongKey
+from .index import NO_INDEX_OBJECT, Index, remove_index_dir
+from .pack import (
+    TRAILER_BOX_LEN,
+    PackInfo,
+    decode_index,
+    encode_index,
+    open_blob,
+    parse_header,
+    read_trailer,
+)
+from .snapshot import Snapshot
+from .storage import is_object_name, read_verified, storage_id, sweep_temp_files, write_atomic
+
+FORMAT_VERSION = 1
+SMALL_OBJECT_FLOOR = 1024
+SUBDIRS = ("keys", "data", "index", "snapshots", "locks")
+
+# Chunk sizes: 256 KiB / 1 MiB / 8 MiB (pyfastcdc's effective mean is min + avg, about 1.25 MiB),
+# close to restic's 512 KiB / 1 MiB / 8 MiB. Large chunks keep the index and the per-chunk
+# Python overhead small; the random pack assignment and padding, not the chunk size, hide sizes.
+CHUNK_MIN = 256 * 1024
+CHUNK_AVG = 1024 * 1024
+CHUNK_MAX = 8 * 1024 * 1024
+
+
+@dataclass
+class Credential:
+    """What the user gave to open the repository: a password or a machine key file."""
+
+    password: str | None = None
+    machine_slot: str | None = None
+    machine_secret: bytes | None = None
+    machine_repo: str | None = None
+
+
+def cache_root() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "stasisfs"
+
+
+def pad_small(plaintext: bytes) -> bytes:
+    """Length-prefix and zero-pad inside the encryption, to a Padmé size."""
+    framed = struct.pack(">I", len(plaintext)) + plaintext
+    return framed + bytes(padded_size(len(framed), SMALL_OBJECT_FLOOR) - len(framed))
+
+
+def unpad_small(padded: bytes) -> bytes:
+    (length,) = struct.unpack_from(">I", padded)
+    if length > len(padded) - 4:
+        raise IntegrityError("object padding is malformed")
+    return padded[4 : 4 + length]
+
+
+class Repository:
+    def __init__(self, path: Path) -> None:
+        self.path = path.absolute()
+        config_path = self.path / "config"
+        if not config_path.is_file():
+            raise RepositoryMissing(f"no stasisfs repository at {self.path}; create one with `stasisfs init`")
+        try:
+            self.config = json.loads(config_path.read_text())
+            self.id = bytes.fromhex(self.config["id"])
+        except (ValueError, KeyError, OSError) as exc:
+            raise StasisError(f"repository config at {config_path} is unreadable: {exc}") from None
+        if self.config.get("version") != FORMAT_VERSION:
+            raise StasisError(f"repository format version {self.config.get('version')} is not supported by this stasisfs")
+        self.keys: MasterKeys | None = None
+        self._cipher: Cipher | None = None
+        self._index: Index | None = None
+        self.device = ""
+        self.slot_id = ""
+        self._fds: OrderedDict[bytes, int] = OrderedDict()
+        self._fd_lock = threading.Lock()
+
+    # --- creation and unlocking ---
+    @classmethod
+    def init(cls, path: Path, password: str, device: str) -> tuple[Repository, bytes]:
+        path = path.absolute()
+        if (path / "config").exists():
+            raise StasisError(f"a repository already exists at {path}")
+        if path.exists() and any(path.iterdir()):
+            raise StasisError(f"{path} exists and is not empty; choose an empty or new directory")
+        master, repo_id = secrets.token_bytes(32), secrets.token_bytes(32)
+        path.mkdir(parents=True, exist_ok=True, mode=0o700)
+        for sub in SUBDIRS:
+            (path / sub).mkdir(mode=0o700, exist_ok=True)
+        for i in range(256):
+            (path / "data" / f"{i:02x}").mkdir(mode=0o700, exist_ok=True)
+        keys = MasterKeys(master, repo_id)
+        cipher = Cipher(keys)
+        settings = cipher.seal(json.dumps({"device": device}).encode(), KIND_SETTINGS)
+        slot = keyslots.wrap(master, repo_id, password.encode(), keyslots.SLOT_PASSWORD, keyslots.argon2_params())
+        write_atomic(path / "keys" / slot.id, slot.encode())
+        config = {
+            "version": FORMAT_VERSION,
+            "id": repo_id.hex(),
+            "chunker": {"min": CHUNK_MIN, "avg": CHUNK_AVG, "max": CHUNK_MAX},
+            "key_check": keys.key_check.hex(),
+            "settings": settings.hex(),
+        }
+        write_atomic(path / "config", json.dumps(config, indent=1).encode())
+        repo = cls(path)
+        repo._attach(master, slot.id)
+        return repo, master
+
+    def slots(self) -> list[keyslots.KeySlot]:
+        result = []
+        for entry in sorted(os.scandir(self.path / "keys"), key=lambda e: e.name):
+            if entry.is_file() and not entry.name.startswith("."):
+                result.append(keyslots.KeySlot.decode(Path(entry.path).read_bytes()))
+        return result
+
+    def unlock(self, credential: Credential) -> None:
+        if credential.machine_secret is not None:
+            if credential.machine_repo != self.id.hex():
+                raise WrongKey("this key file belongs to a different repository")
+            slot_path = self.path / "keys" / str(credential.machine_slot)
+            if not slot_path.is_file():
+                raise WrongKey("this machine key has been removed from the repository")
+            slot = keyslots.KeySlot.decode(slot_path.read_bytes())
+            self._attach(keyslots.unwrap(slot, self.id, credential.machine_secret), slot.id)
+            return
+        assert credential.password is not None
+        for slot in self.slots():
+            if slot.kind != keyslots.SLOT_PASSWORD:
+                continue
+            try:
+                master = keyslots.unwrap(slot, self.id, credential.password.encode())
+            except WrongKey:
+                continue
+            self._attach(master, slot.id)
+            return
+        raise WrongKey("wrong password: no key slot of this repository opens with it")
+
+    def unlock_master(self, master: bytes) -> None:
+        """Open with the recovery key (the master key itself)."""
+        if MasterKeys(master, self.id).key_check.hex() != self.config.get("key_check"):
+            raise WrongKey("this recovery key belongs to a different repository")
+        self._attach(master, "")
+
+    def _attach(self, master: bytes, slot_id: str) -> None:
+        self.keys = MasterKeys(master, self.id)
+        self._cipher = Cipher(self.keys)
+        self.slot_id = slot_id
+        settings = json.loads(self._cipher.open(bytes.fromhex(self.config["settings"]), KIND_SETTINGS))
+        self.device = settings["device"]
+
+    @property
+    def cipher(self) -> Cipher:
+        if self._cipher is None:
+            raise StasisError("repository is not unlocked")
+        return self._cipher
+
+    @property
+    def master_keys(self) -> MasterKeys:
+        if self.keys is None:
+            raise StasisError("repository is not unlocked")
+        return self.keys
+
+    def add_slot(self, slot: keyslots.KeySlot) -> None:
+        write_atomic(self.path / "keys" / slot.id, slot.encode())
+
+    def remove_slot(self, slot_id: str) -> None:
+        if not keyslots_id_ok(slot_id):
+            raise UsageError(f"{slot_id!r} is not a key slot id")
+        try:
+            (self.path / "keys" / slot_id).unlink()
+        except FileNotFoundError:
+            raise UsageError(f"no key slot {slot_id}; see `stasisfs key list`") from None
+
+    # --- the cache directory and its index ---
+    @property
+    def cache_dir(self) -> Path:
+        path = cache_root() / self.id.hex()
+        path.mkdir(parents=True, exist_ok=True, mode=0o700)
+        return path
+
+    @property
+    def index(self) -> Index:
+        if self._index is None:
+            self._index = Index(self.cache_dir / "index")
+            if not self._index.complete:
+                self.rebuild_index(from_packs=False)
+            else:
+                self.sync_index()
+        return self._index
+
+    def index_state(self) -> str:
+        """`ok`, `missing` or a damage description, without repairing anything."""
+        path = self.cache_dir / "index" / "data.mdb"
+        if not path.exists():
+            return "missing"
+        try:
+            probe = Index(self.cache_dir / "index")
+        except IndexDamaged as exc:
+            return str(exc)
+        try:
+            return "ok" if probe.complete else "incomplete (a rebuild was interrupted)"
+        finally:
+            probe.close()
+
+    def rebuild_index(self, from_packs: bool) -> tuple[int, int]:
+        """Rebuild the LMDB index from index objects, and from pack headers for packs none covers."""
+        if self._index is None:
+            try:
+                self._index = Index(self.cache_dir / "index")
+            except IndexDamaged:
+                remove_index_dir(self.cache_dir / "index")
+                self._index = Index(self.cache_dir / "index")
+        index = self._index
+        index.set_complete(False)
+        index.clear()
+        damaged = []
+        for object_id in self.list_objects("index"):
+            if from_packs:
+                damaged.append(object_id)
+                continue
+            try:
+                index.add_packs(decode_index(self.cipher, self.read_object_raw("index", object_id)), bytes.fromhex(object_id))
+            except (IntegrityError, ValueError):
+                damaged.append(object_id)  # its packs now have no index object, so their headers are read below
+        recovered = self.index_orphan_packs()
+        for object_id in damaged:  # superseded by the index object written from the pack headers
+            (self.path / "index" / object_id).unlink(missing_ok=True)
+        self._load_snapshots_into(index)
+        index.set_complete(True)
+        return index.chunk_count(), recovered
+
+    def sync_index(self) -> None:
+        """Take in index objects and snapshots other runs have added since."""
+        index = self._index
+        assert index is not None
+        known = index.index_objects()
+        for object_id in self.list_objects("index"):
+            if bytes.fromhex(object_id) not in known:
+                try:
+                    packs = list(decode_index(self.cipher, self.read_object_raw("index", object_id)))
+                except (IntegrityError, ValueError):
+                    raise IndexDamaged(f"index object {object_id[:16]} is damaged; run `stasisfs repair index`") from None
+                index.add_packs(packs, bytes.fromhex(object_id))
+        self._load_snapshots_into(index)
+
+    def _load_snapshots_into(self, index: Index) -> None:
+        cached = index.snapshots()
+        present = {bytes.fromhex(i) for i in self.list_objects("snapshots")}
+        for snapshot_id in present - cached.keys():
+            index.put_snapshot(snapshot_id, read_verified(self.path / "snapshots" / snapshot_id.hex()))
+        for snapshot_id in cached.keys() - present:
+            index.remove_snapshot(snapshot_id)
+
+    def index_orphan_packs(self) -> int:
+        """Packs on disk that no index object covers (a run was killed): read their headers and index them."""
+        known = self.index.packs()
+        orphans = []
+        for pack_id in self.list_packs():
+            row = known.get(pack_id)
+            if row is None or row[1] == NO_INDEX_OBJECT:
+                try:
+                    orphans.append(self.read_pack_info(pack_id))
+                except IntegrityError:
+                    continue  # a damaged pack is for `check` to report, not for the index
+        if orphans:
+            self.write_index_object(orphans)
+        return len(orphans)
+
+    def write_index_object(self, packs: list[PackInfo]) -> bytes:
+        sealed = encode_index(self.cipher, packs)
+        object_id = self.write_object_raw("index", sealed)
+        if self._index is not None:
+            self._index.add_packs(packs, object_id)
+        return object_id
+
+    # --- objects ---
+    def list_objects(self, kind: str) -> list[str]:
+        directory = self.path / kind
+        return sorted(e.name for e in os.scandir(directory) if is_object_name(e.name))
+
+    def write_object_raw(self, kind: str, data: bytes) -> bytes:
+        object_id = storage_id(data)
+        write_atomic(self.path / kind / object_id, data)
+        return bytes.fromhex(object_id)
+
+    def read_object_raw(self, kind: str, object_id: str) -> bytes:
+        try:
+            return read_verified(self.path / kind / object_id)
+        except FileNotFoundError:
+            raise IntegrityError(f"{kind} object {object_id[:16]} is missing") from None
+
+    def save_snapshot(self, snapshot: Snapshot) -> bytes:
+        sealed = self.cipher.seal(pad_small(snapshot.encode()), KIND_SNAPSHOT)
+        snapshot.id = self.write_object_raw("snapshots", sealed)
+        self.index.put_snapshot(snapshot.id, sealed)
+        return snapshot.id
+
+    def snapshots(self) -> list[Snapshot]:
+        result = []
+        for snapshot_id, sealed in self.index.snapshots().items():
+            plain = unpad_small(self.cipher.open(sealed, KIND_SNAPSHOT))
+            result.append(Snapshot.decode(plain, snapshot_id))
+        return sorted(result, key=lambda s: s.time)
+
+    # --- packs ---
+    def pack_path(self, pack_id: bytes) -> Path:
+        name = pack_id.hex()
+        return self.path / "data" / name[:2] / name
+
+    def list_packs(self) -> Iterator[bytes]:
+        for sub in sorted(os.scandir(self.path / "data"), key=lambda e: e.name):
+            if sub.is_dir():
+                for entry in os.scandir(sub.path):
+                    if is_object_name(entry.name):
+                        yield bytes.fromhex(entry.name)
+
+    def sweep(self) -> None:
+        for sub in ("index", "snapshots", "locks", "keys"):
+            sweep_temp_files(self.path / sub)
+        for sub in os.scandir(self.path / "data"):
+            if sub.is_dir():
+                sweep_temp_files(Path(sub.path))
+
+    def store_pack(self, data: bytes, info: PackInfo) -> None:
+        write_atomic(self.pack_path(info.pack_id), data)
+
+    def read_pack_info(self, pack_id: bytes) -> PackInfo:
+        """Parse a pack's header without reading its body."""
+        path = self.pack_path(pack_id)
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if size < TRAILER_BOX_LEN:
+                raise IntegrityError(f"pack {pack_id.hex()} is truncated")
+            f.seek(size - TRAILER_BOX_LEN)
+            offset, length = read_trailer(self.cipher, f.read(TRAILER_BOX_LEN), size)
+            f.seek(offset)
+            entries = parse_header(self.cipher, f.read(length))
+        return PackInfo(pack_id, size, tuple(entries))
+
+    def _pack_fd(self, pack_id: bytes) -> int:
+        with self._fd_lock:
+            fd = self._fds.get(pack_id)
+            if fd is not None:
+                self._fds.move_to_end(pack_id)
+                return fd
+            try:
+                fd = os.open(self.pack_path(pack_id), os.O_RDONLY)
+            except FileNotFoundError:
+                raise IntegrityError(f"pack {pack_id.hex()} is missing from the repository") from None
+            self._fds[pack_id] = fd
+            while len(self._fds) > 64:
+                os.close(self._fds.popitem(last=False)[1])
+            return fd
+
+    def load_blob(self, chunk_id: bytes) -> bytes:
+        location = self.index.lookup(chunk_id)
+        if location is None:
+            raise IntegrityError(f"chunk {chunk_id.hex()[:16]} is not in the index; run `stasisfs check`")
+        box = os.pread(self._pack_fd(location.pack_id), location.length, location.offset)
+        if len(box) != location.length:
+            raise IntegrityError(f"pack {location.pack_id.hex()} is truncated")
+        try:
+            return open_blob(self.cipher, location.entry(chunk_id), box)
+        except IntegrityError as exc:
+            raise IntegrityError(f"pack {location.pack_id.hex()} is damaged: {exc}") from None
+
+    def close(self) -> None:
+        with self._fd_lock:
+            for fd in self._fds.values():
+                os.close(fd)
+            self._fds.clear()
+        if self._index is not None:
+            self._index.close()
+            self._index = None
+
+
+def keyslots_id_ok(slot_id: str) -> bool:
+    return len(slot_id) == 16 and all(c in "0123456789abcdef" for c in slot_id)
+
+
+def hostname() -> str:
+    return socket.gethostname()

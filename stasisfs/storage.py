@@ -1,0 +1,83 @@
+"""Atomic, content-addressed files: the repository directory's only way of writing.
+
+Every object is stored under the SHA-256 of its bytes and written
+temp file -> fsync -> rename -> fsync(directory), so a crash leaves either
+the whole object or nothing (plus a temp file that later runs sweep).
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+from pathlib import Path
+
+from .errors import IntegrityError, StasisError
+
+TEMP_PREFIX = ".tmp-"
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_atomic(path: Path, data: bytes | memoryview, mode: int = 0o600, sync: bool = True) -> None:
+    tmp = path.with_name(f"{TEMP_PREFIX}{path.name}.{os.getpid()}")
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+            if sync:
+                os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+        if sync:
+            fsync_dir(path.parent)
+    except OSError as exc:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        if exc.errno == errno.ENOSPC:
+            raise StasisError(f"no space left on the device holding {path.parent}; nothing was lost, free some space and run again") from None
+        raise StasisError(f"cannot write {path}: {exc.strerror}") from None
+
+
+def storage_id(data: bytes | memoryview) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def read_verified(path: Path) -> bytes:
+    data = path.read_bytes()
+    if storage_id(data) != path.name:
+        raise IntegrityError(f"{path} is damaged: its content no longer matches its name")
+    return data
+
+
+def is_object_name(name: str) -> bool:
+    return len(name) == 64 and all(c in "0123456789abcdef" for c in name)
+
+
+def sweep_temp_files(directory: Path) -> None:
+    """Remove temp files a killed writer left behind."""
+    for entry in os.scandir(directory):
+        if entry.name.startswith(TEMP_PREFIX):
+            try:
+                pid = int(entry.name.rsplit(".", 1)[1])
+                os.kill(pid, 0)
+                continue  # still being written by a live process
+            except (ValueError, ProcessLookupError, IndexError):
+                pass
+            except PermissionError:
+                continue
+            try:
+                os.unlink(entry.path)
+            except FileNotFoundError:
+                pass

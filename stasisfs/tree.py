@@ -1,0 +1,134 @@
+"""The snapshot tree model and its serialisation. Pure: no I/O.
+
+A directory is one *tree blob*: canonical JSON listing its entries sorted by
+name bytes. A child directory is referenced by the keyed id of its own tree
+blob, so the trees form a Merkle DAG and an unchanged directory serialises to
+the same bytes, hence the same id, and costs nothing in the next snapshot.
+
+Names, symlink targets and xattr names are bytes on disk; they travel through
+JSON as `os.fsdecode` strings (surrogateescape) with `ensure_ascii`, which is
+lossless for any byte string.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+FILE = "file"
+DIR = "dir"
+SYMLINK = "symlink"
+FIFO = "fifo"
+CHARDEV = "chardev"
+BLOCKDEV = "blockdev"
+SOCKET = "socket"
+NODE_TYPES = (FILE, DIR, SYMLINK, FIFO, CHARDEV, BLOCKDEV, SOCKET)
+
+
+@dataclass(slots=True)
+class Node:
+    name: bytes
+    type: str
+    mode: int = 0
+    uid: int = 0
+    gid: int = 0
+    mtime_ns: int = 0
+    size: int = 0
+    content: list[bytes] = field(default_factory=list)
+    subtree: bytes | None = None
+    target: bytes = b""
+    rdev: int = 0
+    xattrs: dict[bytes, bytes] = field(default_factory=dict)
+    # Hardlink identity, recorded only for files with more than one link.
+    links: int = 1
+    inode: int = 0
+    device: int = 0
+
+    @property
+    def hardlink_key(self) -> tuple[int, int] | None:
+        return (self.device, self.inode) if self.type == FILE and self.links > 1 else None
+
+    def to_dict(self) -> dict[str, object]:
+        d: dict[str, object] = {
+            "name": os.fsdecode(self.name),
+            "type": self.type,
+            "mode": self.mode,
+            "uid": self.uid,
+            "gid": self.gid,
+            "mtime": self.mtime_ns,
+        }
+        if self.type == FILE:
+            d["size"] = self.size
+            d["content"] = [c.hex() for c in self.content]
+            if self.links > 1:
+                d["links"], d["inode"], d["dev"] = self.links, self.inode, self.device
+        elif self.type == DIR:
+            d["subtree"] = self.subtree.hex() if self.subtree else ""
+        elif self.type == SYMLINK:
+            d["target"] = os.fsdecode(self.target)
+        elif self.type in (CHARDEV, BLOCKDEV):
+            d["rdev"] = self.rdev
+        if self.xattrs:
+            d["xattrs"] = {os.fsdecode(k): base64.b64encode(v).decode() for k, v in sorted(self.xattrs.items())}
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, object]) -> Node:
+        def integer(key: str, default: int = 0) -> int:
+            value = d.get(key, default)
+            if not isinstance(value, int):
+                raise ValueError(f"tree field {key} is not an integer")
+            return value
+
+        node_type = d.get("type")
+        if node_type not in NODE_TYPES:
+            raise ValueError(f"unknown node type {node_type!r}")
+        subtree = d.get("subtree")
+        xattrs = d.get("xattrs") or {}
+        content = d.get("content") or []
+        assert isinstance(xattrs, dict) and isinstance(content, list)
+        return cls(
+            name=os.fsencode(str(d["name"])),
+            type=str(node_type),
+            mode=integer("mode"),
+            uid=integer("uid"),
+            gid=integer("gid"),
+            mtime_ns=integer("mtime"),
+            size=integer("size"),
+            content=[bytes.fromhex(c) for c in content],
+            subtree=bytes.fromhex(subtree) if isinstance(subtree, str) and subtree else None,
+            target=os.fsencode(str(d.get("target", ""))),
+            rdev=integer("rdev"),
+            xattrs={os.fsencode(k): base64.b64decode(v) for k, v in xattrs.items()},
+            links=integer("links", 1),
+            inode=integer("inode"),
+            device=integer("dev"),
+        )
+
+
+def encode_tree(nodes: list[Node]) -> bytes:
+    ordered = sorted(nodes, key=lambda n: n.name)
+    return json.dumps({"nodes": [n.to_dict() for n in ordered]}, separators=(",", ":"), ensure_ascii=True).encode()
+
+
+def decode_tree(data: bytes) -> list[Node]:
+    doc = json.loads(data)
+    if not isinstance(doc, dict) or not isinstance(doc.get("nodes"), list):
+        raise ValueError("malformed tree blob")
+    return [Node.from_dict(n) for n in doc["nodes"]]
+
+
+def split_path(path: bytes) -> list[bytes]:
+    """`/a//b/` -> [b"a", b"b"]; the tree root is the filesystem root."""
+    return [part for part in path.split(b"/") if part and part != b"."]
+
+
+def join_path(parts: list[bytes] | tuple[bytes, ...]) -> bytes:
+    return b"/" + b"/".join(parts)
+
+
+def walk_names(nodes: list[Node]) -> Iterator[Node]:
+    yield from sorted(nodes, key=lambda n: n.name)
