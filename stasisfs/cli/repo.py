@@ -141,7 +141,7 @@ def backup(paths: tuple[bytes, ...], excludes: tuple[str, ...], exclude_file: st
             info("dry run: nothing was written")
         else:
             info(f"snapshot {snapshot.short_id} saved")
-    if not dry_run:
+    if not dry_run and not json_output:  # with --json the summary line carries the id
         click.echo(snapshot.id.hex())
     if job.warnings:
         if not json_output:

@@ -1,0 +1,66 @@
+"""Test isolation: private HOME and cache, a weakened KDF (test-only), CLI runs in subprocesses."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+PASSWORD = "correct horse battery staple"
+
+
+@dataclass
+class Cli:
+    env: dict[str, str]
+    repo: Path
+    tmp: Path
+
+    def run(self, *args: str | bytes | Path, input: bytes | None = None, env: dict[str, str] | None = None,
+            timeout: float = 120) -> subprocess.CompletedProcess[bytes]:
+        full_env = {**self.env, **(env or {})}
+        return subprocess.run(
+            [sys.executable, "-m", "stasisfs", *[os.fsencode(a) if not isinstance(a, bytes) else a for a in args]],
+            input=input if input is not None else b"", capture_output=True, env=full_env, timeout=timeout,
+        )
+
+    def ok(self, *args: str | bytes | Path, **kw: object) -> subprocess.CompletedProcess[bytes]:
+        done = self.run(*args, **kw)  # type: ignore[arg-type]
+        assert done.returncode == 0, f"exit {done.returncode}: {done.stderr.decode(errors='replace')}"
+        return done
+
+    def init(self) -> None:
+        self.ok("init", "--device", "testbox")
+
+    def backup(self, *args: str | bytes | Path) -> str:
+        return self.ok("backup", *args).stdout.decode().strip().splitlines()[-1]
+
+    def snapshots(self) -> list[dict[str, object]]:
+        return json.loads(self.ok("snapshots", "--json").stdout)  # type: ignore[no-any-return]
+
+
+@pytest.fixture
+def cli(tmp_path: Path) -> Iterator[Cli]:
+    home = tmp_path / "home"
+    home.mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("STASISFS_")}
+    env.update(
+        HOME=str(home),
+        XDG_CACHE_HOME=str(tmp_path / "cache"),
+        XDG_CONFIG_HOME=str(home / ".config"),
+        STASISFS_INSECURE_TEST_KDF="1",
+        STASISFS_PASSWORD=PASSWORD,
+        STASISFS_REPO=str(tmp_path / "repo"),
+        PYTHONPATH=str(Path(__file__).resolve().parent.parent),
+    )
+    yield Cli(env=env, repo=tmp_path / "repo", tmp=tmp_path)
+
+
+@pytest.fixture(autouse=True)
+def _weak_kdf(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("STASISFS_INSECURE_TEST_KDF", "1")
