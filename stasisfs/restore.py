@@ -28,6 +28,25 @@ from .snapshot import Snapshot
 from .tree import DIR, FILE, SYMLINK, Node
 
 OVERWRITE_MODES = ("always", "if-changed", "if-newer", "never")
+SPARSE_BLOCK = 64 * 1024
+_ZERO_BLOCK = bytes(SPARSE_BLOCK)
+
+
+def write_all(fd: int, data: bytes | memoryview) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+def write_sparse(fd: int, data: bytes) -> None:
+    """Seek over all-zero blocks so they stay holes; the final ftruncate fixes the size."""
+    view = memoryview(data)
+    for start in range(0, len(data), SPARSE_BLOCK):
+        block = view[start : start + SPARSE_BLOCK]
+        if block == _ZERO_BLOCK[: len(block)]:
+            os.lseek(fd, len(block), os.SEEK_CUR)
+        else:
+            write_all(fd, block)
 
 
 @dataclass
@@ -198,12 +217,10 @@ class Restorer:
             written = 0
             for chunk_id in node.content:
                 data = self.repo.load_blob(chunk_id)
-                if self.options.sparse and data.count(0) == len(data):
-                    os.lseek(fd, len(data), os.SEEK_CUR)  # leave a hole
+                if self.options.sparse:
+                    write_sparse(fd, data)
                 else:
-                    view = memoryview(data)
-                    while view:
-                        view = view[os.write(fd, view) :]
+                    write_all(fd, data)
                 written += len(data)
                 self.counters.add(nbytes=len(data))
             os.ftruncate(fd, written)
