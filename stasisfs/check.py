@@ -84,7 +84,7 @@ class Checker:
         if state == "missing":
             self.report.notes.append("the local index is missing; the next command rebuilds it (or run `stasisfs repair index`)")
         elif state != "ok":
-            self.error(f"the local index is damaged: {state}; run `stasisfs repair index`")
+            self.error(state)
 
     def _load_index_objects(self) -> None:
         self.say("loading index objects")

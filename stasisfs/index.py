@@ -29,6 +29,7 @@ PACK_ROW = struct.Struct(">Q32s")
 FILE_ROW = struct.Struct(">QQQqq")
 NO_INDEX_OBJECT = bytes(32)
 MAP_SIZE = 1 << 40  # sparse; grows on MapFullError
+PAGE_SIZE = 4096
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,9 +68,18 @@ class Index:
         self.path = path
         path.mkdir(parents=True, exist_ok=True, mode=0o700)
         self._write_lock = threading.Lock()
+        data_file = path / "data.mdb"
+        size = data_file.stat().st_size if data_file.exists() else 0
+        if 0 < size < 2 * PAGE_SIZE:  # not even the two meta pages: opening would fault on them
+            raise IndexDamaged(f"the local index at {path} is truncated; run `stasisfs repair index`")
         try:
-            self.env = lmdb.open(str(path), map_size=MAP_SIZE, max_dbs=8, subdir=True, sync=True, metasync=True)
+            self.env = lmdb.open(str(path), map_size=MAP_SIZE, max_dbs=8, subdir=True, sync=True, metasync=True, mode=0o600)
             self.env.reader_check()
+            needed = (self.env.info()["last_pgno"] + 1) * self.env.stat()["psize"]
+            if size and data_file.stat().st_size < needed:
+                # A truncated map would end in SIGBUS on first touch of the missing pages.
+                self.env.close()
+                raise IndexDamaged(f"the local index at {path} is truncated; run `stasisfs repair index`")
             self._chunks = self.env.open_db(b"chunks")
             self._packs = self.env.open_db(b"packs")
             self._indexobjs = self.env.open_db(b"indexobjs")

@@ -223,7 +223,7 @@ class Repository:
         except IndexDamaged as exc:
             return str(exc)
         try:
-            return "ok" if probe.complete else "incomplete (a rebuild was interrupted)"
+            return "ok" if probe.complete else "the local index is incomplete (a rebuild was interrupted); run `stasisfs repair index`"
         finally:
             probe.close()
 
