@@ -160,7 +160,8 @@ class Backup:
         rel = os.fsdecode(path.lstrip(b"/")) + ("/" if is_dir else "")
         return self._spec.match_file(rel)
 
-    def _file_node(self, pool: ThreadPoolExecutor, path: bytes, node: Node, st: os.stat_result) -> Future[Node | None] | Node:
+    def _file_node(self, pool: ThreadPoolExecutor, path: bytes, node: Node, st: os.stat_result,
+                   batch: SmallFileBatch | None = None) -> Future[Node | None] | Node | BatchSlot:
         record = self.index.file_record(self.keys.path_key(path))
         if (
             record is not None
@@ -186,6 +187,8 @@ class Backup:
             future = pool.submit(self._read_file, path, node, st)
             self._hardlinks[key] = future
             return future
+        if batch is not None and st.st_size < CHUNK_MIN:
+            return batch.add(pool, self._read_file, path, node, st)
         return pool.submit(self._read_file, path, node, st)
 
     def _copy_hardlink(self, earlier: Future[Node | None], node: Node, path: bytes, st: os.stat_result) -> Node | None:
@@ -222,7 +225,8 @@ class Backup:
         except OSError as exc:
             self.warn(f"cannot list {os.fsdecode(path)}: {exc.strerror}; saved as empty")
             return []
-        pending: list[Future[Node | None] | Node] = []
+        pending: list[Future[Node | None] | Node | BatchSlot] = []
+        batch = SmallFileBatch()
         for entry in entries:
             child = entry.path
             try:
@@ -235,7 +239,7 @@ class Backup:
                 self.warn(f"cannot read {os.fsdecode(child)}: {exc.strerror}; skipped")
                 continue
             if node.type == FILE:
-                pending.append(self._file_node(pool, child, node, st))
+                pending.append(self._file_node(pool, child, node, st, batch))
             elif node.type == DIR:
                 subtree = self._subdir(pool, child, st, root_dev)
                 if subtree is None:
@@ -244,9 +248,10 @@ class Backup:
                 pending.append(node)
             else:
                 pending.append(node)
+        batch.submit(pool)
         nodes = []
         for item in pending:
-            result = item.result() if isinstance(item, Future) else item
+            result = item.result() if isinstance(item, (Future, BatchSlot)) else item
             if result is not None:
                 nodes.append(result)
         return nodes
@@ -344,6 +349,46 @@ class Backup:
         if not self.options.dry_run:
             self.repo.save_snapshot(snapshot)
         return snapshot
+
+
+class BatchSlot:
+    """One file's place in a batch: small files go to workers in groups, to save per-file task overhead."""
+
+    __slots__ = ("batch", "position")
+
+    def __init__(self, batch: Future[list[Node | None]], position: int) -> None:
+        self.batch, self.position = batch, position
+
+    def result(self) -> Node | None:
+        return self.batch.result()[self.position]
+
+
+class SmallFileBatch:
+    SIZE = 64
+
+    def __init__(self) -> None:
+        self._jobs: list[tuple[bytes, Node, os.stat_result]] = []
+        self._slots: list[BatchSlot] = []
+        self._reader: Callable[[bytes, Node, os.stat_result], Node | None] | None = None
+
+    def add(self, pool: ThreadPoolExecutor, reader: Callable[[bytes, Node, os.stat_result], Node | None],
+            path: bytes, node: Node, st: os.stat_result) -> BatchSlot:
+        self._reader = reader
+        slot = BatchSlot(Future(), len(self._jobs))
+        self._jobs.append((path, node, st))
+        self._slots.append(slot)
+        if len(self._jobs) >= self.SIZE:
+            self.submit(pool)
+        return slot
+
+    def submit(self, pool: ThreadPoolExecutor) -> None:
+        if not self._jobs or self._reader is None:
+            return
+        jobs, slots, reader = self._jobs, self._slots, self._reader
+        self._jobs, self._slots = [], []
+        future = pool.submit(lambda: [reader(*job) for job in jobs])
+        for slot in slots:
+            slot.batch = future
 
 
 def normalize_paths(paths: list[bytes]) -> list[bytes]:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import os
 import struct
+import threading
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
@@ -65,13 +66,26 @@ def encode_blob_payload(data: bytes | memoryview, compressed: bytes | None) -> b
     return b"\x00" + bytes(data)
 
 
+_local = threading.local()
+
+
+def _decompressor() -> zstandard.ZstdDecompressor:
+    decompressor = getattr(_local, "decompressor", None)
+    if decompressor is None:
+        decompressor = _local.decompressor = zstandard.ZstdDecompressor()
+    return decompressor
+
+
 def decode_blob_payload(payload: bytes, raw_length: int) -> bytes:
     if not payload:
         raise IntegrityError("empty blob payload")
     if payload[0] == FLAG_RAW:
         return payload[1:]
     if payload[0] == FLAG_ZSTD:
-        return zstandard.ZstdDecompressor().decompress(payload[1:], max_output_size=raw_length)
+        try:
+            return _decompressor().decompress(memoryview(payload)[1:], max_output_size=raw_length)
+        except zstandard.ZstdError as exc:
+            raise IntegrityError(f"blob does not decompress: {exc}") from None
     raise IntegrityError("unknown blob compression flag")
 
 
