@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import BinaryIO
 
 import pathspec
@@ -55,7 +55,7 @@ def stasisfs_mountpoints() -> set[bytes]:
         with open("/proc/self/mountinfo", "rb") as f:
             for line in f:
                 left, _, right = line.partition(b" - ")
-                fstype, source = (right.split() + [b"", b""])[:2]
+                fstype, source = ([*right.split(), b"", b""])[:2]
                 if fstype.startswith(b"fuse") and (b"stasisfs" in fstype or source.startswith(b"stasisfs")):
                     mountpoint = left.split()[4].decode("unicode_escape").encode("latin-1")
                     result.add(mountpoint)
@@ -282,7 +282,7 @@ class Backup:
             return node
         if node.type == FILE:
             item = self._file_node(pool, path, node, st)
-            return item.result() if isinstance(item, Future) else item
+            return item.result() if isinstance(item, (Future, BatchSlot)) else item
         return node
 
     def _build_root(self, pool: ThreadPoolExecutor, paths: list[bytes]) -> bytes:
@@ -294,7 +294,7 @@ class Backup:
                 by_name.setdefault(parts[len(prefix)], []).append(parts)
             nodes = []
             for name, group in sorted(by_name.items()):
-                here = prefix + [name]
+                here = [*prefix, name]
                 full = b"/" + b"/".join(here)
                 if any(len(parts) == len(here) for parts in group):
                     node = self._save_path(pool, full)
@@ -338,7 +338,7 @@ class Backup:
         s.total_bytes = self.counters.bytes_done
         s.duration_s = round(time.monotonic() - started, 3)
         snapshot = Snapshot(
-            time=self.options.time or datetime.now(timezone.utc).astimezone(),
+            time=self.options.time or datetime.now(UTC).astimezone(),
             device=self.repo.device,
             paths=paths,
             root=root,
@@ -403,7 +403,7 @@ def normalize_paths(paths: list[bytes]) -> list[bytes]:
 def count_tree(paths: list[bytes], counters: Counters, stop: threading.Event) -> None:
     """The scanner behind the progress bar's total and ETA; runs beside the backup."""
     for top in paths:
-        for dirpath, dirnames, filenames in os.walk(top):
+        for dirpath, _dirnames, filenames in os.walk(top):
             if stop.is_set():
                 return
             for name in filenames:

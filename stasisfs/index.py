@@ -12,6 +12,7 @@ Databases (every key is a keyed hash or a storage id; nothing is plaintext):
 
 from __future__ import annotations
 
+import contextlib
 import os
 import struct
 import threading
@@ -58,9 +59,9 @@ class FileRecord:
 
     @classmethod
     def decode(cls, raw: bytes) -> FileRecord:
-        fields = FILE_ROW.unpack_from(raw)
+        device, inode, size, mtime_ns, ctime_ns = FILE_ROW.unpack_from(raw)
         body = raw[FILE_ROW.size :]
-        return cls(*fields, tuple(body[i : i + 32] for i in range(0, len(body), 32)))
+        return cls(device, inode, size, mtime_ns, ctime_ns, tuple(body[i : i + 32] for i in range(0, len(body), 32)))
 
 
 class Index:
@@ -94,7 +95,7 @@ class Index:
     def close(self) -> None:
         self.env.close()
 
-    def _write(self, fn: Callable[[lmdb.Transaction], None]) -> None:
+    def _write(self, fn: Callable[[lmdb.Transaction], object]) -> None:
         with self._write_lock:
             while True:
                 try:
@@ -194,7 +195,5 @@ class Index:
 
 def remove_index_dir(path: Path) -> None:
     for name in ("data.mdb", "lock.mdb"):
-        try:
+        with contextlib.suppress(FileNotFoundError):
             os.unlink(path / name)
-        except FileNotFoundError:
-            pass

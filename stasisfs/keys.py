@@ -14,7 +14,7 @@ import os
 import re
 import secrets
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import blake3
 from cryptography.exceptions import InvalidTag
@@ -92,7 +92,7 @@ def wrap(master: bytes, repo_id: bytes, secret: bytes, kind: str, kdf: dict[str,
     kek = derive_kek(kdf, secret, slot_id)
     nonce = os.urandom(12)
     wrapped = nonce + AESGCM(kek).encrypt(nonce, master, _slot_aad(repo_id, slot_id))
-    created = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    created = datetime.now(UTC).isoformat(timespec="seconds")
     return KeySlot(slot_id, kind, created, kdf, wrapped, label)
 
 

@@ -7,6 +7,7 @@ refreshed for `STALE_AFTER` seconds. Stale locks are removed, not obeyed.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
@@ -103,10 +104,8 @@ class RepositoryLock:
 
     def _refresh(self) -> None:
         while not self._stop.wait(REFRESH_EVERY):
-            try:
+            with contextlib.suppress(Exception):
                 write_atomic(self.path, self._record())
-            except Exception:  # noqa: BLE001 - a failed refresh must not kill the run; staleness is judged by others
-                pass
 
     def release(self) -> None:
         self._stop.set()

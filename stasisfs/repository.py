@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import keys as keyslots
-from .crypto import KIND_INDEX, KIND_SETTINGS, KIND_SNAPSHOT, Cipher, MasterKeys, padded_size
+from .crypto import KIND_SETTINGS, KIND_SNAPSHOT, Cipher, MasterKeys, padded_size
 from .errors import IndexDamaged, IntegrityError, RepositoryMissing, StasisError, UsageError, WrongKey
 from .index import NO_INDEX_OBJECT, Index, remove_index_dir
 from .pack import (
@@ -340,11 +340,11 @@ class Repository:
                         yield bytes.fromhex(entry.name)
 
     def sweep(self) -> None:
-        for sub in ("index", "snapshots", "locks", "keys"):
-            sweep_temp_files(self.path / sub)
-        for sub in os.scandir(self.path / "data"):
-            if sub.is_dir():
-                sweep_temp_files(Path(sub.path))
+        for name in ("index", "snapshots", "locks", "keys"):
+            sweep_temp_files(self.path / name)
+        for entry in os.scandir(self.path / "data"):
+            if entry.is_dir():
+                sweep_temp_files(Path(entry.path))
 
     def store_pack(self, data: bytes, info: PackInfo) -> None:
         write_atomic(self.pack_path(info.pack_id), data)

@@ -91,9 +91,7 @@ class Restorer:
 
     def _selected(self, path: bytes, node: Node) -> bool:
         rel = os.fsdecode(path.lstrip(b"/")) + ("/" if node.type == DIR else "")
-        if self._exclude is not None and self._exclude.match_file(rel):
-            return False
-        return True
+        return not (self._exclude is not None and self._exclude.match_file(rel))
 
     def _included(self, path: bytes, node: Node) -> bool:
         if self._include is None:
@@ -166,7 +164,7 @@ class Restorer:
         return self.result
 
     def _make_dir(self, dest: bytes) -> bool:
-        if os.path.lexists(dest) and not os.path.isdir(dest) or os.path.islink(dest):
+        if (os.path.lexists(dest) and not os.path.isdir(dest)) or os.path.islink(dest):
             if self.options.overwrite == "never":
                 return False
             os.unlink(dest)

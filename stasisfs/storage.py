@@ -7,6 +7,7 @@ the whole object or nothing (plus a temp file that later runs sweep).
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import os
@@ -41,10 +42,8 @@ def write_atomic(path: Path, data: bytes | memoryview, mode: int = 0o600, sync: 
         if sync:
             fsync_dir(path.parent)
     except OSError as exc:
-        try:
+        with contextlib.suppress(OSError):
             os.unlink(tmp)
-        except OSError:
-            pass
         if exc.errno == errno.ENOSPC:
             raise StasisError(f"no space left on the device holding {path.parent}; nothing was lost, free some space and run again") from None
         raise StasisError(f"cannot write {path}: {exc.strerror}") from None
@@ -77,7 +76,5 @@ def sweep_temp_files(directory: Path) -> None:
                 pass
             except PermissionError:
                 continue
-            try:
+            with contextlib.suppress(FileNotFoundError):
                 os.unlink(entry.path)
-            except FileNotFoundError:
-                pass

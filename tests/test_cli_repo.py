@@ -203,7 +203,7 @@ def test_password_file_and_command(cli: Cli) -> None:
 
 def test_weak_password_refused(cli: Cli) -> None:
     done = cli.run("init", env={"STASISFS_PASSWORD": "password1"})
-    assert done.returncode == 1 and b"weak" in done.stderr or b"short" in done.stderr
+    assert (done.returncode == 1 and b"weak" in done.stderr) or b"short" in done.stderr
     assert not (cli.repo / "config").exists()
 
 

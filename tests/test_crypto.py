@@ -1,6 +1,6 @@
 import pytest
 
-from stasisfs.crypto import KIND_CHUNK, KIND_SNAPSHOT, Cipher, MasterKeys, padme, padded_size
+from stasisfs.crypto import KIND_CHUNK, KIND_SNAPSHOT, Cipher, MasterKeys, padded_size, padme
 from stasisfs.errors import IntegrityError
 
 

@@ -7,7 +7,6 @@ import stat
 from pathlib import Path
 
 import pytest
-
 from conftest import Cli
 
 AS_ROOT = os.geteuid() == 0

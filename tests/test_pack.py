@@ -2,7 +2,7 @@ import os
 
 import pytest
 
-from stasisfs.crypto import Cipher, MasterKeys, padme
+from stasisfs.crypto import KIND_CHUNK, Cipher, MasterKeys, padme
 from stasisfs.errors import IntegrityError
 from stasisfs.pack import (
     BLOB_DATA,
@@ -14,7 +14,6 @@ from stasisfs.pack import (
     open_blob,
     parse_pack,
 )
-from stasisfs.crypto import KIND_CHUNK
 
 
 @pytest.fixture
@@ -36,7 +35,7 @@ def test_pack_roundtrip_from_header_alone(cipher: Cipher) -> None:
     data, info = build(cipher, blobs)
     entries = parse_pack(cipher, data)
     assert [e.chunk_id for e in entries] == [b.chunk_id for b in info.blobs]  # type: ignore[attr-defined]
-    for entry, original in zip(entries, blobs):
+    for entry, original in zip(entries, blobs, strict=False):
         assert open_blob(cipher, entry, data[entry.offset : entry.offset + entry.length]) == original
 
 
@@ -49,7 +48,7 @@ def test_pack_size_is_padded_and_hides_content_size(cipher: Cipher) -> None:
 
 
 def test_tampered_blob_is_rejected(cipher: Cipher) -> None:
-    data, info = build(cipher, [b"hello world" * 100])
+    data, _info = build(cipher, [b"hello world" * 100])
     entry = parse_pack(cipher, data)[0]
     box = bytearray(data[entry.offset : entry.offset + entry.length])
     box[40] ^= 0xFF

@@ -1,8 +1,9 @@
-from stasisfs.snapshot import Snapshot, resolve
-from stasisfs.tree import DIR, FILE, SYMLINK, Node, decode_tree, encode_tree
+from datetime import UTC, datetime
 
 import pytest
-from datetime import datetime, timezone
+
+from stasisfs.snapshot import Snapshot, resolve
+from stasisfs.tree import DIR, FILE, SYMLINK, Node, decode_tree, encode_tree
 
 
 def test_tree_roundtrip_with_hostile_names() -> None:
@@ -22,7 +23,7 @@ def test_encoding_is_canonical() -> None:
 
 
 def snap(id_hex: str, second: int) -> Snapshot:
-    return Snapshot(time=datetime(2026, 1, 1, 0, 0, second, tzinfo=timezone.utc), device="d", paths=[b"/x"], root=b"",
+    return Snapshot(time=datetime(2026, 1, 1, 0, 0, second, tzinfo=UTC), device="d", paths=[b"/x"], root=b"",
                     id=bytes.fromhex(id_hex))
 
 
