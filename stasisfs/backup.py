@@ -13,6 +13,7 @@ import stat
 import sys
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -20,19 +21,20 @@ from datetime import UTC, datetime
 from typing import BinaryIO
 
 import pathspec
-from pyfastcdc import FastCDC
 
+from .chunker import CHUNK_MIN, Chunker, ReadInto
 from .fsmeta import node_from_stat
 from .index import FileRecord
 from .pack import BLOB_DATA, BLOB_TREE
 from .packer import BlobWriter
 from .progress import Counters
-from .repository import CHUNK_AVG, CHUNK_MAX, CHUNK_MIN, Repository, cache_root
+from .repository import Repository, cache_root
 from .snapshot import Snapshot, Summary
 from .tree import DIR, FILE, Node, encode_tree, split_path
 
 CACHEDIR_SIGNATURE = b"Signature: 8a477f597d28d172789f06886806bc55"
-READ_BLOCK = 8 * 1024 * 1024
+MAX_PENDING_ITEMS = 4096  # entries walked ahead of the trees written: bounds memory, keeps workers fed
+MAX_PENDING_DIRS = 1024
 O_NOATIME = getattr(os, "O_NOATIME", 0)
 
 
@@ -80,6 +82,8 @@ class Backup:
         self._chunkers = threading.local()
         self._file_records: list[tuple[bytes, FileRecord]] = []
         self._hardlinks: dict[tuple[int, int], Future[Node | None]] = {}
+        self._jobs: deque[DirJob] = deque()
+        self._pending_items = 0
         self._spec = pathspec.GitIgnoreSpec.from_lines(options.excludes) if options.excludes else None
         self._skip_inodes = set()
         for path in (repo.path, cache_root()):
@@ -97,11 +101,10 @@ class Backup:
             self._warn_sink(message)
 
     # --- content ---
-    def _chunker(self) -> FastCDC:
+    def _chunker(self) -> Chunker:
         chunker = getattr(self._chunkers, "chunker", None)
         if chunker is None:
-            chunker = FastCDC(CHUNK_AVG, min_size=CHUNK_MIN, max_size=CHUNK_MAX, seed=self.keys.chunker_seed)
-            self._chunkers.chunker = chunker
+            chunker = self._chunkers.chunker = Chunker(self.keys.chunker_seed)
         return chunker
 
     def _store_chunk(self, data: bytes | memoryview) -> bytes:
@@ -111,12 +114,12 @@ class Backup:
                 self.summary.data_added += len(data)
         return chunk_id
 
-    def store_stream(self, stream: BinaryIO) -> tuple[list[bytes], int]:
+    def store_stream(self, readinto: ReadInto) -> tuple[list[bytes], int]:
         content, size = [], 0
-        for chunk in self._chunker().cut_stream(stream):
-            content.append(self._store_chunk(chunk.data))
-            size += chunk.length
-            self.counters.add(nbytes=chunk.length)
+        for data in self._chunker().cut(readinto):
+            content.append(self._store_chunk(data))
+            size += len(data)
+            self.counters.add(nbytes=len(data))
         return content, size
 
     def _read_file(self, path: bytes, node: Node, st: os.stat_result) -> Node | None:
@@ -129,15 +132,7 @@ class Backup:
             self.warn(f"cannot read {os.fsdecode(path)}: {exc.strerror}; skipped")
             return None
         try:
-            data = os.read(fd, CHUNK_MIN) if st.st_size < CHUNK_MIN else b""
-            if st.st_size >= CHUNK_MIN or len(data) >= CHUNK_MIN:
-                os.lseek(fd, 0, os.SEEK_SET)
-                with open(fd, "rb", buffering=0, closefd=False) as stream:
-                    node.content, node.size = self.store_stream(stream)
-            else:  # small files skip the chunker: they are one chunk anyway
-                node.content = [self._store_chunk(data)] if data else []
-                node.size = len(data)
-                self.counters.add(nbytes=len(data))
+            node.content, node.size = self.store_stream(lambda view: os.readv(fd, [view]))
             after = os.fstat(fd)
         except OSError as exc:
             self.warn(f"cannot read {os.fsdecode(path)}: {exc.strerror}; skipped")
@@ -218,13 +213,13 @@ class Backup:
         except OSError:
             return False
 
-    def _save_dir(self, pool: ThreadPoolExecutor, path: bytes, root_dev: int) -> list[Node]:
-        """The nodes of one real directory's entries; subdirectories recursively."""
+    def _save_dir(self, pool: ThreadPoolExecutor, path: bytes, dir_node: Node, root_dev: int) -> None:
+        """Walk one real directory (subdirectories recursively) and queue its tree for writing."""
         try:
             entries = sorted(os.scandir(path), key=lambda e: e.name)
         except OSError as exc:
             self.warn(f"cannot list {os.fsdecode(path)}: {exc.strerror}; saved as empty")
-            return []
+            entries = []
         pending: list[Future[Node | None] | Node | BatchSlot] = []
         batch = SmallFileBatch()
         for entry in entries:
@@ -240,31 +235,40 @@ class Backup:
                 continue
             if node.type == FILE:
                 pending.append(self._file_node(pool, child, node, st, batch))
-            elif node.type == DIR:
-                subtree = self._subdir(pool, child, st, root_dev)
-                if subtree is None:
-                    continue
-                node.subtree = subtree
-                pending.append(node)
-            else:
+            elif node.type != DIR or self._subdir(pool, child, node, st, root_dev):
                 pending.append(node)
         batch.submit(pool)
-        nodes = []
-        for item in pending:
-            result = item.result() if isinstance(item, (Future, BatchSlot)) else item
-            if result is not None:
-                nodes.append(result)
-        return nodes
+        self._jobs.append(DirJob(dir_node, pending))
+        self._pending_items += len(pending)
+        self._drain(MAX_PENDING_ITEMS)
 
-    def _subdir(self, pool: ThreadPoolExecutor, path: bytes, st: os.stat_result, root_dev: int) -> bytes | None:
-        """The tree id of a directory to descend into, or None to leave it out entirely."""
+    def _drain(self, max_pending: int) -> None:
+        """Write queued trees, oldest first, until at most `max_pending` entries wait.
+
+        Jobs are queued in post-order, so a tree is always written after the trees of its
+        subdirectories; not waiting at each directory keeps the workers busy across them.
+        """
+        while self._jobs and (self._pending_items > max_pending or len(self._jobs) > MAX_PENDING_DIRS):
+            job = self._jobs.popleft()
+            self._pending_items -= len(job.items)
+            nodes = []
+            for item in job.items:
+                result = item.result() if isinstance(item, (Future, BatchSlot)) else item
+                if result is not None:
+                    nodes.append(result)
+            job.node.subtree = self._save_tree(nodes)
+
+    def _subdir(self, pool: ThreadPoolExecutor, path: bytes, node: Node, st: os.stat_result, root_dev: int) -> bool:
+        """Descend into a directory; False to leave it out of the snapshot entirely."""
         if (st.st_dev, st.st_ino) in self._skip_inodes or path in self._skip_paths:
-            return None
+            return False
         if self.options.exclude_caches and self._is_cache_dir(path):
-            return None
+            return False
         if self.options.one_file_system and st.st_dev != root_dev:
-            return self._save_tree([])  # keep the mount point, not what is mounted on it
-        return self._save_tree(self._save_dir(pool, path, root_dev))
+            node.subtree = self._save_tree([])  # keep the mount point, not what is mounted on it
+            return True
+        self._save_dir(pool, path, node, root_dev)
+        return True
 
     def _save_path(self, pool: ThreadPoolExecutor, path: bytes) -> Node | None:
         """One backed-up path as a node (directories recursively)."""
@@ -275,11 +279,7 @@ class Backup:
             self.warn(f"cannot read {os.fsdecode(path)}: {exc.strerror}; skipped")
             return None
         if node.type == DIR:
-            subtree = self._subdir(pool, path, st, st.st_dev)
-            if subtree is None:
-                return None
-            node.subtree = subtree
-            return node
+            return node if self._subdir(pool, path, node, st, st.st_dev) else None
         if node.type == FILE:
             item = self._file_node(pool, path, node, st)
             return item.result() if isinstance(item, (Future, BatchSlot)) else item
@@ -304,12 +304,16 @@ class Backup:
                     except OSError as exc:
                         self.warn(f"cannot read {os.fsdecode(full)}: {exc.strerror}; skipped")
                         continue
-                    node.subtree = self._save_tree(build(here, group))
+                    children = build(here, group)
+                    self._drain(0)
+                    node.subtree = self._save_tree(children)
                 if node is not None:
                     nodes.append(node)
             return nodes
 
-        return self._save_tree(build([], [split_path(p) for p in paths]))
+        top = build([], [split_path(p) for p in paths])
+        self._drain(0)
+        return self._save_tree(top)
 
     def run(self) -> Snapshot:
         started = time.monotonic()
@@ -322,7 +326,7 @@ class Backup:
     def run_stdin(self, stream: BinaryIO, filename: str) -> Snapshot:
         started = time.monotonic()
         name = os.fsencode(filename.strip("/")) or b"stdin"
-        content, size = self.store_stream(stream)
+        content, size = self.store_stream(fill_from(stream))
         now = time.time_ns()
         node = Node(name=name, type=FILE, mode=0o644, uid=os.getuid(), gid=os.getgid(), mtime_ns=now, size=size, content=content)
         self.summary.files_new = 1
@@ -349,6 +353,30 @@ class Backup:
         if not self.options.dry_run:
             self.repo.save_snapshot(snapshot)
         return snapshot
+
+
+def fill_from(stream: BinaryIO) -> ReadInto:
+    """A readinto for pipes, whose short reads do not mean end of input: fill the view or hit EOF."""
+    raw = stream.readinto  # type: ignore[attr-defined]
+
+    def readinto(view: memoryview) -> int:
+        total = 0
+        while total < len(view):
+            n = raw(view[total:])
+            if not n:
+                break
+            total += n
+        return total
+
+    return readinto
+
+
+@dataclass(slots=True)
+class DirJob:
+    """A walked directory whose tree is written once its entries are known."""
+
+    node: Node
+    items: list[Future[Node | None] | Node | BatchSlot]
 
 
 class BatchSlot:

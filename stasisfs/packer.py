@@ -58,7 +58,11 @@ class BlobWriter:
             return False
         compressor, decompressor = self._codecs()
         compressed = compressor.compress(data)
-        if self.verify and len(compressed) < len(data) and decompressor.decompress(compressed, max_output_size=len(data)) != data:
+        if (
+            self.verify
+            and len(compressed) < len(data)
+            and self.cipher.keys.chunk_id_of(decompressor.decompress(compressed, max_output_size=len(data))) != chunk_id
+        ):
             # restic 0.16 shipped a compressor bug that wrote corrupt data; never trust the codec blindly.
             raise IntegrityError("compression self-check failed; refusing to store a corrupt chunk")
         box = self.cipher.seal(encode_blob_payload(data, compressed), KIND_CHUNK, chunk_id)

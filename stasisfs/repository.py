@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import keys as keyslots
+from .chunker import CHUNK_AVG, CHUNK_MAX, CHUNK_MIN
 from .crypto import KIND_SETTINGS, KIND_SNAPSHOT, Cipher, MasterKeys, padded_size
 from .errors import IndexDamaged, IntegrityError, RepositoryMissing, StasisError, UsageError, WrongKey
 from .index import NO_INDEX_OBJECT, Index, remove_index_dir
@@ -43,12 +44,6 @@ FORMAT_VERSION = 1
 SMALL_OBJECT_FLOOR = 1024
 SUBDIRS = ("keys", "data", "index", "snapshots", "locks")
 
-# Chunk sizes: 256 KiB / 1 MiB / 8 MiB (pyfastcdc's effective mean is min + avg, about 1.25 MiB),
-# close to restic's 512 KiB / 1 MiB / 8 MiB. Large chunks keep the index and the per-chunk
-# Python overhead small; the random pack assignment and padding, not the chunk size, hide sizes.
-CHUNK_MIN = 256 * 1024
-CHUNK_AVG = 1024 * 1024
-CHUNK_MAX = 8 * 1024 * 1024
 
 
 @dataclass
