@@ -8,6 +8,7 @@ known. Order of durability: packs, index objects, snapshot.
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import stat
 import sys
@@ -15,14 +16,14 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import BinaryIO
 
 import pathspec
 
-from .chunker import CHUNK_MIN, Chunker, ReadInto
+from .chunker import Chunker, ReadInto
 from .fsmeta import node_from_stat
 from .index import FileRecord
 from .pack import BLOB_DATA, BLOB_TREE
@@ -31,11 +32,12 @@ from .progress import Counters
 from .repository import Repository, cache_root
 from .snapshot import Snapshot, Summary
 from .tree import DIR, FILE, Node, encode_tree, split_path
+from .workers import FileResult, init_worker, open_for_backup, process_files, use_index_in_threads
 
 CACHEDIR_SIGNATURE = b"Signature: 8a477f597d28d172789f06886806bc55"
-MAX_PENDING_ITEMS = 4096  # entries walked ahead of the trees written: bounds memory, keeps workers fed
+LARGE_FILE = 64 * 1024 * 1024  # larger files stream through a parent thread instead of a worker process
+MAX_PENDING_ITEMS = 2048  # entries walked ahead of the trees written: bounds memory, keeps workers fed
 MAX_PENDING_DIRS = 1024
-O_NOATIME = getattr(os, "O_NOATIME", 0)
 
 
 @dataclass
@@ -81,8 +83,10 @@ class Backup:
         self.index = repo.index
         self._chunkers = threading.local()
         self._file_records: list[tuple[bytes, FileRecord]] = []
-        self._hardlinks: dict[tuple[int, int], Future[Node | None]] = {}
+        self._hardlinks: dict[tuple[int, int], Future[Node | None] | PendingFile] = {}
         self._jobs: deque[DirJob] = deque()
+        self._batch = BatchQueue(self)
+        self.procs: Executor
         self._pending_items = 0
         self._spec = pathspec.GitIgnoreSpec.from_lines(options.excludes) if options.excludes else None
         self._skip_inodes = set()
@@ -123,29 +127,40 @@ class Backup:
         return content, size
 
     def _read_file(self, path: bytes, node: Node, st: os.stat_result) -> Node | None:
+        """Large files, in a parent thread: streamed chunk by chunk, so memory stays bounded."""
+        result = FileResult()
         try:
-            try:
-                fd = os.open(path, os.O_RDONLY | O_NOATIME)
-            except PermissionError:
-                fd = os.open(path, os.O_RDONLY)  # O_NOATIME is only allowed to the owner
+            fd = open_for_backup(path)
         except OSError as exc:
-            self.warn(f"cannot read {os.fsdecode(path)}: {exc.strerror}; skipped")
-            return None
+            result.error = f"cannot read {os.fsdecode(path)}: {exc.strerror}; skipped"
+            return self._complete(path, node, st, result)
         try:
-            node.content, node.size = self.store_stream(lambda view: os.readv(fd, [view]))
+            result.content, result.size = self.store_stream(lambda view: os.readv(fd, [view]))
             after = os.fstat(fd)
+            result.changed = (after.st_mtime_ns, after.st_size) != (st.st_mtime_ns, st.st_size) or result.size != st.st_size
         except OSError as exc:
-            self.warn(f"cannot read {os.fsdecode(path)}: {exc.strerror}; skipped")
-            return None
+            result.error = f"cannot read {os.fsdecode(path)}: {exc.strerror}; skipped"
         finally:
             os.close(fd)
-        if (after.st_mtime_ns, after.st_size) != (st.st_mtime_ns, st.st_size) or node.size != st.st_size:
+        return self._complete(path, node, st, result, counted=True)
+
+    def _complete(self, path: bytes, node: Node, st: os.stat_result, result: FileResult, counted: bool = False) -> Node | None:
+        """Fold a file's chunking result into the snapshot (parent side): pack new blobs, note the file."""
+        if result.error is not None:
+            self.warn(result.error)
+            return None
+        for chunk_id, box, raw_length in result.new_blobs:
+            if self.writer.add_sealed(chunk_id, BLOB_DATA, box, raw_length):
+                with self._summary_lock:
+                    self.summary.data_added += raw_length
+        node.content, node.size = result.content, result.size
+        if result.changed:
             self.warn(f"{os.fsdecode(path)} changed while it was being read; the snapshot holds what was read")
         else:
             self._file_records.append(
                 (self.keys.path_key(path), FileRecord(st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns, tuple(node.content)))
             )
-        self.counters.add(files=1)
+        self.counters.add(files=1, nbytes=0 if counted else result.size)
         return node
 
     # --- the walk ---
@@ -155,8 +170,7 @@ class Backup:
         rel = os.fsdecode(path.lstrip(b"/")) + ("/" if is_dir else "")
         return self._spec.match_file(rel)
 
-    def _file_node(self, pool: ThreadPoolExecutor, path: bytes, node: Node, st: os.stat_result,
-                   batch: SmallFileBatch | None = None) -> Future[Node | None] | Node | BatchSlot:
+    def _file_node(self, pool: ThreadPoolExecutor, path: bytes, node: Node, st: os.stat_result) -> PendingItem:
         record = self.index.file_record(self.keys.path_key(path))
         if (
             record is not None
@@ -175,28 +189,14 @@ class Backup:
             else:
                 self.summary.files_changed += 1
         key = node.hardlink_key
-        if key is not None:
-            earlier = self._hardlinks.get(key)
-            if earlier is not None:
-                return pool.submit(self._copy_hardlink, earlier, node, path, st)
-            future = pool.submit(self._read_file, path, node, st)
-            self._hardlinks[key] = future
-            return future
-        if batch is not None and st.st_size < CHUNK_MIN:
-            return batch.add(pool, self._read_file, path, node, st)
-        return pool.submit(self._read_file, path, node, st)
-
-    def _copy_hardlink(self, earlier: Future[Node | None], node: Node, path: bytes, st: os.stat_result) -> Node | None:
-        """Another name of an inode already read: same content, read once."""
-        first = earlier.result()
-        if first is None:
-            return None
-        node.content, node.size = first.content, first.size
-        self._file_records.append(
-            (self.keys.path_key(path), FileRecord(st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns, tuple(node.content)))
+        if key is not None and key in self._hardlinks:
+            return LinkedFile(self, self._hardlinks[key], node, path, st)
+        item: Future[Node | None] | PendingFile = (
+            pool.submit(self._read_file, path, node, st) if st.st_size >= LARGE_FILE else self._batch.add(path, node, st)
         )
-        self.counters.add(files=1, nbytes=node.size)
-        return node
+        if key is not None:
+            self._hardlinks[key] = item
+        return item
 
     def _save_tree(self, nodes: list[Node]) -> bytes:
         data = encode_tree(nodes)
@@ -220,8 +220,7 @@ class Backup:
         except OSError as exc:
             self.warn(f"cannot list {os.fsdecode(path)}: {exc.strerror}; saved as empty")
             entries = []
-        pending: list[Future[Node | None] | Node | BatchSlot] = []
-        batch = SmallFileBatch()
+        pending: list[PendingItem] = []
         for entry in entries:
             child = entry.path
             try:
@@ -234,10 +233,9 @@ class Backup:
                 self.warn(f"cannot read {os.fsdecode(child)}: {exc.strerror}; skipped")
                 continue
             if node.type == FILE:
-                pending.append(self._file_node(pool, child, node, st, batch))
+                pending.append(self._file_node(pool, child, node, st))
             elif node.type != DIR or self._subdir(pool, child, node, st, root_dev):
                 pending.append(node)
-        batch.submit(pool)
         self._jobs.append(DirJob(dir_node, pending))
         self._pending_items += len(pending)
         self._drain(MAX_PENDING_ITEMS)
@@ -253,7 +251,7 @@ class Backup:
             self._pending_items -= len(job.items)
             nodes = []
             for item in job.items:
-                result = item.result() if isinstance(item, (Future, BatchSlot)) else item
+                result = item if isinstance(item, Node) else item.result()
                 if result is not None:
                     nodes.append(result)
             job.node.subtree = self._save_tree(nodes)
@@ -282,7 +280,7 @@ class Backup:
             return node if self._subdir(pool, path, node, st, st.st_dev) else None
         if node.type == FILE:
             item = self._file_node(pool, path, node, st)
-            return item.result() if isinstance(item, (Future, BatchSlot)) else item
+            return item if isinstance(item, Node) else item.result()
         return node
 
     def _build_root(self, pool: ThreadPoolExecutor, paths: list[bytes]) -> bytes:
@@ -319,9 +317,20 @@ class Backup:
         started = time.monotonic()
         sys.setrecursionlimit(max(sys.getrecursionlimit(), 20000))
         paths = normalize_paths(self.options.paths)
-        with ThreadPoolExecutor(self.options.workers, thread_name_prefix="backup") as pool:
+        with self._workers() as procs, ThreadPoolExecutor(1, thread_name_prefix="backup-large") as pool:
+            self.procs = procs
             root = self._build_root(pool, paths)
         return self._finish(root, paths, started)
+
+    def _workers(self) -> Executor:
+        """Worker processes (own GILs); threads when processes cannot be started here."""
+        initargs = (self.keys.master, self.keys.repo_id, str(self.index.path), self.writer.verify)
+        try:
+            context = multiprocessing.get_context("spawn")  # never fork an open LMDB environment or held locks
+            return ProcessPoolExecutor(self.options.workers, mp_context=context, initializer=init_worker, initargs=initargs)
+        except OSError:
+            use_index_in_threads(self.index)
+            return ThreadPoolExecutor(self.options.workers, thread_name_prefix="backup", initializer=init_worker, initargs=initargs)
 
     def run_stdin(self, stream: BinaryIO, filename: str) -> Snapshot:
         started = time.monotonic()
@@ -371,52 +380,90 @@ def fill_from(stream: BinaryIO) -> ReadInto:
     return readinto
 
 
+class PendingFile:
+    """One file's place in a `ProcessBatch`."""
+
+    __slots__ = ("batch", "position")
+
+    def __init__(self, batch: ProcessBatch, position: int) -> None:
+        self.batch, self.position = batch, position
+
+    def result(self) -> Node | None:
+        return self.batch.resolve()[self.position]
+
+
+class LinkedFile:
+    """Another name of an inode already queued: its content is read once."""
+
+    __slots__ = ("backup", "first", "node", "path", "st")
+
+    def __init__(self, backup: Backup, first: Future[Node | None] | PendingFile, node: Node, path: bytes, st: os.stat_result) -> None:
+        self.backup, self.first, self.node, self.path, self.st = backup, first, node, path, st
+
+    def result(self) -> Node | None:
+        first = self.first.result()
+        if first is None:
+            return None
+        return self.backup._complete(self.path, self.node, self.st, FileResult(content=first.content, size=first.size))
+
+
+class ProcessBatch:
+    """Files sent to a worker process together, to spread the cost of a round trip."""
+
+    MAX_FILES = 64
+    MAX_BYTES = 8 * 1024 * 1024
+
+    def __init__(self, backup: Backup) -> None:
+        self.backup = backup
+        self.jobs: list[tuple[bytes, Node, os.stat_result]] = []
+        self.bytes = 0
+        self.future: Future[list[FileResult]] | None = None
+        self.nodes: list[Node | None] | None = None
+
+    @property
+    def full(self) -> bool:
+        return len(self.jobs) >= self.MAX_FILES or self.bytes >= self.MAX_BYTES
+
+    def submit(self) -> None:
+        if self.future is None:
+            self.future = self.backup.procs.submit(process_files, [(p, st.st_size, st.st_mtime_ns) for p, _, st in self.jobs])
+
+    def resolve(self) -> list[Node | None]:
+        if self.nodes is None:
+            self.submit()
+            assert self.future is not None
+            results = self.future.result()
+            self.nodes = [self.backup._complete(p, node, st, r) for (p, node, st), r in zip(self.jobs, results, strict=True)]
+        return self.nodes
+
+
+class BatchQueue:
+    """The batch being filled; a batch is sent when full, or as soon as anyone waits on it."""
+
+    def __init__(self, backup: Backup) -> None:
+        self.backup = backup
+        self.current = ProcessBatch(backup)
+
+    def add(self, path: bytes, node: Node, st: os.stat_result) -> PendingFile:
+        batch = self.current
+        if batch.future is not None or batch.full:
+            batch = self.current = ProcessBatch(self.backup)
+        batch.jobs.append((path, node, st))
+        batch.bytes += st.st_size
+        if batch.full:
+            batch.submit()
+        return PendingFile(batch, len(batch.jobs) - 1)
+
+
+PendingItem = Node | Future[Node | None] | PendingFile | LinkedFile
+
+
 @dataclass(slots=True)
 class DirJob:
     """A walked directory whose tree is written once its entries are known."""
 
     node: Node
-    items: list[Future[Node | None] | Node | BatchSlot]
-
-
-class BatchSlot:
-    """One file's place in a batch: small files go to workers in groups, to save per-file task overhead."""
-
-    __slots__ = ("batch", "position")
-
-    def __init__(self, batch: Future[list[Node | None]], position: int) -> None:
-        self.batch, self.position = batch, position
-
-    def result(self) -> Node | None:
-        return self.batch.result()[self.position]
-
-
-class SmallFileBatch:
-    SIZE = 64
-
-    def __init__(self) -> None:
-        self._jobs: list[tuple[bytes, Node, os.stat_result]] = []
-        self._slots: list[BatchSlot] = []
-        self._reader: Callable[[bytes, Node, os.stat_result], Node | None] | None = None
-
-    def add(self, pool: ThreadPoolExecutor, reader: Callable[[bytes, Node, os.stat_result], Node | None],
-            path: bytes, node: Node, st: os.stat_result) -> BatchSlot:
-        self._reader = reader
-        slot = BatchSlot(Future(), len(self._jobs))
-        self._jobs.append((path, node, st))
-        self._slots.append(slot)
-        if len(self._jobs) >= self.SIZE:
-            self.submit(pool)
-        return slot
-
-    def submit(self, pool: ThreadPoolExecutor) -> None:
-        if not self._jobs or self._reader is None:
-            return
-        jobs, slots, reader = self._jobs, self._slots, self._reader
-        self._jobs, self._slots = [], []
-        future = pool.submit(lambda: [reader(*job) for job in jobs])
-        for slot in slots:
-            slot.batch = future
+    items: list[PendingItem]
 
 
 def normalize_paths(paths: list[bytes]) -> list[bytes]:

@@ -93,28 +93,33 @@ class PackBuilder:
     """Collects sealed blobs in memory until the pack is full."""
 
     def __init__(self) -> None:
-        self.body = bytearray()
+        self.boxes: list[bytes] = []  # kept apart, not concatenated: no reallocation copies
+        self.size = 0
         self.entries: list[BlobEntry] = []
 
     def __len__(self) -> int:
-        return len(self.body)
+        return self.size
 
     def add(self, chunk_id: bytes, kind: int, box: bytes, raw_length: int) -> None:
-        self.entries.append(BlobEntry(chunk_id, kind, len(self.body), len(box), raw_length))
-        self.body += box
+        self.entries.append(BlobEntry(chunk_id, kind, self.size, len(box), raw_length))
+        self.boxes.append(box)
+        self.size += len(box)
 
-    def finish(self, cipher: Cipher, floor: int = PACK_PAD_FLOOR) -> tuple[bytes, PackInfo]:
+    def finish(self, cipher: Cipher, floor: int = PACK_PAD_FLOOR) -> tuple[list[bytes], PackInfo]:
+        """The pack as a list of parts to write in order, and its description."""
         header = HEADER_MAGIC + b"".join(
             HEADER_ENTRY.pack(e.chunk_id, e.kind, e.offset, e.length, e.raw_length) for e in self.entries
         )
         header_box = cipher.seal(header, KIND_PACK_HEADER)
-        header_offset = len(self.body)
-        content = len(self.body) + len(header_box) + TRAILER_BOX_LEN
+        header_offset = self.size
+        content = self.size + len(header_box) + TRAILER_BOX_LEN
         padding = os.urandom(padded_size(content, floor) - content)
         trailer_box = cipher.seal(TRAILER.pack(header_offset, len(header_box)), KIND_PACK_TRAILER)
-        data = b"".join((self.body, header_box, padding, trailer_box))
-        pack_id = hashlib.sha256(data).digest()
-        return data, PackInfo(pack_id, len(data), tuple(self.entries))
+        parts = [*self.boxes, header_box, padding, trailer_box]
+        digest = hashlib.sha256()
+        for part in parts:
+            digest.update(part)
+        return parts, PackInfo(digest.digest(), content + len(padding), tuple(self.entries))
 
 
 def read_trailer(cipher: Cipher, trailer_box: bytes, pack_size: int) -> tuple[int, int]:

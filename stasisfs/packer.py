@@ -13,13 +13,34 @@ import threading
 
 import zstandard
 
-from .crypto import KIND_CHUNK
+from .crypto import KIND_CHUNK, Cipher
 from .errors import IntegrityError
 from .pack import PACK_TARGET_SIZE, PackBuilder, PackInfo, encode_blob_payload
 from .repository import Repository
 
 INDEX_OBJECT_EVERY = 32  # packs; bounds what a killed run leaves to header scanning
 ZSTD_LEVEL = 3
+
+
+class ChunkSealer:
+    """Compress (keeping zstd only when smaller), self-check, and seal one chunk. One per thread or process."""
+
+    def __init__(self, cipher: Cipher, verify: bool = True) -> None:
+        self.cipher = cipher
+        self.verify = verify
+        self._compressor = zstandard.ZstdCompressor(level=ZSTD_LEVEL)
+        self._decompressor = zstandard.ZstdDecompressor()
+
+    def seal(self, chunk_id: bytes, data: bytes | memoryview) -> bytes:
+        compressed = self._compressor.compress(data)
+        if (
+            self.verify
+            and len(compressed) < len(data)
+            and self.cipher.keys.chunk_id_of(self._decompressor.decompress(compressed, max_output_size=len(data))) != chunk_id
+        ):
+            # restic 0.16 shipped a compressor bug that wrote corrupt data; never trust the codec blindly.
+            raise IntegrityError("compression self-check failed; refusing to store a corrupt chunk")
+        return self.cipher.seal(encode_blob_payload(data, compressed), KIND_CHUNK, chunk_id)
 
 
 class BlobWriter:
@@ -38,52 +59,51 @@ class BlobWriter:
         self.blobs_added = 0
         self.packs_written = 0
 
-    def _codecs(self) -> tuple[zstandard.ZstdCompressor, zstandard.ZstdDecompressor]:
-        codecs = getattr(self._local, "codecs", None)
-        if codecs is None:
-            codecs = (zstandard.ZstdCompressor(level=ZSTD_LEVEL), zstandard.ZstdDecompressor())
-            self._local.codecs = codecs
-        return codecs
+    def _sealer(self) -> ChunkSealer:
+        sealer = getattr(self._local, "sealer", None)
+        if sealer is None:
+            sealer = self._local.sealer = ChunkSealer(self.cipher, self.verify)
+        return sealer
 
-    def knows(self, chunk_id: bytes) -> bool:
-        return chunk_id in self._claimed or self.repo.index.has_chunk(chunk_id)
-
-    def add(self, chunk_id: bytes, kind: int, data: bytes | memoryview) -> bool:
-        """Store the blob unless it is already in the repository. True when it was new."""
+    def _claim(self, chunk_id: bytes) -> bool:
         with self._lock:
             if chunk_id in self._claimed:
                 return False
             self._claimed.add(chunk_id)
-        if self.repo.index.has_chunk(chunk_id):
+        return not self.repo.index.has_chunk(chunk_id)
+
+    def add(self, chunk_id: bytes, kind: int, data: bytes | memoryview) -> bool:
+        """Store the blob unless it is already in the repository. True when it was new."""
+        if not self._claim(chunk_id):
             return False
-        compressor, decompressor = self._codecs()
-        compressed = compressor.compress(data)
-        if (
-            self.verify
-            and len(compressed) < len(data)
-            and self.cipher.keys.chunk_id_of(decompressor.decompress(compressed, max_output_size=len(data))) != chunk_id
-        ):
-            # restic 0.16 shipped a compressor bug that wrote corrupt data; never trust the codec blindly.
-            raise IntegrityError("compression self-check failed; refusing to store a corrupt chunk")
-        box = self.cipher.seal(encode_blob_payload(data, compressed), KIND_CHUNK, chunk_id)
+        self._append(chunk_id, kind, self._sealer().seal(chunk_id, data), len(data))
+        return True
+
+    def add_sealed(self, chunk_id: bytes, kind: int, box: bytes, raw_length: int) -> bool:
+        """Store a blob a worker process already sealed, unless it is already stored."""
+        if not self._claim(chunk_id):
+            return False
+        self._append(chunk_id, kind, box, raw_length)
+        return True
+
+    def _append(self, chunk_id: bytes, kind: int, box: bytes, raw_length: int) -> None:
         full = None
         with self._lock:
             self.bytes_added += len(box)
             self.blobs_added += 1
             slot = self._random.randrange(2)
             builder = self._open[slot]
-            builder.add(chunk_id, kind, box, len(data))
+            builder.add(chunk_id, kind, box, raw_length)
             if len(builder) >= PACK_TARGET_SIZE:
                 full, self._open[slot] = builder, PackBuilder()
         if full is not None:
             self._write_pack(full)
-        return True
 
     def _write_pack(self, builder: PackBuilder) -> None:
         if self.dry_run:
             return
-        data, info = builder.finish(self.cipher)
-        self.repo.store_pack(data, info)
+        parts, info = builder.finish(self.cipher)
+        self.repo.store_pack(parts, info)
         self.repo.index.add_packs([info])  # no index object yet: a killed run leaves it to header scanning
         with self._lock:
             self.packs_written += 1

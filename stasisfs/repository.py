@@ -341,8 +341,8 @@ class Repository:
             if entry.is_dir():
                 sweep_temp_files(Path(entry.path))
 
-    def store_pack(self, data: bytes, info: PackInfo) -> None:
-        write_atomic(self.pack_path(info.pack_id), data)
+    def store_pack(self, parts: list[bytes], info: PackInfo) -> None:
+        write_atomic(self.pack_path(info.pack_id), parts)
 
     def read_pack_info(self, pack_id: bytes) -> PackInfo:
         """Parse a pack's header without reading its body."""

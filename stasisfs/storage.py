@@ -26,14 +26,15 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def write_atomic(path: Path, data: bytes | memoryview, mode: int = 0o600, sync: bool = True) -> None:
+def write_atomic(path: Path, data: bytes | memoryview | list[bytes], mode: int = 0o600, sync: bool = True) -> None:
     tmp = path.with_name(f"{TEMP_PREFIX}{path.name}.{os.getpid()}")
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
         try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
+            for part in data if isinstance(data, list) else [data]:
+                view = memoryview(part)
+                while view:
+                    view = view[os.write(fd, view) :]
             if sync:
                 os.fsync(fd)
         finally:

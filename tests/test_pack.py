@@ -27,7 +27,10 @@ def build(cipher: Cipher, blobs: list[bytes], floor: int = 1 << 20) -> tuple[byt
         chunk_id = cipher.keys.chunk_id_of(data)
         payload = encode_blob_payload(data, None)
         builder.add(chunk_id, BLOB_TREE if i % 2 else BLOB_DATA, cipher.seal(payload, KIND_CHUNK, chunk_id), len(data))
-    return builder.finish(cipher, floor)
+    parts, info = builder.finish(cipher, floor)
+    data = b"".join(parts)
+    assert len(data) == info.size
+    return data, info
 
 
 def test_pack_roundtrip_from_header_alone(cipher: Cipher) -> None:
