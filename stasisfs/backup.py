@@ -35,8 +35,9 @@ from .tree import DIR, FILE, Node, encode_tree, split_path
 from .workers import FileResult, init_worker, open_for_backup, process_files, use_index_in_threads
 
 CACHEDIR_SIGNATURE = b"Signature: 8a477f597d28d172789f06886806bc55"
-LARGE_FILE = 64 * 1024 * 1024  # larger files stream through a parent thread instead of a worker process
-MAX_PENDING_ITEMS = 2048  # entries walked ahead of the trees written: bounds memory, keeps workers fed
+LARGE_FILE = 16 * 1024 * 1024  # larger files stream through a parent thread instead of a worker process
+MAX_PENDING_ITEMS = 1024
+MAX_PENDING_BYTES = 24 * 1024 * 1024  # entries walked ahead of the trees written: bounds memory, keeps workers fed
 MAX_PENDING_DIRS = 1024
 
 
@@ -82,12 +83,13 @@ class Backup:
         self.keys = repo.master_keys
         self.index = repo.index
         self._chunkers = threading.local()
-        self._file_records: list[tuple[bytes, FileRecord]] = []
+        self._file_records: list[tuple[bytes, bytes]] = []  # encoded: written once the packs are safe
         self._hardlinks: dict[tuple[int, int], Future[Node | None] | PendingFile] = {}
         self._jobs: deque[DirJob] = deque()
         self._batch = BatchQueue(self)
         self.procs: Executor
         self._pending_items = 0
+        self._pending_bytes = 0
         self._spec = pathspec.GitIgnoreSpec.from_lines(options.excludes) if options.excludes else None
         self._skip_inodes = set()
         for path in (repo.path, cache_root()):
@@ -157,9 +159,8 @@ class Backup:
         if result.changed:
             self.warn(f"{os.fsdecode(path)} changed while it was being read; the snapshot holds what was read")
         else:
-            self._file_records.append(
-                (self.keys.path_key(path), FileRecord(st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns, tuple(node.content)))
-            )
+            record = FileRecord(st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns, tuple(node.content))
+            self._file_records.append((self.keys.path_key(path), record.encode()))
         self.counters.add(files=1, nbytes=0 if counted else result.size)
         return node
 
@@ -221,6 +222,7 @@ class Backup:
             self.warn(f"cannot list {os.fsdecode(path)}: {exc.strerror}; saved as empty")
             entries = []
         pending: list[PendingItem] = []
+        queued_bytes = 0
         for entry in entries:
             child = entry.path
             try:
@@ -233,11 +235,15 @@ class Backup:
                 self.warn(f"cannot read {os.fsdecode(child)}: {exc.strerror}; skipped")
                 continue
             if node.type == FILE:
-                pending.append(self._file_node(pool, child, node, st))
+                item = self._file_node(pool, child, node, st)
+                if not isinstance(item, Node):
+                    queued_bytes += st.st_size
+                pending.append(item)
             elif node.type != DIR or self._subdir(pool, child, node, st, root_dev):
                 pending.append(node)
-        self._jobs.append(DirJob(dir_node, pending))
+        self._jobs.append(DirJob(dir_node, pending, queued_bytes))
         self._pending_items += len(pending)
+        self._pending_bytes += queued_bytes
         self._drain(MAX_PENDING_ITEMS)
 
     def _drain(self, max_pending: int) -> None:
@@ -246,9 +252,12 @@ class Backup:
         Jobs are queued in post-order, so a tree is always written after the trees of its
         subdirectories; not waiting at each directory keeps the workers busy across them.
         """
-        while self._jobs and (self._pending_items > max_pending or len(self._jobs) > MAX_PENDING_DIRS):
+        while self._jobs and (
+            self._pending_items > max_pending or self._pending_bytes > MAX_PENDING_BYTES or len(self._jobs) > MAX_PENDING_DIRS
+        ):
             job = self._jobs.popleft()
             self._pending_items -= len(job.items)
+            self._pending_bytes -= job.queued_bytes
             nodes = []
             for item in job.items:
                 result = item if isinstance(item, Node) else item.result()
@@ -411,7 +420,7 @@ class ProcessBatch:
     """Files sent to a worker process together, to spread the cost of a round trip."""
 
     MAX_FILES = 64
-    MAX_BYTES = 8 * 1024 * 1024
+    MAX_BYTES = 4 * 1024 * 1024
 
     def __init__(self, backup: Backup) -> None:
         self.backup = backup
@@ -424,16 +433,22 @@ class ProcessBatch:
     def full(self) -> bool:
         return len(self.jobs) >= self.MAX_FILES or self.bytes >= self.MAX_BYTES
 
+    @property
+    def sent(self) -> bool:
+        return self.future is not None or self.nodes is not None
+
     def submit(self) -> None:
-        if self.future is None:
+        if not self.sent:
             self.future = self.backup.procs.submit(process_files, [(p, st.st_size, st.st_mtime_ns) for p, _, st in self.jobs])
 
     def resolve(self) -> list[Node | None]:
         if self.nodes is None:
             self.submit()
             assert self.future is not None
-            results = self.future.result()
+            future, self.future = self.future, None
+            results = future.result()
             self.nodes = [self.backup._complete(p, node, st, r) for (p, node, st), r in zip(self.jobs, results, strict=True)]
+            self.jobs = []  # the sealed boxes are packed now: let them go
         return self.nodes
 
 
@@ -446,7 +461,7 @@ class BatchQueue:
 
     def add(self, path: bytes, node: Node, st: os.stat_result) -> PendingFile:
         batch = self.current
-        if batch.future is not None or batch.full:
+        if batch.sent or batch.full:
             batch = self.current = ProcessBatch(self.backup)
         batch.jobs.append((path, node, st))
         batch.bytes += st.st_size
@@ -464,6 +479,7 @@ class DirJob:
 
     node: Node
     items: list[PendingItem]
+    queued_bytes: int = 0  # file bytes sent to workers, whose sealed results wait in memory
 
 
 def normalize_paths(paths: list[bytes]) -> list[bytes]:

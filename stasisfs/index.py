@@ -182,12 +182,13 @@ class Index:
             raw = txn.get(path_key, db=self._files)
         return FileRecord.decode(raw) if raw is not None else None
 
-    def put_file_records(self, records: Iterable[tuple[bytes, FileRecord]]) -> None:
+    def put_file_records(self, records: Iterable[tuple[bytes, bytes]]) -> None:
+        """(keyed path hash, `FileRecord.encode()`) pairs."""
         records = list(records)
 
         def put(txn: lmdb.Transaction) -> None:
-            for key, record in records:
-                txn.put(key, record.encode(), db=self._files)
+            for key, encoded in records:
+                txn.put(key, encoded, db=self._files)
 
         self._write(put)
 

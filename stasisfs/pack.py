@@ -19,6 +19,7 @@ import struct
 import threading
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from typing import Protocol
 
 import zstandard
 
@@ -89,24 +90,54 @@ def decode_blob_payload(payload: bytes, raw_length: int) -> bytes:
     raise IntegrityError("unknown blob compression flag")
 
 
-class PackBuilder:
-    """Collects sealed blobs in memory until the pack is full."""
+class PackSink(Protocol):
+    def write(self, data: bytes) -> None: ...
+
+
+class MemorySink:
+    """Collects a pack in memory (tests, and tools that need the bytes)."""
 
     def __init__(self) -> None:
-        self.boxes: list[bytes] = []  # kept apart, not concatenated: no reallocation copies
+        self.parts: list[bytes] = []
+
+    def write(self, data: bytes) -> None:
+        self.parts.append(data)
+
+    @property
+    def data(self) -> bytes:
+        return b"".join(self.parts)
+
+
+class NullSink:
+    """Discards the pack (dry runs)."""
+
+    def write(self, data: bytes) -> None:
+        pass
+
+
+class PackBuilder:
+    """Streams sealed blobs to a sink as they come, so an open pack costs no memory, then seals it."""
+
+    def __init__(self, sink: PackSink) -> None:
+        self.sink = sink
         self.size = 0
         self.entries: list[BlobEntry] = []
+        self._digest = hashlib.sha256()
 
     def __len__(self) -> int:
         return self.size
 
+    def _emit(self, data: bytes) -> None:
+        self.sink.write(data)
+        self._digest.update(data)
+        self.size += len(data)
+
     def add(self, chunk_id: bytes, kind: int, box: bytes, raw_length: int) -> None:
         self.entries.append(BlobEntry(chunk_id, kind, self.size, len(box), raw_length))
-        self.boxes.append(box)
-        self.size += len(box)
+        self._emit(box)
 
-    def finish(self, cipher: Cipher, floor: int = PACK_PAD_FLOOR) -> tuple[list[bytes], PackInfo]:
-        """The pack as a list of parts to write in order, and its description."""
+    def finish(self, cipher: Cipher, floor: int = PACK_PAD_FLOOR) -> PackInfo:
+        """Append header, padding and trailer; the pack id is the SHA-256 of everything written."""
         header = HEADER_MAGIC + b"".join(
             HEADER_ENTRY.pack(e.chunk_id, e.kind, e.offset, e.length, e.raw_length) for e in self.entries
         )
@@ -115,11 +146,9 @@ class PackBuilder:
         content = self.size + len(header_box) + TRAILER_BOX_LEN
         padding = os.urandom(padded_size(content, floor) - content)
         trailer_box = cipher.seal(TRAILER.pack(header_offset, len(header_box)), KIND_PACK_TRAILER)
-        parts = [*self.boxes, header_box, padding, trailer_box]
-        digest = hashlib.sha256()
-        for part in parts:
-            digest.update(part)
-        return parts, PackInfo(digest.digest(), content + len(padding), tuple(self.entries))
+        for part in (header_box, padding, trailer_box):
+            self._emit(part)
+        return PackInfo(self._digest.digest(), self.size, tuple(self.entries))
 
 
 def read_trailer(cipher: Cipher, trailer_box: bytes, pack_size: int) -> tuple[int, int]:

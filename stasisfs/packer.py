@@ -15,8 +15,8 @@ import zstandard
 
 from .crypto import KIND_CHUNK, Cipher
 from .errors import IntegrityError
-from .pack import PACK_TARGET_SIZE, PackBuilder, PackInfo, encode_blob_payload
-from .repository import Repository
+from .pack import PACK_TARGET_SIZE, NullSink, PackBuilder, PackInfo, encode_blob_payload
+from .repository import PackFile, Repository
 
 INDEX_OBJECT_EVERY = 32  # packs; bounds what a killed run leaves to header scanning
 ZSTD_LEVEL = 3
@@ -49,8 +49,8 @@ class BlobWriter:
         self.cipher = repo.cipher
         self.dry_run = dry_run
         self.verify = verify
-        self._open = [PackBuilder(), PackBuilder()]
         self._lock = threading.Lock()
+        self._open: list[PackBuilder] = []  # two open packs, created on first use
         self._claimed: set[bytes] = set()
         self._unindexed: list[PackInfo] = []
         self._local = threading.local()
@@ -91,19 +91,25 @@ class BlobWriter:
         with self._lock:
             self.bytes_added += len(box)
             self.blobs_added += 1
+            while len(self._open) < 2:
+                self._open.append(self._new_pack())
             slot = self._random.randrange(2)
             builder = self._open[slot]
             builder.add(chunk_id, kind, box, raw_length)
             if len(builder) >= PACK_TARGET_SIZE:
-                full, self._open[slot] = builder, PackBuilder()
+                full, self._open[slot] = builder, self._new_pack()
         if full is not None:
             self._write_pack(full)
 
+    def _new_pack(self) -> PackBuilder:
+        return PackBuilder(NullSink() if self.dry_run else self.repo.new_pack_file())
+
     def _write_pack(self, builder: PackBuilder) -> None:
+        info = builder.finish(self.cipher)
         if self.dry_run:
             return
-        parts, info = builder.finish(self.cipher)
-        self.repo.store_pack(parts, info)
+        assert isinstance(builder.sink, PackFile)
+        builder.sink.commit(info.pack_id)
         self.repo.index.add_packs([info])  # no index object yet: a killed run leaves it to header scanning
         with self._lock:
             self.packs_written += 1
@@ -117,10 +123,12 @@ class BlobWriter:
     def flush(self) -> None:
         """Write the open packs and an index object for everything not yet covered."""
         with self._lock:
-            builders = [b for b in self._open if len(b)]
-            self._open = [PackBuilder(), PackBuilder()]
+            builders, self._open = self._open, []
         for builder in builders:
-            self._write_pack(builder)
+            if len(builder):
+                self._write_pack(builder)
+            elif isinstance(builder.sink, PackFile):
+                builder.sink.discard()
         with self._lock:
             batch, self._unindexed = self._unindexed, []
         if batch and not self.dry_run:

@@ -12,6 +12,8 @@ The LMDB index and the files cache live in the device's cache directory.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
 import secrets
@@ -38,7 +40,7 @@ from .pack import (
     read_trailer,
 )
 from .snapshot import Snapshot
-from .storage import is_object_name, read_verified, storage_id, sweep_temp_files, write_atomic
+from .storage import TEMP_PREFIX, fsync_dir, is_object_name, read_verified, storage_id, sweep_temp_files, write_atomic
 
 FORMAT_VERSION = 1
 SMALL_OBJECT_FLOOR = 1024
@@ -337,12 +339,13 @@ class Repository:
     def sweep(self) -> None:
         for name in ("index", "snapshots", "locks", "keys"):
             sweep_temp_files(self.path / name)
+        sweep_temp_files(self.path / "data")  # open packs of killed runs
         for entry in os.scandir(self.path / "data"):
             if entry.is_dir():
                 sweep_temp_files(Path(entry.path))
 
-    def store_pack(self, parts: list[bytes], info: PackInfo) -> None:
-        write_atomic(self.pack_path(info.pack_id), parts)
+    def new_pack_file(self) -> PackFile:
+        return PackFile(self)
 
     def read_pack_info(self, pack_id: bytes) -> PackInfo:
         """Parse a pack's header without reading its body."""
@@ -393,6 +396,38 @@ class Repository:
         if self._index is not None:
             self._index.close()
             self._index = None
+
+
+class PackFile:
+    """An open pack spooled to a temp file in `data/`; renamed to its id once sealed."""
+
+    def __init__(self, repo: Repository) -> None:
+        self.repo = repo
+        self.tmp = repo.path / "data" / f"{TEMP_PREFIX}pack-{secrets.token_hex(8)}.{os.getpid()}"
+        self.fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+
+    def write(self, data: bytes) -> None:
+        view = memoryview(data)
+        try:
+            while view:
+                view = view[os.write(self.fd, view) :]
+        except OSError as exc:
+            self.discard()
+            if exc.errno == errno.ENOSPC:
+                raise StasisError(f"no space left on the device holding {self.repo.path}; nothing was lost, free some space and run again") from None
+            raise
+
+    def commit(self, pack_id: bytes) -> None:
+        os.fsync(self.fd)
+        os.close(self.fd)
+        final = self.repo.pack_path(pack_id)
+        os.replace(self.tmp, final)
+        fsync_dir(final.parent)
+
+    def discard(self) -> None:
+        with contextlib.suppress(OSError):
+            os.close(self.fd)
+        self.tmp.unlink(missing_ok=True)
 
 
 def keyslots_id_ok(slot_id: str) -> bool:

@@ -7,6 +7,7 @@ from stasisfs.errors import IntegrityError
 from stasisfs.pack import (
     BLOB_DATA,
     BLOB_TREE,
+    MemorySink,
     PackBuilder,
     decode_index,
     encode_blob_payload,
@@ -22,13 +23,14 @@ def cipher() -> Cipher:
 
 
 def build(cipher: Cipher, blobs: list[bytes], floor: int = 1 << 20) -> tuple[bytes, object]:
-    builder = PackBuilder()
+    sink = MemorySink()
+    builder = PackBuilder(sink)
     for i, data in enumerate(blobs):
         chunk_id = cipher.keys.chunk_id_of(data)
         payload = encode_blob_payload(data, None)
         builder.add(chunk_id, BLOB_TREE if i % 2 else BLOB_DATA, cipher.seal(payload, KIND_CHUNK, chunk_id), len(data))
-    parts, info = builder.finish(cipher, floor)
-    data = b"".join(parts)
+    info = builder.finish(cipher, floor)
+    data = sink.data
     assert len(data) == info.size
     return data, info
 
