@@ -157,6 +157,14 @@ class Repository:
             return
         raise WrongKey("wrong password: no key slot of this repository opens with it")
 
+    @classmethod
+    def for_worker(cls, path: Path, master: bytes) -> Repository:
+        """A reader in a worker process: unlocked with the parent's key, index opened as is (the parent keeps it current)."""
+        repo = cls(path)
+        repo._attach(master, "")
+        repo._index = Index(repo.cache_dir / "index")
+        return repo
+
     def unlock_master(self, master: bytes) -> None:
         """Open with the recovery key (the master key itself)."""
         if MasterKeys(master, self.id).key_check.hex() != self.config.get("key_check"):

@@ -9,13 +9,15 @@ out and reported.
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import shutil
 import stat
 import threading
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pathspec
 
@@ -29,6 +31,7 @@ from .tree import DIR, FILE, SYMLINK, Node
 
 OVERWRITE_MODES = ("always", "if-changed", "if-newer", "never")
 SPARSE_BLOCK = 64 * 1024
+MAX_IN_FLIGHT = 8  # batches queued for the writers
 _ZERO_BLOCK = bytes(SPARSE_BLOCK)
 
 
@@ -47,6 +50,105 @@ def write_sparse(fd: int, data: bytes) -> None:
             os.lseek(fd, len(block), os.SEEK_CUR)
         else:
             write_all(fd, block)
+
+
+@dataclass
+class FileOutcome:
+    restored: bool = False
+    bytes: int = 0
+    errors: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+
+class FileWriter:
+    """Writes one file's content and metadata; runs in a writer process (or thread)."""
+
+    def __init__(self, repo: Repository, sparse: bool, verify: bool, as_root: bool) -> None:
+        self.repo, self.sparse, self.verify, self.as_root = repo, sparse, verify, as_root
+
+    def write(self, dest: bytes, node: Node) -> FileOutcome:
+        outcome = FileOutcome()
+        try:
+            fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        except OSError as exc:
+            outcome.errors.append(f"cannot create {os.fsdecode(dest)}: {exc.strerror}")
+            return outcome
+        try:
+            for chunk_id in node.content:
+                data = self.repo.load_blob(chunk_id)
+                if self.sparse:
+                    write_sparse(fd, data)
+                else:
+                    write_all(fd, data)
+                outcome.bytes += len(data)
+            if self.sparse:
+                os.ftruncate(fd, outcome.bytes)  # a trailing hole needs the size set
+        except IntegrityError as exc:
+            os.close(fd)
+            os.unlink(dest)  # never leave wrong bytes behind
+            outcome.errors.append(f"{os.fsdecode(dest)} not restored: {exc}")
+            outcome.bytes = 0
+            return outcome
+        except OSError as exc:
+            os.close(fd)
+            outcome.errors.append(f"cannot write {os.fsdecode(dest)}: {exc.strerror}")
+            return outcome
+        os.close(fd)
+        if self.verify and not self._verify(dest, node):
+            outcome.errors.append(f"{os.fsdecode(dest)} failed verification after restore")
+        try:
+            outcome.warnings += apply_metadata(dest, node, self.as_root)
+        except OSError as exc:
+            outcome.warnings.append(f"cannot restore metadata of {os.fsdecode(dest)}: {exc.strerror}")
+        outcome.restored = True
+        return outcome
+
+    def _verify(self, dest: bytes, node: Node) -> bool:
+        keys = self.repo.master_keys
+        with open(dest, "rb") as f:
+            for chunk_id in node.content:
+                location = self.repo.index.lookup(chunk_id)
+                if location is None or keys.chunk_id_of(f.read(location.raw_length)) != chunk_id:
+                    return False
+            return f.read(1) == b""
+
+
+class WriteBatch:
+    MAX_FILES = 32
+    MAX_BYTES = 8 * 1024 * 1024
+
+    def __init__(self) -> None:
+        self.jobs: list[tuple[bytes, Node]] = []
+        self.bytes = 0
+
+    def add(self, dest: bytes, node: Node) -> None:
+        self.jobs.append((dest, node))
+        self.bytes += node.size
+
+    @property
+    def full(self) -> bool:
+        return len(self.jobs) >= self.MAX_FILES or self.bytes >= self.MAX_BYTES
+
+
+_writer = threading.local()
+_shared_repo: Repository | None = None
+
+
+def use_repository_in_threads(repo: Repository) -> None:
+    global _shared_repo
+    _shared_repo = repo
+
+
+def init_writer(repo_path: str, master: bytes, sparse: bool, verify: bool, as_root: bool) -> None:
+    global _shared_repo
+    if _shared_repo is None:  # a writer process: open the repository and its index once
+        _shared_repo = Repository.for_worker(Path(repo_path), master)
+    _writer.file_writer = FileWriter(_shared_repo, sparse, verify, as_root)
+
+
+def write_files(jobs: list[tuple[bytes, Node]]) -> list[FileOutcome]:
+    writer: FileWriter = _writer.file_writer
+    return [writer.write(dest, node) for dest, node in jobs]
 
 
 @dataclass
@@ -82,6 +184,8 @@ class Restorer:
         self._lock = threading.Lock()
         self._as_root = os.geteuid() == 0
         self._include = pathspec.GitIgnoreSpec.from_lines(options.includes) if options.includes else None
+        self._made: dict[bytes, bool] = {}  # directory -> created by this run
+        self._in_flight = threading.BoundedSemaphore(MAX_IN_FLIGHT)
         self._exclude = pathspec.GitIgnoreSpec.from_lines(options.excludes) if options.excludes else None
 
     def _error(self, message: str) -> None:
@@ -113,33 +217,41 @@ class Restorer:
     def run(self, snapshot: Snapshot) -> RestoreResult:
         root, root_path, root_dest = self.plan_root(snapshot)
         os.makedirs(self.options.target, exist_ok=True)
-        dirs: list[tuple[bytes, Node]] = []
+        self._made = {os.path.abspath(self.options.target): False}
+        dir_nodes: list[tuple[bytes, Node]] = []
         links: list[tuple[bytes, bytes, Node]] = []
         first_paths: dict[tuple[int, int], bytes] = {}
-        excluded_dirs: list[bytes] = []
-        included_dirs: list[bytes] = []
-        futures: list[Future[None]] = []
-        with ThreadPoolExecutor(self.options.workers, thread_name_prefix="restore") as pool:
+        # The walk is depth-first, parents first, so a subtree is one contiguous run of paths.
+        excluded: bytes | None = None
+        included: bytes | None = None
+        batch = WriteBatch()
+        with self._writers() as pool:
             for path, node in self.reader.walk(root, root_path):
-                if any(path.startswith(d + b"/") for d in excluded_dirs):
+                if excluded is not None and path.startswith(excluded):
                     continue
                 if not self._selected(path, node):
-                    if node.type == DIR:
-                        excluded_dirs.append(path)
+                    excluded = path.rstrip(b"/") + b"/"
                     continue
+                if included is not None and not path.startswith(included):
+                    included = None
                 rel = path[len(root_path) :].lstrip(b"/") if root_path != b"/" else path.lstrip(b"/")
                 dest = os.path.join(root_dest, rel) if rel else root_dest
-                inherited = any(path == d or path.startswith(d.rstrip(b"/") + b"/") for d in included_dirs)
+                wanted = included is not None or self._included(path, node)
                 if node.type == DIR:
-                    if self._include is not None and self._included(path, node):
-                        included_dirs.append(path)
-                    if self._make_dir(dest):
-                        dirs.append((dest, node))
+                    dir_nodes.append((dest, node))
+                    if wanted:
+                        if self._include is not None and included is None:
+                            included = path.rstrip(b"/") + b"/"
+                        self._ensure_dir(dest)
                     continue
-                if not (inherited or self._included(path, node)):
+                if not wanted:
                     continue
-                os.makedirs(os.path.dirname(dest), exist_ok=True)
-                if not self._may_replace(dest, node):
+                try:
+                    fresh_parent = self._ensure_dir(os.path.dirname(dest))
+                except OSError as exc:
+                    self._error(f"cannot create {os.fsdecode(os.path.dirname(dest))}: {exc.strerror}")
+                    continue
+                if not fresh_parent and not self._may_replace(dest, node):
                     with self._lock:
                         self.result.skipped += 1
                     continue
@@ -150,26 +262,71 @@ class Restorer:
                 if key is not None:
                     first_paths[key] = dest
                 if node.type == FILE:
-                    futures.append(pool.submit(self._restore_file, dest, node))
+                    batch.add(dest, node)
+                    if batch.full:
+                        self._send(pool, batch)
+                        batch = WriteBatch()
                 else:
                     self._restore_other(dest, node)
-            for future in futures:
-                future.result()
+            self._send(pool, batch)
+        # leaving the pool waited for every batch and ran its callback
         for source, dest, node in links:
             self._restore_link(source, dest, node)
-        if self._include is not None:
-            dirs = [(d, n) for d, n in dirs if os.path.isdir(d)]
-        for dest, node in reversed(dirs):
-            self._apply(dest, node)
+        for dest, node in reversed(dir_nodes):
+            if dest in self._made:
+                self._apply(dest, node)
         return self.result
 
-    def _make_dir(self, dest: bytes) -> bool:
-        if (os.path.lexists(dest) and not os.path.isdir(dest)) or os.path.islink(dest):
-            if self.options.overwrite == "never":
-                return False
-            os.unlink(dest)
-        os.makedirs(dest, exist_ok=True)
-        return True
+    def _writers(self) -> Executor:
+        """Writer processes (own GILs); threads when processes cannot be started here."""
+        keys = self.repo.master_keys
+        initargs = (str(self.repo.path), keys.master, self.options.sparse, self.options.verify, self._as_root)
+        try:
+            context = multiprocessing.get_context("spawn")
+            return ProcessPoolExecutor(self.options.workers, mp_context=context, initializer=init_writer, initargs=initargs)
+        except OSError:
+            use_repository_in_threads(self.repo)
+            return ThreadPoolExecutor(self.options.workers, thread_name_prefix="restore", initializer=init_writer, initargs=initargs)
+
+    def _send(self, pool: Executor, batch: WriteBatch) -> None:
+        if not batch.jobs:
+            return
+        self._in_flight.acquire()  # the walk runs ahead of the writers by a bounded amount
+        future = pool.submit(write_files, batch.jobs)
+        future.add_done_callback(self._done)
+
+    def _done(self, future: Future[list[FileOutcome]]) -> None:
+        self._in_flight.release()
+        try:
+            outcomes = future.result()
+        except Exception as exc:
+            self._error(f"a restore writer failed: {exc}")
+            return
+        for outcome in outcomes:
+            self._take(outcome)
+
+    def _ensure_dir(self, dest: bytes) -> bool:
+        """Create a directory (and missing parents) once; True when this run created it, so nothing in it pre-exists."""
+        fresh = self._made.get(dest)
+        if fresh is not None:
+            return fresh
+        parent = os.path.dirname(dest)
+        if parent != dest and parent not in self._made:
+            self._ensure_dir(parent)
+        try:
+            os.mkdir(dest, 0o700)  # its real mode is applied last
+            fresh = True
+        except FileExistsError:
+            if os.path.isdir(dest) and not os.path.islink(dest):
+                fresh = False
+            elif self.options.overwrite == "never":
+                raise
+            else:
+                os.unlink(dest)
+                os.mkdir(dest, 0o700)
+                fresh = True
+        self._made[dest] = fresh
+        return fresh
 
     def _may_replace(self, dest: bytes, node: Node) -> bool:
         """Apply --overwrite to an existing destination; removes it when it is to be replaced."""
@@ -205,49 +362,17 @@ class Restorer:
             with self._lock:
                 self.result.warnings.extend(warnings)
 
-    def _restore_file(self, dest: bytes, node: Node) -> None:
-        try:
-            fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-        except OSError as exc:
-            self._error(f"cannot create {os.fsdecode(dest)}: {exc.strerror}")
-            return
-        try:
-            written = 0
-            for chunk_id in node.content:
-                data = self.repo.load_blob(chunk_id)
-                if self.options.sparse:
-                    write_sparse(fd, data)
-                else:
-                    write_all(fd, data)
-                written += len(data)
-                self.counters.add(nbytes=len(data))
-            os.ftruncate(fd, written)
-        except IntegrityError as exc:
-            os.close(fd)
-            os.unlink(dest)
-            self._error(f"{os.fsdecode(dest)} not restored: {exc}")
-            return
-        except OSError as exc:
-            os.close(fd)
-            self._error(f"cannot write {os.fsdecode(dest)}: {exc.strerror}")
-            return
-        os.close(fd)
-        if self.options.verify and not self._verify(dest, node):
-            self._error(f"{os.fsdecode(dest)} failed verification after restore")
-        self._apply(dest, node)
+    def _take(self, outcome: FileOutcome) -> None:
+        """Fold a writer's outcome into the result (parent side)."""
         with self._lock:
-            self.result.files += 1
-            self.result.bytes += written
-        self.counters.add(files=1)
-
-    def _verify(self, dest: bytes, node: Node) -> bool:
-        keys = self.repo.master_keys
-        with open(dest, "rb") as f:
-            for chunk_id in node.content:
-                location = self.repo.index.lookup(chunk_id)
-                if location is None or keys.chunk_id_of(f.read(location.raw_length)) != chunk_id:
-                    return False
-            return f.read(1) == b""
+            self.result.errors.extend(outcome.errors)
+            self.result.warnings.extend(outcome.warnings)
+            if outcome.restored:
+                self.result.files += 1
+                self.result.bytes += outcome.bytes
+        for message in outcome.errors:
+            self._report(message)
+        self.counters.add(files=1 if outcome.restored else 0, nbytes=outcome.bytes)
 
     def _restore_other(self, dest: bytes, node: Node) -> None:
         try:
@@ -263,8 +388,8 @@ class Restorer:
     def _restore_link(self, source: bytes, dest: bytes, node: Node) -> None:
         try:
             os.link(source, dest)
-        except OSError:
-            self._restore_file(dest, node)  # the first path failed or lives elsewhere: restore a copy
+        except OSError:  # the first path failed or lives elsewhere: restore a copy
+            self._take(FileWriter(self.repo, self.options.sparse, self.options.verify, self._as_root).write(dest, node))
             return
         with self._lock:
             self.result.files += 1
