@@ -87,7 +87,7 @@ class Backup:
         self._hardlinks: dict[tuple[int, int], Future[Node | None] | PendingFile] = {}
         self._jobs: deque[DirJob] = deque()
         self._batch = BatchQueue(self)
-        self.procs: Executor
+        self._procs: Executor | None = None
         self._pending_items = 0
         self._pending_bytes = 0
         self._spec = pathspec.GitIgnoreSpec.from_lines(options.excludes) if options.excludes else None
@@ -172,23 +172,18 @@ class Backup:
         return self._spec.match_file(rel)
 
     def _file_node(self, pool: ThreadPoolExecutor, path: bytes, node: Node, st: os.stat_result) -> PendingItem:
-        record = self.index.file_record(self.keys.path_key(path))
-        if (
-            record is not None
-            and (record.device, record.inode, record.size, record.mtime_ns, record.ctime_ns)
-            == (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
-            and not self.index.missing_chunks(record.content)
-        ):
-            node.content = list(record.content)
+        known, content = self.index.unchanged_content(self.keys.path_key(path), st)
+        if content is not None:
+            node.content = content
             with self._summary_lock:
                 self.summary.files_unmodified += 1
             self.counters.add(files=1, nbytes=st.st_size)
             return node
         with self._summary_lock:
-            if record is None:
-                self.summary.files_new += 1
-            else:
+            if known:
                 self.summary.files_changed += 1
+            else:
+                self.summary.files_new += 1
         key = node.hardlink_key
         if key is not None and key in self._hardlinks:
             return LinkedFile(self, self._hardlinks[key], node, path, st)
@@ -217,7 +212,7 @@ class Backup:
     def _save_dir(self, pool: ThreadPoolExecutor, path: bytes, dir_node: Node, root_dev: int) -> None:
         """Walk one real directory (subdirectories recursively) and queue its tree for writing."""
         try:
-            entries = sorted(os.scandir(path), key=lambda e: e.name)
+            entries = list(os.scandir(path))  # trees are sorted when encoded
         except OSError as exc:
             self.warn(f"cannot list {os.fsdecode(path)}: {exc.strerror}; saved as empty")
             entries = []
@@ -326,10 +321,20 @@ class Backup:
         started = time.monotonic()
         sys.setrecursionlimit(max(sys.getrecursionlimit(), 20000))
         paths = normalize_paths(self.options.paths)
-        with self._workers() as procs, ThreadPoolExecutor(1, thread_name_prefix="backup-large") as pool:
-            self.procs = procs
-            root = self._build_root(pool, paths)
+        try:
+            with ThreadPoolExecutor(1, thread_name_prefix="backup-large") as pool:
+                root = self._build_root(pool, paths)
+        finally:
+            if self._procs is not None:
+                self._procs.shutdown()
         return self._finish(root, paths, started)
+
+    @property
+    def procs(self) -> Executor:
+        """The chunking workers, started on first use: a run with nothing changed starts none."""
+        if self._procs is None:
+            self._procs = self._workers()
+        return self._procs
 
     def _workers(self) -> Executor:
         """Worker processes (own GILs); threads when processes cannot be started here."""

@@ -182,6 +182,20 @@ class Index:
             raw = txn.get(path_key, db=self._files)
         return FileRecord.decode(raw) if raw is not None else None
 
+    def unchanged_content(self, path_key: bytes, st: os.stat_result) -> tuple[bool, list[bytes] | None]:
+        """(a record exists, its chunk ids if the file is unchanged and every chunk is still stored)."""
+        expected = FILE_ROW.pack(st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+        with self.env.begin() as txn:
+            raw = txn.get(path_key, db=self._files)
+            if raw is None:
+                return False, None
+            if raw[: FILE_ROW.size] != expected:
+                return True, None
+            content = [raw[i : i + 32] for i in range(FILE_ROW.size, len(raw), 32)]
+            if any(txn.get(c, db=self._chunks) is None for c in content):
+                return True, None
+        return True, content
+
     def put_file_records(self, records: Iterable[tuple[bytes, bytes]]) -> None:
         """(keyed path hash, `FileRecord.encode()`) pairs."""
         records = list(records)
