@@ -11,6 +11,7 @@ from __future__ import annotations
 import multiprocessing
 import os
 import stat
+import struct
 import sys
 import threading
 import time
@@ -21,6 +22,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import BinaryIO
 
+import blake3
 import pathspec
 
 from .chunker import Chunker, ReadInto
@@ -39,6 +41,7 @@ LARGE_FILE = 16 * 1024 * 1024  # larger files stream through a parent thread ins
 MAX_PENDING_ITEMS = 1024
 MAX_PENDING_BYTES = 24 * 1024 * 1024  # entries walked ahead of the trees written: bounds memory, keeps workers fed
 MAX_PENDING_DIRS = 1024
+STAT_SIGNATURE = struct.Struct("<HIIIQqqQQQQ")
 
 
 @dataclass
@@ -84,6 +87,8 @@ class Backup:
         self.index = repo.index
         self._chunkers = threading.local()
         self._file_records: list[tuple[bytes, bytes]] = []  # encoded: written once the packs are safe
+        self._dir_records: list[tuple[bytes, bytes]] = []  # dir key -> signature | tree id, likewise
+        self._options_fingerprint = repr((sorted(options.excludes), options.exclude_caches, options.one_file_system)).encode()
         self._hardlinks: dict[tuple[int, int], Future[Node | None] | PendingFile] = {}
         self._jobs: deque[DirJob] = deque()
         self._batch = BatchQueue(self)
@@ -209,37 +214,72 @@ class Backup:
         except OSError:
             return False
 
-    def _save_dir(self, pool: ThreadPoolExecutor, path: bytes, dir_node: Node, root_dev: int) -> None:
-        """Walk one real directory (subdirectories recursively) and queue its tree for writing."""
+    def _save_dir(self, pool: ThreadPoolExecutor, path: bytes, dir_node: Node, root_dev: int) -> bytes:
+        """Walk one real directory (subdirectories recursively) and queue its tree; returns its signature.
+
+        The signature hashes every entry's stat (ctime moves on any content, mode, owner or
+        xattr change) and the subdirectories' signatures. When it matches the one recorded
+        with the directory's last tree, that tree is reused without building a node.
+        """
         try:
             entries = list(os.scandir(path))  # trees are sorted when encoded
         except OSError as exc:
             self.warn(f"cannot list {os.fsdecode(path)}: {exc.strerror}; saved as empty")
             entries = []
-        pending: list[PendingItem] = []
-        queued_bytes = 0
+        signature = blake3.blake3(self._options_fingerprint)
+        walked: list[tuple[os.DirEntry[bytes], os.stat_result, Node | None]] = []
         for entry in entries:
-            child = entry.path
             try:
                 st = entry.stat(follow_symlinks=False)
                 is_dir = stat.S_ISDIR(st.st_mode)
-                if self._excluded(child, is_dir):
+                if self._excluded(entry.path, is_dir):
                     continue
-                node = node_from_stat(entry.name, child, st)
+                dir_entry_node = node_from_stat(entry.name, entry.path, st) if is_dir else None
             except OSError as exc:
-                self.warn(f"cannot read {os.fsdecode(child)}: {exc.strerror}; skipped")
+                self.warn(f"cannot read {os.fsdecode(entry.path)}: {exc.strerror}; skipped")
+                continue
+            signature.update(STAT_SIGNATURE.pack(len(entry.name), st.st_mode, st.st_uid, st.st_gid, st.st_size, st.st_mtime_ns,
+                                                 st.st_ctime_ns, st.st_ino, st.st_dev, st.st_nlink, st.st_rdev) + entry.name)
+            if dir_entry_node is not None:
+                child_signature = self._subdir(pool, entry.path, dir_entry_node, st, root_dev)
+                if child_signature is None:
+                    continue
+                signature.update(child_signature)
+            walked.append((entry, st, dir_entry_node))
+        digest = signature.digest()
+        dir_key = self.keys.path_key(b"dir\0" + path)
+        cached = self.index.cached_tree(dir_key, digest)
+        if cached is not None:
+            dir_node.subtree = cached
+            self._dir_records.append((dir_key, digest + cached))
+            files = [st for _, st, n in walked if n is None and stat.S_ISREG(st.st_mode)]
+            with self._summary_lock:
+                self.summary.files_unmodified += len(files)
+            self.counters.add(files=len(files), nbytes=sum(st.st_size for st in files))
+            return digest
+        pending: list[PendingItem] = []
+        queued_bytes = 0
+        for entry, st, dir_entry_node in walked:
+            if dir_entry_node is not None:
+                pending.append(dir_entry_node)
+                continue
+            try:
+                node = node_from_stat(entry.name, entry.path, st)
+            except OSError as exc:
+                self.warn(f"cannot read {os.fsdecode(entry.path)}: {exc.strerror}; skipped")
                 continue
             if node.type == FILE:
-                item = self._file_node(pool, child, node, st)
+                item = self._file_node(pool, entry.path, node, st)
                 if not isinstance(item, Node):
                     queued_bytes += st.st_size
                 pending.append(item)
-            elif node.type != DIR or self._subdir(pool, child, node, st, root_dev):
+            else:
                 pending.append(node)
-        self._jobs.append(DirJob(dir_node, pending, queued_bytes))
+        self._jobs.append(DirJob(dir_node, pending, queued_bytes, dir_key, digest))
         self._pending_items += len(pending)
         self._pending_bytes += queued_bytes
         self._drain(MAX_PENDING_ITEMS)
+        return digest
 
     def _drain(self, max_pending: int) -> None:
         """Write queued trees, oldest first, until at most `max_pending` entries wait.
@@ -259,18 +299,19 @@ class Backup:
                 if result is not None:
                     nodes.append(result)
             job.node.subtree = self._save_tree(nodes)
+            if job.dir_key:
+                self._dir_records.append((job.dir_key, job.signature + job.node.subtree))
 
-    def _subdir(self, pool: ThreadPoolExecutor, path: bytes, node: Node, st: os.stat_result, root_dev: int) -> bool:
-        """Descend into a directory; False to leave it out of the snapshot entirely."""
+    def _subdir(self, pool: ThreadPoolExecutor, path: bytes, node: Node, st: os.stat_result, root_dev: int) -> bytes | None:
+        """Descend into a directory and return its signature; None to leave it out of the snapshot entirely."""
         if (st.st_dev, st.st_ino) in self._skip_inodes or path in self._skip_paths:
-            return False
+            return None
         if self.options.exclude_caches and self._is_cache_dir(path):
-            return False
+            return None
         if self.options.one_file_system and st.st_dev != root_dev:
             node.subtree = self._save_tree([])  # keep the mount point, not what is mounted on it
-            return True
-        self._save_dir(pool, path, node, root_dev)
-        return True
+            return b"mount point"
+        return self._save_dir(pool, path, node, root_dev)
 
     def _save_path(self, pool: ThreadPoolExecutor, path: bytes) -> Node | None:
         """One backed-up path as a node (directories recursively)."""
@@ -281,7 +322,7 @@ class Backup:
             self.warn(f"cannot read {os.fsdecode(path)}: {exc.strerror}; skipped")
             return None
         if node.type == DIR:
-            return node if self._subdir(pool, path, node, st, st.st_dev) else None
+            return node if self._subdir(pool, path, node, st, st.st_dev) is not None else None
         if node.type == FILE:
             item = self._file_node(pool, path, node, st)
             return item if isinstance(item, Node) else item.result()
@@ -360,6 +401,8 @@ class Backup:
         self.writer.flush()
         if not self.options.dry_run:
             self.index.put_file_records(self._file_records)
+            if not self.warnings:  # a tree that left out an unreadable file must not be reused silently
+                self.index.put_file_records(self._dir_records)
         s = self.summary
         s.total_files = self.counters.files_done
         s.total_bytes = self.counters.bytes_done
@@ -485,6 +528,8 @@ class DirJob:
     node: Node
     items: list[PendingItem]
     queued_bytes: int = 0  # file bytes sent to workers, whose sealed results wait in memory
+    dir_key: bytes = b""  # keyed path hash, for the directory cache
+    signature: bytes = b""
 
 
 def normalize_paths(paths: list[bytes]) -> list[bytes]:

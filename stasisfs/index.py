@@ -196,6 +196,15 @@ class Index:
                 return True, None
         return True, content
 
+    def cached_tree(self, dir_key: bytes, signature: bytes) -> bytes | None:
+        """The tree id recorded for a directory whose signature is unchanged, if that tree is still stored."""
+        with self.env.begin() as txn:
+            raw = txn.get(dir_key, db=self._files)
+            if raw is None or len(raw) != 64 or raw[:32] != signature:
+                return None
+            tree_id = bytes(raw[32:])
+            return tree_id if txn.get(tree_id, db=self._chunks) is not None else None
+
     def put_file_records(self, records: Iterable[tuple[bytes, bytes]]) -> None:
         """(keyed path hash, `FileRecord.encode()`) pairs."""
         records = list(records)
