@@ -1,0 +1,63 @@
+"""`stasisfs mount` and `stasisfs umount`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from ..errors import UsageError
+from .common import global_options, info, open_repository
+
+SIZE_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
+
+
+def parse_size(text: str) -> int:
+    value = text.strip().lower().removesuffix("ib").removesuffix("b")
+    unit = value[-1] if value and value[-1] in SIZE_UNITS else ""
+    try:
+        number = float(value[: len(value) - len(unit)])
+    except ValueError:
+        raise UsageError(f"--cache-size {text!r}: expected a size like 256M or 1G") from None
+    return int(number * SIZE_UNITS[unit])
+
+
+@click.command()
+@click.argument("mountpoint", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--foreground", "-f", is_flag=True, help="Stay attached; unmount with Ctrl-C.")
+@click.option("--cache-size", default="128M", show_default=True, help="Memory for decrypted chunks.")
+@global_options
+def mount(mountpoint: Path, foreground: bool, cache_size: str) -> None:
+    """Browse every snapshot as a read-only filesystem at MOUNTPOINT.
+
+    \b
+    MOUNTPOINT/snapshots/<time>/...      each snapshot, and snapshots/latest
+    MOUNTPOINT/devices/<device>/<time>   per device, with its own latest
+    MOUNTPOINT/ids/<short id>            by snapshot id
+    MOUNTPOINT/tags/<tag>/<time>         by tag
+    MOUNTPOINT/versions/<path>/<time>    every distinct version of a file
+
+    Returns once the filesystem is serving. Unmount with `stasisfs umount MOUNTPOINT`.
+    """
+    from .. import mount as lifecycle
+
+    cache_bytes = parse_size(cache_size)
+    mountpoint = mountpoint.absolute()
+    lifecycle.check_mountpoint(mountpoint)
+    with open_repository() as repo:
+        if foreground:
+            lifecycle.log_to_stderr()
+            lifecycle.serve(repo, mountpoint, cache_bytes, lambda: info(f"serving {mountpoint}; Ctrl-C to unmount"))
+        else:
+            lifecycle.mount_detached(repo, mountpoint, cache_bytes)
+            info(f"mounted at {mountpoint}; unmount with: stasisfs umount {mountpoint}")
+
+
+@click.command()
+@click.argument("mountpoint", type=click.Path(file_okay=False, path_type=Path))
+@global_options
+def umount(mountpoint: Path) -> None:
+    """Unmount a stasisfs mount, including one left behind by a killed process."""
+    from .. import mount as lifecycle
+
+    info(f"{lifecycle.umount(mountpoint.absolute())}: {mountpoint}")

@@ -1,0 +1,244 @@
+"""The pyfuse3 adapter: a protocol adapter only. The model is `vfs.Vfs`.
+
+Every handler maps model errors to errno here, and nothing but `FUSEError` ever
+leaves a handler (anything else would kill pyfuse3's main loop and leave a dead
+mount). Blocking work (tree loads, index lookups, decryption) runs in worker
+threads behind a limiter, so one slow file never stalls the others.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import functools
+import logging
+import os
+import stat
+import time
+from collections.abc import Callable, Coroutine, Sequence
+from typing import Any, ParamSpec, TypeVar
+
+import pyfuse3
+import trio
+
+from .errors import IntegrityError
+from .vfs import Attr, Entry, NoSuchAttribute, NotADirectory, NotFound, Vfs
+
+log = logging.getLogger("stasisfs.mount")
+
+# Snapshots never change: let the kernel cache what it has seen for a long time.
+CONTENT_TIMEOUT = 3600.0
+# The top-level views change when a backup adds a snapshot.
+VIEW_TIMEOUT = 1.0
+REFRESH_EVERY = 2.0
+READ_AHEAD_CHUNKS = 2
+
+T = TypeVar("T")
+P = ParamSpec("P")
+
+
+def errors_mapped(fn: Callable[P, Coroutine[Any, Any, T]]) -> Callable[P, Coroutine[Any, Any, T]]:
+    @functools.wraps(fn)
+    async def wrapper(*args: P.args, **kwargs: P.kwargs) -> T:
+        try:
+            return await fn(*args, **kwargs)
+        except pyfuse3.FUSEError:
+            raise
+        except NotFound:
+            raise pyfuse3.FUSEError(errno.ENOENT) from None
+        except NotADirectory:
+            raise pyfuse3.FUSEError(errno.ENOTDIR) from None
+        except NoSuchAttribute:
+            raise pyfuse3.FUSEError(pyfuse3.ENOATTR) from None
+        except IntegrityError as exc:
+            log.error("%s: %s", fn.__name__, exc)
+            raise pyfuse3.FUSEError(errno.EIO) from None
+        except Exception:
+            log.exception("unexpected error in %s", fn.__name__)
+            raise pyfuse3.FUSEError(errno.EIO) from None
+
+    return wrapper
+
+
+class SnapshotFs(pyfuse3.Operations):
+    supports_dot_lookup = False
+
+    def __init__(self, vfs: Vfs, total_bytes: int = 0, threads: int = 4) -> None:
+        super().__init__()
+        self.vfs = vfs
+        self.total_bytes = total_bytes
+        self.limiter = trio.CapacityLimiter(threads)
+        self._inflight: dict[bytes, trio.Event] = {}
+        self._last_refresh = time.monotonic()
+        self._nursery: trio.Nursery | None = None
+
+    def attach(self, nursery: trio.Nursery) -> None:
+        """Read-ahead runs as background tasks in this nursery."""
+        self._nursery = nursery
+
+    async def _blocking(self, fn: Callable[..., T], *args: Any) -> T:
+        return await trio.to_thread.run_sync(fn, *args, limiter=self.limiter)
+
+    def _attributes(self, entry: Entry) -> pyfuse3.EntryAttributes:
+        a: Attr = entry.attr
+        attrs = pyfuse3.EntryAttributes()
+        attrs.st_ino = a.ino
+        attrs.st_mode = a.mode
+        attrs.st_nlink = a.nlink
+        attrs.st_uid = a.uid
+        attrs.st_gid = a.gid
+        attrs.st_size = a.size
+        attrs.st_rdev = a.rdev
+        attrs.st_blksize = 65536
+        attrs.st_blocks = (a.size + 511) // 512
+        attrs.st_atime_ns = attrs.st_mtime_ns = attrs.st_ctime_ns = a.mtime_ns
+        timeout = VIEW_TIMEOUT if entry.dynamic else CONTENT_TIMEOUT
+        attrs.entry_timeout = timeout
+        attrs.attr_timeout = timeout
+        return attrs
+
+    async def _maybe_refresh(self, entry: Entry) -> None:
+        if entry.dynamic and time.monotonic() - self._last_refresh > REFRESH_EVERY:
+            self._last_refresh = time.monotonic()
+            await self._blocking(self.vfs.refresh)
+
+    async def _loaded(self, ino: int) -> Entry:
+        entry = self.vfs.entry(ino)
+        await self._maybe_refresh(entry)
+        if self.vfs.needs_load(ino):
+            await self._blocking(self.vfs.load, ino)
+        return entry
+
+    @errors_mapped
+    async def lookup(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        await self._loaded(parent_inode)
+        return self._attributes(self.vfs.lookup(parent_inode, name))
+
+    @errors_mapped
+    async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        return self._attributes(self.vfs.entry(inode))
+
+    async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
+        try:
+            for inode, count in inode_list:
+                self.vfs.forget(inode, count)
+        except Exception:
+            log.exception("forget failed")
+
+    @errors_mapped
+    async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
+        entry = await self._loaded(inode)
+        if entry.loader is None:
+            raise pyfuse3.FUSEError(errno.ENOTDIR)
+        return inode
+
+    @errors_mapped
+    async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
+        await self._loaded(fh)
+        for cursor, name, entry in self.vfs.listing(fh, start_id):
+            if not pyfuse3.readdir_reply(token, name, self._attributes(entry), cursor):
+                break
+            entry.lookups += 1  # readdirplus: the kernel now holds a reference
+
+    async def releasedir(self, fh: int) -> None:
+        return None
+
+    @errors_mapped
+    async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
+        return self.vfs.readlink(inode)
+
+    @errors_mapped
+    async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
+        if flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND):
+            raise pyfuse3.FUSEError(errno.EROFS)
+        if not stat.S_ISREG(self.vfs.entry(inode).attr.mode):
+            raise pyfuse3.FUSEError(errno.EINVAL)
+        return pyfuse3.FileInfo(fh=inode, keep_cache=True)  # immutable content: keep the page cache
+
+    async def flush(self, fh: int) -> None:
+        # ENOSYS once makes the kernel stop sending flush for this mount: one request less per close.
+        raise pyfuse3.FUSEError(errno.ENOSYS)
+
+    async def release(self, fh: int) -> None:
+        return None
+
+    @errors_mapped
+    async def read(self, fh: int, off: int, size: int) -> bytes:
+        if self.vfs.file_offsets(fh) is None:
+            await self._blocking(self.vfs.load_offsets, fh)
+        plan = self.vfs.read_plan(fh, off, size)
+        chunks: dict[int, bytes] = {}
+        missing = []
+        for position, chunk_id in plan:
+            data = self.vfs.cache.get(chunk_id)
+            if data is None:
+                missing.append((position, chunk_id))
+            else:
+                chunks[position] = data
+        if len(missing) == 1:
+            chunks[missing[0][0]] = await self._chunk(fh, missing[0][1])
+        elif missing:
+            async with trio.open_nursery() as nursery:
+                for position, chunk_id in missing:
+                    nursery.start_soon(self._fetch_into, fh, position, chunk_id, chunks)
+        if plan:
+            self._read_ahead(fh, plan[-1][0])
+        return self.vfs.assemble(fh, off, size, chunks)
+
+    async def _fetch_into(self, fh: int, position: int, chunk_id: bytes, out: dict[int, bytes]) -> None:
+        out[position] = await self._chunk(fh, chunk_id)
+
+    async def _chunk(self, fh: int, chunk_id: bytes) -> bytes:
+        """A decrypted chunk, fetched once even when several readers want it at the same time."""
+        while True:
+            data = self.vfs.cache.get(chunk_id)
+            if data is not None:
+                return data
+            pending = self._inflight.get(chunk_id)
+            if pending is None:
+                break
+            await pending.wait()
+        done = self._inflight[chunk_id] = trio.Event()
+        try:
+            data = await self._blocking(self.vfs.source.chunk, chunk_id)
+        except IntegrityError as exc:
+            log.error("%s: %s", self.vfs.describe(fh), exc)
+            raise pyfuse3.FUSEError(errno.EIO) from None
+        finally:
+            del self._inflight[chunk_id]
+            done.set()
+        self.vfs.cache.put(chunk_id, data)
+        return data
+
+    def _read_ahead(self, fh: int, position: int) -> None:
+        """Decrypt the next chunks in the background while the kernel consumes this one."""
+        entry = self.vfs.entry(fh)
+        if self._nursery is None or entry.node is None:
+            return
+        content = entry.node.content
+        for ahead in content[position + 1 : position + 1 + READ_AHEAD_CHUNKS]:
+            if self.vfs.cache.get(ahead) is None and ahead not in self._inflight:
+                self._nursery.start_soon(self._prefetch, fh, ahead)
+
+    async def _prefetch(self, fh: int, chunk_id: bytes) -> None:
+        with contextlib.suppress(Exception):  # a failed prefetch is reported by the read that needs it
+            await self._chunk(fh, chunk_id)
+
+    @errors_mapped
+    async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
+        return self.vfs.getxattr(inode, name)
+
+    @errors_mapped
+    async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> Sequence[bytes]:
+        return list(self.vfs.xattrs(inode))
+
+    @errors_mapped
+    async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
+        data = pyfuse3.StatvfsData()
+        data.f_bsize = data.f_frsize = 4096
+        data.f_blocks = max(1, self.total_bytes // 4096)
+        data.f_bfree = data.f_bavail = 0
+        data.f_files = self.vfs.entry_count
+        data.f_ffree = data.f_favail = 0
+        data.f_namemax = 255
+        return data

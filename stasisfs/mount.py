@@ -1,0 +1,209 @@
+"""Mount lifecycle: detach, serve, report readiness, unmount cleanly on SIGINT/SIGTERM.
+
+The parent reads the password and unlocks the key, then forks before any LMDB
+environment or thread exists. The child starts a new session, drops the inherited
+stdin/stdout/stderr (so `$(stasisfs mount ...)` never hangs), mounts, and writes one
+status line to a pipe. The parent returns 0 only once the mount answers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import faulthandler
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from .errors import IntegrityError, StasisError
+from .reader import TreeReader
+from .repository import Repository
+from .snapshot import Snapshot
+from .tree import Node
+
+MOUNT_OPTIONS = {"fsname=stasisfs", "subtype=stasisfs", "ro", "default_permissions"}
+READY_TIMEOUT = 60.0
+
+
+class RepositorySource:
+    """The vfs's view of a repository: snapshots, trees, chunk sizes and chunks."""
+
+    def __init__(self, repo: Repository) -> None:
+        self.repo = repo
+        self.reader = TreeReader(repo, cache_size=2048)
+
+    def snapshots(self) -> list[Snapshot]:
+        self.repo.sync_index()
+        return self.repo.snapshots()
+
+    def tree(self, tree_id: bytes) -> list[Node]:
+        return self.reader.tree(tree_id)
+
+    def chunk_sizes(self, chunk_ids: list[bytes]) -> list[int]:
+        sizes = []
+        for chunk_id in chunk_ids:
+            location = self.repo.index.lookup(chunk_id)
+            if location is None:
+                raise IntegrityError(f"chunk {chunk_id.hex()[:16]} is not in the index")
+            sizes.append(location.raw_length)
+        return sizes
+
+    def chunk(self, chunk_id: bytes) -> bytes:
+        return self.repo.load_blob(chunk_id)
+
+
+def state_dir() -> Path:
+    base = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
+    path = Path(base) / "stasisfs"
+    path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    return path
+
+
+def serve(repo: Repository, mountpoint: Path, cache_bytes: int, on_ready: Callable[[], None]) -> None:
+    """Mount and serve until unmounted or signalled. Blocks."""
+    import pyfuse3
+    import trio
+
+    from .fuse import SnapshotFs
+    from .vfs import Vfs
+
+    repo.index  # noqa: B018 - open (and if needed rebuild) the index before serving
+    total = sum(size for size, _ in repo.index.packs().values())
+    vfs = Vfs(RepositorySource(repo), uid=os.getuid(), gid=os.getgid(), cache_bytes=cache_bytes)
+    ops = SnapshotFs(vfs, total_bytes=total)
+    try:
+        pyfuse3.init(ops, str(mountpoint), set(MOUNT_OPTIONS))
+    except RuntimeError as exc:
+        raise StasisError(f"cannot mount on {mountpoint}: {exc}") from None
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            ops.attach(nursery)
+
+            async def stop_on_signal() -> None:
+                with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
+                    async for _ in signals:
+                        pyfuse3.terminate()
+                        return
+
+            nursery.start_soon(stop_on_signal)
+            on_ready()
+            await pyfuse3.main()
+            nursery.cancel_scope.cancel()
+
+    try:
+        trio.run(main)
+    finally:
+        pyfuse3.close(unmount=True)
+
+
+def mount_detached(repo: Repository, mountpoint: Path, cache_bytes: int) -> None:
+    """Fork a server for the mount; return once it answers, or raise with its reason."""
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the server
+        os.close(read_end)
+        _become_daemon()
+        status = os.fdopen(write_end, "w")
+
+        def ready() -> None:
+            status.write("ok\n")
+            status.flush()
+
+        code = 0
+        try:
+            serve(repo, mountpoint, cache_bytes, ready)
+        except StasisError as exc:
+            logging.getLogger("stasisfs.mount").error("%s", exc)
+            with contextlib.suppress(OSError):
+                status.write(f"error {exc}\n")
+                status.flush()
+            code = 1
+        except BaseException as exc:
+            logging.getLogger("stasisfs.mount").exception("mount failed")
+            with contextlib.suppress(OSError):
+                status.write(f"error {exc}\n")
+                status.flush()
+            code = 1
+        os._exit(code)
+    os.close(write_end)
+    with os.fdopen(read_end) as status:
+        line = status.readline().strip()
+    if not line.startswith("ok"):
+        os.waitpid(pid, 0)
+        reason = line[len("error ") :] if line.startswith("error ") else "the mount process exited without a word (see the log in ~/.local/state/stasisfs)"
+        raise StasisError(reason)
+    wait_until_serving(mountpoint, pid)
+
+
+def wait_until_serving(mountpoint: Path, pid: int) -> None:
+    """Readiness means content is visible, not just that the mount table says so."""
+    deadline = time.monotonic() + READY_TIMEOUT
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError):
+            if os.path.ismount(mountpoint) and "snapshots" in os.listdir(mountpoint):
+                return
+        finished, _ = os.waitpid(pid, os.WNOHANG)
+        if finished:
+            raise StasisError("the mount process exited before it was serving (see the log in ~/.local/state/stasisfs)")
+        time.sleep(0.05)
+    raise StasisError(f"{mountpoint} did not start serving within {READY_TIMEOUT:.0f}s")
+
+
+def _become_daemon() -> None:
+    os.setsid()
+    devnull = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(devnull, fd)
+    os.close(devnull)
+    log_path = state_dir() / "mount.log"
+    handler = logging.FileHandler(log_path)
+    os.chmod(log_path, 0o600)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(process)d %(levelname)s %(message)s"))
+    logging.getLogger("stasisfs").addHandler(handler)
+    logging.getLogger("stasisfs").setLevel(logging.INFO)
+    logging.getLogger("pyfuse3").addHandler(handler)
+    faulthandler.register(signal.SIGUSR1, file=open(log_path, "a"), all_threads=True)  # noqa: SIM115 - stacks for a hung mount
+
+
+def check_mountpoint(mountpoint: Path) -> None:
+    if not mountpoint.is_dir():
+        raise StasisError(f"{mountpoint} is not a directory; create it first")
+    if os.path.ismount(mountpoint):
+        raise StasisError(f"{mountpoint} is already a mount point; `stasisfs umount {mountpoint}` first")
+    if any(os.scandir(mountpoint)):
+        raise StasisError(f"{mountpoint} is not empty; mount on an empty directory")
+
+
+def umount(mountpoint: Path) -> str:
+    """Unmount; clears a dead mount (killed server) lazily. Returns what was done."""
+    fusermount = shutil.which("fusermount3") or shutil.which("fusermount")
+    commands = [[fusermount, "-u", str(mountpoint)], [fusermount, "-u", "-z", str(mountpoint)]] if fusermount else []
+    commands.append(["umount", "-l", str(mountpoint)])
+    errors = []
+    for command in commands:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=30)
+        if done.returncode == 0:
+            return "unmounted" if "-z" not in command and "-l" not in command else "cleared a dead mount"
+        errors.append(done.stderr.strip())
+    if not _is_mounted(mountpoint):
+        raise StasisError(f"{mountpoint} is not mounted")
+    raise StasisError(f"cannot unmount {mountpoint}: {errors[-1] if errors else 'no fusermount3'}")
+
+
+def _is_mounted(mountpoint: Path) -> bool:
+    target = os.path.abspath(mountpoint).encode()
+    with open("/proc/self/mountinfo", "rb") as f:
+        return any(line.split()[4] == target for line in f)
+
+
+def log_to_stderr() -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("stasisfs: %(levelname)s %(message)s"))
+    logging.getLogger("stasisfs").addHandler(handler)
+    logging.getLogger("stasisfs").setLevel(logging.INFO)
