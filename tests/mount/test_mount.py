@@ -1,0 +1,200 @@
+"""`stasisfs mount` through the real kernel."""
+
+from __future__ import annotations
+
+import errno
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import PASSWORD, Cli
+from test_fidelity import build_hostile_tree, describe
+
+from .conftest import Mounted, mount_pids, stasisfs_mounts
+
+pytestmark = pytest.mark.timeout(180)
+
+
+def in_snapshot(m: Mounted, src: Path, name: str = "latest") -> Path:
+    return m.path / "snapshots" / name / str(src).lstrip("/")
+
+
+def test_mounted_snapshot_equals_source(cli: Cli, mounted: Mounted) -> None:
+    cli.init()
+    src = cli.tmp / "src"
+    build_hostile_tree(src)
+    cli.backup(src)
+    mounted.start()
+    view = os.fsencode(in_snapshot(mounted, src))
+    before, after = describe(os.fsencode(src)), describe(view)
+    assert after.keys() == before.keys()
+    for rel in before:
+        assert after[rel] == before[rel], rel
+    a, b = os.stat(os.path.join(view, b"hardlink-a")), os.stat(os.path.join(view, b"hardlink-b"))
+    assert a.st_ino == b.st_ino and a.st_nlink == 3
+    # cp -a out of the mount gives the tree back
+    out = cli.tmp / "copy"
+    subprocess.run(["cp", "-a", os.fsdecode(view), str(out)], check=True, timeout=120)
+    copied = describe(os.fsencode(out))
+    for rel in before:
+        assert copied[rel] == before[rel], rel
+
+
+def test_random_reads_of_a_large_file(cli: Cli, mounted: Mounted) -> None:
+    cli.init()
+    src = cli.tmp / "src"
+    src.mkdir()
+    data = os.urandom(24 * 1024 * 1024)
+    (src / "large.bin").write_bytes(data)
+    cli.backup(src)
+    mounted.start()
+    rng = random.Random(7)
+    with open(in_snapshot(mounted, src) / "large.bin", "rb", buffering=0) as f:
+        for _ in range(200):
+            offset = rng.randrange(0, len(data))
+            size = rng.choice([1, 100, 4096, 65536, 1 << 20, 5 << 20])
+            f.seek(offset)
+            assert f.read(size) == data[offset : offset + size]
+        f.seek(0)
+        assert f.read() == data
+
+
+def test_writes_are_refused(cli: Cli, mounted: Mounted) -> None:
+    cli.init()
+    src = cli.tmp / "src"
+    src.mkdir()
+    (src / "f").write_text("x")
+    cli.backup(src)
+    mounted.start()
+    target = in_snapshot(mounted, src)
+    for action in (lambda: open(target / "f", "w"), lambda: open(target / "new", "w"), lambda: os.mkdir(target / "d"),
+                   lambda: os.unlink(target / "f"), lambda: os.chmod(target / "f", 0o777),
+                   lambda: os.setxattr(target / "f", "user.x", b"1")):
+        with pytest.raises(OSError) as exc:
+            action()
+        assert exc.value.errno == errno.EROFS
+
+
+def test_views_and_new_snapshot_while_mounted(cli: Cli, mounted: Mounted) -> None:
+    cli.init()
+    src = cli.tmp / "src"
+    src.mkdir()
+    (src / "changes").write_text("one")
+    (src / "stays").write_text("same")
+    cli.backup(src, "--tag", "first")
+    mounted.start()
+    [only] = [p for p in os.listdir(mounted.path / "snapshots") if p != "latest"]
+    assert os.readlink(mounted.path / "snapshots" / "latest") == only
+    assert (mounted.path / "devices" / "testbox" / "latest" / str(src).lstrip("/") / "stays").read_text() == "same"
+    assert (mounted.path / "tags" / "first" / only / str(src).lstrip("/") / "changes").read_text() == "one"
+    ids = os.listdir(mounted.path / "ids")
+    assert len(ids) == 1 and (mounted.path / "ids" / ids[0] / str(src).lstrip("/") / "stays").exists()
+    (src / "changes").write_text("two!")
+    cli.backup(src)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and len(os.listdir(mounted.path / "snapshots")) < 3:
+        time.sleep(0.3)
+    assert len(os.listdir(mounted.path / "snapshots")) == 3  # two snapshots and latest, without a remount
+    assert (in_snapshot(mounted, src) / "changes").read_text() == "two!"
+    versions = mounted.path / "versions" / str(src).lstrip("/")
+    assert len(os.listdir(versions / "changes")) == 2
+    assert len(os.listdir(versions / "stays")) == 1
+
+
+def test_corrupt_chunk_gives_eio_and_the_rest_stays_readable(cli: Cli, mounted: Mounted) -> None:
+    cli.init()
+    src = cli.tmp / "src"
+    src.mkdir()
+    (src / "good").write_bytes(os.urandom(300_000))
+    cli.backup(src)
+    (src / "bad").write_bytes(os.urandom(300_000))
+    cli.backup(src)
+    locate = subprocess.run(
+        [sys.executable, "-c",
+         "import sys; from pathlib import Path; from stasisfs.repository import Repository, Credential; from stasisfs.reader import TreeReader;"
+         f"r = Repository(Path({str(cli.repo)!r})); r.unlock(Credential(password={PASSWORD!r}));"
+         f"n = TreeReader(r).node_at(r.snapshots()[-1].root, {os.fsencode(src / 'bad')!r}); loc = r.index.lookup(n.content[0]);"
+         "print(r.pack_path(loc.pack_id), loc.offset + loc.length // 2)"],
+        env=cli.env, capture_output=True, text=True, check=True,
+    ).stdout.split()
+    pack, offset = Path(locate[0]), int(locate[1])
+    raw = bytearray(pack.read_bytes())
+    raw[offset] ^= 0xFF
+    pack.write_bytes(bytes(raw))
+    mounted.start()
+    view = in_snapshot(mounted, src)
+    with pytest.raises(OSError) as exc:
+        (view / "bad").read_bytes()
+    assert exc.value.errno == errno.EIO
+    assert (view / "good").read_bytes() == (src / "good").read_bytes()
+    assert sorted(os.listdir(view)) == ["bad", "good"]  # the mount stays up
+    log = (cli.tmp / "home" / ".local" / "state" / "stasisfs" / "mount.log").read_text()
+    assert "bad" in log
+
+
+def test_umount_and_cleanup_after_kill(cli: Cli, mounted: Mounted) -> None:
+    cli.init()
+    src = cli.tmp / "src"
+    src.mkdir()
+    (src / "f").write_text("x")
+    cli.backup(src)
+    mounted.start()
+    cli.ok("umount", mounted.path)
+    assert str(mounted.path) not in stasisfs_mounts()
+    mounted.start()
+    for pid in mount_pids(mounted.path):
+        os.kill(pid, signal.SIGKILL)
+    time.sleep(0.5)
+    with pytest.raises(OSError):
+        os.listdir(mounted.path)  # "Transport endpoint is not connected"
+    cli.ok("umount", mounted.path)
+    assert str(mounted.path) not in stasisfs_mounts()
+    assert os.listdir(mounted.path) == []
+
+
+def test_sigterm_unmounts_cleanly(cli: Cli, mounted: Mounted) -> None:
+    cli.init()
+    src = cli.tmp / "src"
+    src.mkdir()
+    (src / "f").write_text("x")
+    cli.backup(src)
+    mounted.start()
+    [pid] = mount_pids(mounted.path)
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and str(mounted.path) in stasisfs_mounts():
+        time.sleep(0.1)
+    assert str(mounted.path) not in stasisfs_mounts()
+
+
+def test_mount_in_command_substitution_does_not_hang(cli: Cli, mounted: Mounted) -> None:
+    cli.init()
+    src = cli.tmp / "src"
+    src.mkdir()
+    (src / "f").write_text("x")
+    cli.backup(src)
+    mounted.path.mkdir()
+    # like $(stasisfs mount ...): the caller waits for EOF on the pipe, which only closes if the server holds no copy
+    proc = subprocess.Popen([sys.executable, "-m", "stasisfs", "mount", str(mounted.path)], env=cli.env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    assert (in_snapshot(mounted, src) / "f").read_text() == "x"
+
+
+def test_mount_errors_are_clear(cli: Cli, tmp_path: Path) -> None:
+    cli.init()
+    missing = cli.run("mount", tmp_path / "nope")
+    assert missing.returncode == 1 and b"not a directory" in missing.stderr
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "file").write_text("x")
+    done = cli.run("mount", busy)
+    assert done.returncode == 1 and b"not empty" in done.stderr
+    (tmp_path / "m").mkdir()
+    assert cli.run("mount", tmp_path / "m", env={"STASISFS_PASSWORD": "wrong password here"}).returncode == 12

@@ -1,0 +1,173 @@
+"""The snapshot filesystem model, without the kernel: an in-memory source stands in for the repository."""
+
+from __future__ import annotations
+
+import os
+import stat
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from stasisfs.snapshot import Snapshot
+from stasisfs.tree import DIR, FILE, SYMLINK, Node
+from stasisfs.vfs import ROOT_INODE, NotFound, Vfs, snapshot_names
+
+
+class MemorySource:
+    def __init__(self) -> None:
+        self.trees: dict[bytes, list[Node]] = {}
+        self.chunks: dict[bytes, bytes] = {}
+        self.snaps: list[Snapshot] = []
+
+    def snapshots(self) -> list[Snapshot]:
+        return list(self.snaps)
+
+    def tree(self, tree_id: bytes) -> list[Node]:
+        return self.trees[tree_id]
+
+    def chunk_sizes(self, chunk_ids: list[bytes]) -> list[int]:
+        return [len(self.chunks[c]) for c in chunk_ids]
+
+    def chunk(self, chunk_id: bytes) -> bytes:
+        return self.chunks[chunk_id]
+
+    def file(self, name: bytes, *parts: bytes, **kw: int) -> Node:
+        content = []
+        for part in parts:
+            chunk_id = os.urandom(32)
+            self.chunks[chunk_id] = part
+            content.append(chunk_id)
+        return Node(name=name, type=FILE, mode=0o644, size=sum(map(len, parts)), content=content, mtime_ns=5, **kw)
+
+    def directory(self, name: bytes, children: list[Node]) -> Node:
+        tree_id = os.urandom(32)
+        self.trees[tree_id] = children
+        return Node(name=name, type=DIR, mode=0o755, subtree=tree_id)
+
+    def snapshot(self, root: Node, minutes: int, device: str = "laptop", tags: list[str] | None = None) -> Snapshot:
+        assert root.subtree is not None
+        snap = Snapshot(time=datetime(2026, 1, 1, tzinfo=UTC) + timedelta(minutes=minutes), device=device,
+                        paths=[b"/home"], root=root.subtree, tags=tags or [], id=os.urandom(32))
+        self.snaps.append(snap)
+        return snap
+
+
+def walk(vfs: Vfs, path: str) -> int:
+    ino = ROOT_INODE
+    for part in path.strip("/").split("/"):
+        entry = vfs.lookup(ino, part.encode())
+        if stat.S_ISLNK(entry.attr.mode):
+            raise AssertionError(f"{part} is a symlink")
+        ino = entry.ino
+    return ino
+
+
+@pytest.fixture
+def source() -> MemorySource:
+    src = MemorySource()
+    big = src.file(b"big", os.urandom(1000), os.urandom(3000), os.urandom(500))
+    same = src.file(b"same", b"unchanged")
+    link_a = src.file(b"a", b"shared", links=2, inode=7, device=1)
+    link_b = Node(name=b"b", type=FILE, mode=0o644, size=6, content=link_a.content, links=2, inode=7, device=1)
+    sym = Node(name=b"s", type=SYMLINK, mode=0o777, target=b"big")
+    home = src.directory(b"home", [big, same, link_a, link_b, sym])
+    src.snapshot(src.directory(b"", [home]), 0, tags=["daily"])
+    changed = src.file(b"big", b"new content")
+    home2 = src.directory(b"home", [changed, same])
+    src.snapshot(src.directory(b"", [home2]), 1, device="desktop")
+    return src
+
+
+@pytest.mark.parametrize(
+    "minutes,expected",
+    [([0, 1], ["T0", "T1"]), ([0, 0, 0], ["T0", "T0-1", "T0-2"]), ([1, 0], ["T0", "T1"])],
+)
+def test_snapshot_names_suffix_clashes(minutes: list[int], expected: list[str]) -> None:
+    base = datetime(2026, 1, 1, tzinfo=UTC)
+    snaps = [Snapshot(time=base + timedelta(minutes=m), device="d", paths=[], root=b"", id=bytes([i]) * 32) for i, m in enumerate(minutes)]
+    names = [name for name, _ in snapshot_names(snaps)]
+    stamps = {m: (base + timedelta(minutes=m)).astimezone().strftime("%Y-%m-%dT%H:%M:%S") for m in minutes}
+    assert names == [e.replace("T0", stamps[0]).replace("T1", stamps.get(1, "")) for e in expected]
+
+
+def test_views_and_latest(source: MemorySource) -> None:
+    vfs = Vfs(source)
+    assert [name for _, name, _ in vfs.listing(ROOT_INODE, 0)] == [b"snapshots", b"devices", b"ids", b"tags", b"versions"]
+    names = [name for _, name, _ in vfs.listing(walk(vfs, "snapshots"), 0)]
+    assert len(names) == 3 and names[-1] == b"latest"
+    latest = vfs.lookup(walk(vfs, "snapshots"), b"latest")
+    assert vfs.readlink(latest.ino) == names[1]
+    devices = [name for _, name, _ in vfs.listing(walk(vfs, "devices"), 0)]
+    assert devices == [b"desktop", b"laptop"]
+    laptop = [(n, vfs.readlink(e.ino)) for _, n, e in vfs.listing(walk(vfs, "devices/laptop"), 0)]
+    assert laptop == [(names[0], b"../../snapshots/" + names[0]), (b"latest", names[0])]
+    assert [n for _, n, _ in vfs.listing(walk(vfs, "tags"), 0)] == [b"daily"]
+    ids = list(vfs.listing(walk(vfs, "ids"), 0))
+    assert len(ids) == 2 and all(vfs.readlink(e.ino).startswith(b"../snapshots/") for _, _, e in ids)
+
+
+def test_hardlinks_share_an_inode(source: MemorySource) -> None:
+    vfs = Vfs(source)
+    first = source.snaps[0]
+    home = walk(vfs, f"snapshots/{snapshot_names([first])[0][0]}/home")
+    a, b = vfs.lookup(home, b"a"), vfs.lookup(home, b"b")
+    assert a.ino == b.ino and a.attr.nlink == 2
+
+
+def test_reads_across_chunks(source: MemorySource) -> None:
+    vfs = Vfs(source)
+    name = snapshot_names(source.snaps)[0][0]
+    ino = walk(vfs, f"snapshots/{name}/home/big")
+    node = vfs.entry(ino).node
+    assert node is not None
+    whole = b"".join(source.chunks[c] for c in node.content)
+    assert vfs.file_offsets(ino) is None  # several chunks: sizes come from the index
+    vfs.load_offsets(ino)
+    for offset, size in [(0, 4500), (999, 2), (1000, 3000), (3999, 10), (4400, 500), (4499, 100), (4500, 10)]:
+        plan = vfs.read_plan(ino, offset, size)
+        data = vfs.assemble(ino, offset, size, {pos: source.chunk(cid) for pos, cid in plan})
+        assert data == whole[offset : offset + size]
+
+
+def test_readdir_cursors_are_stable(source: MemorySource) -> None:
+    vfs = Vfs(source)
+    name = snapshot_names(source.snaps)[0][0]
+    home = walk(vfs, f"snapshots/{name}/home")
+    full = [(c, n) for c, n, _ in vfs.listing(home, 0)]
+    cursor = full[1][0]
+    assert [(c, n) for c, n, _ in vfs.listing(home, cursor)] == full[2:]
+
+
+def test_versions_skip_unchanged_files(source: MemorySource) -> None:
+    vfs = Vfs(source)
+    home = walk(vfs, "versions/home")
+    assert {n for _, n, _ in vfs.listing(home, 0)} >= {b"big", b"same", b"a"}
+    assert len(list(vfs.listing(vfs.lookup(home, b"big").ino, 0))) == 2
+    assert len(list(vfs.listing(vfs.lookup(home, b"same").ino, 0))) == 1
+
+
+def test_new_snapshot_appears_and_inodes_stay(source: MemorySource) -> None:
+    vfs = Vfs(source)
+    snapshots_ino = walk(vfs, "snapshots")
+    before = {n: e.ino for _, n, e in vfs.listing(snapshots_ino, 0) if n != b"latest"}
+    source.snapshot(source.directory(b"", []), 5)
+    assert vfs.refresh()
+    after = {n: e.ino for _, n, e in vfs.listing(snapshots_ino, 0) if n != b"latest"}
+    assert len(after) == 3 and all(after[n] == ino for n, ino in before.items())
+
+
+def test_forget_releases_listing_and_keeps_inode_numbers(source: MemorySource) -> None:
+    vfs = Vfs(source)
+    name = snapshot_names(source.snaps)[0][0]
+    home = walk(vfs, f"snapshots/{name}/home")
+    big = vfs.lookup(home, b"big").ino
+    vfs.forget(big, 1)
+    vfs.forget(home, 1)
+    assert vfs.entry(home).children is None
+    assert vfs.lookup(home, b"big").ino == big
+
+
+def test_missing_names(source: MemorySource) -> None:
+    vfs = Vfs(source)
+    with pytest.raises(NotFound):
+        vfs.lookup(ROOT_INODE, b"nope")
