@@ -8,7 +8,6 @@ known. Order of durability: packs, index objects, snapshot.
 
 from __future__ import annotations
 
-import multiprocessing
 import os
 import stat
 import struct
@@ -17,9 +16,10 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from functools import partial
 from typing import BinaryIO
 
 import blake3
@@ -30,6 +30,7 @@ from .fsmeta import node_from_stat
 from .index import FileRecord
 from .pack import BLOB_DATA, BLOB_TREE
 from .packer import BlobWriter
+from .pools import worker_pool
 from .progress import Counters
 from .repository import Repository, cache_root
 from .snapshot import Snapshot, Summary
@@ -380,12 +381,7 @@ class Backup:
     def _workers(self) -> Executor:
         """Worker processes (own GILs); threads when processes cannot be started here."""
         initargs = (self.keys.master, self.keys.repo_id, str(self.index.path), self.writer.verify)
-        try:
-            context = multiprocessing.get_context("spawn")  # never fork an open LMDB environment or held locks
-            return ProcessPoolExecutor(self.options.workers, mp_context=context, initializer=init_worker, initargs=initargs)
-        except OSError:
-            use_index_in_threads(self.index)
-            return ThreadPoolExecutor(self.options.workers, thread_name_prefix="backup", initializer=init_worker, initargs=initargs)
+        return worker_pool(self.options.workers, "backup", init_worker, initargs, partial(use_index_in_threads, self.index))
 
     def run_stdin(self, stream: BinaryIO, filename: str) -> Snapshot:
         started = time.monotonic()

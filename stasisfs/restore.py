@@ -9,20 +9,21 @@ out and reported.
 
 from __future__ import annotations
 
-import multiprocessing
 import os
 import shutil
 import stat
 import threading
 from collections.abc import Callable
-from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures import Executor, Future
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import pathspec
 
 from .errors import IntegrityError
 from .fsmeta import apply_metadata, create_special
+from .pools import worker_pool
 from .progress import Counters
 from .reader import TreeReader
 from .repository import Repository
@@ -281,12 +282,7 @@ class Restorer:
         """Writer processes (own GILs); threads when processes cannot be started here."""
         keys = self.repo.master_keys
         initargs = (str(self.repo.path), keys.master, self.options.sparse, self.options.verify, self._as_root)
-        try:
-            context = multiprocessing.get_context("spawn")
-            return ProcessPoolExecutor(self.options.workers, mp_context=context, initializer=init_writer, initargs=initargs)
-        except OSError:
-            use_repository_in_threads(self.repo)
-            return ThreadPoolExecutor(self.options.workers, thread_name_prefix="restore", initializer=init_writer, initargs=initargs)
+        return worker_pool(self.options.workers, "restore", init_writer, initargs, partial(use_repository_in_threads, self.repo))
 
     def _send(self, pool: Executor, batch: WriteBatch) -> None:
         if not batch.jobs:

@@ -72,7 +72,8 @@ def test_writes_are_refused(cli: Cli, mounted: Mounted) -> None:
     cli.backup(src)
     mounted.start()
     target = in_snapshot(mounted, src)
-    for action in (lambda: open(target / "f", "w"), lambda: open(target / "new", "w"), lambda: os.mkdir(target / "d"),
+    for action in (lambda: os.open(target / "f", os.O_WRONLY), lambda: os.open(target / "new", os.O_WRONLY | os.O_CREAT),
+                   lambda: os.mkdir(target / "d"),
                    lambda: os.unlink(target / "f"), lambda: os.chmod(target / "f", 0o777),
                    lambda: os.setxattr(target / "f", "user.x", b"1")):
         with pytest.raises(OSError) as exc:
@@ -182,7 +183,7 @@ def test_mount_in_command_substitution_does_not_hang(cli: Cli, mounted: Mounted)
     # like $(stasisfs mount ...): the caller waits for EOF on the pipe, which only closes if the server holds no copy
     proc = subprocess.Popen([sys.executable, "-m", "stasisfs", "mount", str(mounted.path)], env=cli.env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    out, err = proc.communicate(timeout=60)
+    _, err = proc.communicate(timeout=60)
     assert proc.returncode == 0, err
     assert (in_snapshot(mounted, src) / "f").read_text() == "x"
 

@@ -1,0 +1,34 @@
+"""Worker pools: processes (each with its own GIL) where they start, threads otherwise."""
+
+from __future__ import annotations
+
+import contextlib
+import multiprocessing
+import os
+from collections.abc import Callable
+from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from typing import Any
+
+STARTUP_TIMEOUT = 60.0
+
+
+def worker_pool(workers: int, name: str, initializer: Callable[..., None], initargs: tuple[Any, ...],
+                share_in_threads: Callable[[], None]) -> Executor:
+    """Start `workers` spawned processes and prove one answers; fall back to threads running the same code.
+
+    Spawn, not fork: a forked child would inherit open LMDB environments and locks held by
+    other threads. Processes can fail to start, e.g. when the interpreter is not executable
+    for the user the command runs as; the threads then share the parent's objects instead.
+    """
+    pool: ProcessPoolExecutor | None = None
+    try:
+        pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=initializer, initargs=initargs)
+        pool.submit(os.getpid).result(timeout=STARTUP_TIMEOUT)
+        return pool
+    except (OSError, BrokenProcessPool, TimeoutError):
+        if pool is not None:
+            with contextlib.suppress(Exception):
+                pool.shutdown(wait=False, cancel_futures=True)
+    share_in_threads()
+    return ThreadPoolExecutor(workers, thread_name_prefix=name, initializer=initializer, initargs=initargs)
