@@ -127,6 +127,11 @@ class Index:
             raw = txn.get(chunk_id, db=self._chunks)
         return Location(*LOCATION.unpack(raw)) if raw is not None else None
 
+    def lookup_many(self, chunk_ids: list[bytes]) -> list[Location]:
+        with self.env.begin() as txn:
+            raws = [txn.get(c, db=self._chunks) for c in chunk_ids]
+        return [Location(*LOCATION.unpack(raw)) for raw in raws if raw is not None]
+
     def has_chunk(self, chunk_id: bytes) -> bool:
         with self.env.begin() as txn:
             return txn.get(chunk_id, db=self._chunks) is not None

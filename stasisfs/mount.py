@@ -56,6 +56,15 @@ class RepositorySource:
     def chunk(self, chunk_id: bytes) -> bytes:
         return self.repo.load_blob(chunk_id)
 
+    def tree_if_cached(self, tree_id: bytes) -> list[Node] | None:
+        return self.reader.tree_if_cached(tree_id)
+
+    def chunk_if_cached(self, chunk_id: bytes, max_length: int) -> bytes | None:
+        return self.repo.load_blob_if_cached(chunk_id, max_length)
+
+    def advise(self, chunk_ids: list[bytes]) -> None:
+        self.repo.advise_blobs(chunk_ids)
+
 
 def state_dir() -> Path:
     base = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
@@ -73,6 +82,9 @@ def serve(repo: Repository, mountpoint: Path, cache_bytes: int, on_ready: Callab
     from .vfs import Vfs
 
     repo.index  # noqa: B018 - open (and if needed rebuild) the index before serving
+    # Requests wait on the GIL whenever a worker thread decodes a tree; a short switch
+    # interval keeps that wait far below the default 5 ms, which would dominate latency.
+    sys.setswitchinterval(float(os.environ.get("STASISFS_SWITCH_INTERVAL", "0.0002")))
     total = sum(size for size, _ in repo.index.packs().values())
     vfs = Vfs(RepositorySource(repo), uid=os.getuid(), gid=os.getgid(), cache_bytes=cache_bytes)
     ops = SnapshotFs(vfs, total_bytes=total)

@@ -34,6 +34,25 @@ class TreeReader:
                 self._cache.popitem(last=False)
         return nodes
 
+    def tree_if_cached(self, tree_id: bytes, max_length: int = 1 << 20) -> list[Node] | None:
+        """The tree without waiting on storage, or None (see `Repository.load_blob_if_cached`)."""
+        with self._lock:
+            nodes = self._cache.get(tree_id)
+        if nodes is not None:
+            return nodes
+        data = self.repo.load_blob_if_cached(tree_id, max_length)
+        if data is None:
+            return None
+        try:
+            nodes = decode_tree(data)
+        except ValueError as exc:
+            raise IntegrityError(f"tree {tree_id.hex()[:16]} is malformed: {exc}") from None
+        with self._lock:
+            self._cache[tree_id] = nodes
+            while len(self._cache) > self._cache_size:
+                self._cache.popitem(last=False)
+        return nodes
+
     def root_node(self, root: bytes) -> Node:
         return Node(name=b"/", type=DIR, mode=0o755, subtree=root)
 

@@ -17,6 +17,7 @@ import json
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 FILE = "file"
 DIR = "dir"
@@ -76,37 +77,31 @@ class Node:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict[str, object]) -> Node:
-        def integer(key: str, default: int = 0) -> int:
-            value = d.get(key, default)
-            if not isinstance(value, int):
-                raise ValueError(f"tree field {key} is not an integer")
-            return value
-
-        node_type = d.get("type")
-        if node_type not in NODE_TYPES:
-            raise ValueError(f"unknown node type {node_type!r}")
-        subtree = d.get("subtree")
-        xattrs = d.get("xattrs") or {}
-        content = d.get("content") or []
-        assert isinstance(xattrs, dict) and isinstance(content, list)
-        return cls(
-            name=os.fsencode(str(d["name"])),
-            type=str(node_type),
-            mode=integer("mode"),
-            uid=integer("uid"),
-            gid=integer("gid"),
-            mtime_ns=integer("mtime"),
-            size=integer("size"),
-            content=[bytes.fromhex(c) for c in content],
-            subtree=bytes.fromhex(subtree) if isinstance(subtree, str) and subtree else None,
-            target=os.fsencode(str(d.get("target", ""))),
-            rdev=integer("rdev"),
-            xattrs={os.fsencode(k): base64.b64decode(v) for k, v in xattrs.items()},
-            links=integer("links", 1),
-            inode=integer("inode"),
-            device=integer("dev"),
-        )
+    def from_dict(cls, d: dict[str, Any]) -> Node:
+        """Decode one node. Hot: a mount decodes every entry it lists, so this stays flat."""
+        try:
+            node_type = d["type"]
+            if node_type not in NODE_TYPES:
+                raise ValueError(f"unknown node type {node_type!r}")
+            get = d.get
+            content = get("content")
+            subtree = get("subtree")
+            target = get("target")
+            xattrs = get("xattrs")
+            node = cls(
+                os.fsencode(d["name"]), node_type, d["mode"], d["uid"], d["gid"], d["mtime"], get("size", 0),
+                [bytes.fromhex(c) for c in content] if content else [],
+                bytes.fromhex(subtree) if subtree else None,
+                os.fsencode(target) if target else b"",
+                get("rdev", 0),
+                {os.fsencode(k): base64.b64decode(v) for k, v in xattrs.items()} if xattrs else {},
+                get("links", 1), get("inode", 0), get("dev", 0),
+            )
+        except (KeyError, TypeError, AttributeError) as exc:
+            raise ValueError(f"malformed tree node: {exc}") from None
+        if not all(type(v) is int for v in (node.mode, node.uid, node.gid, node.mtime_ns, node.size, node.rdev, node.links)):
+            raise ValueError("malformed tree node: a numeric field is not an integer")
+        return node
 
 
 def encode_tree(nodes: list[Node]) -> bytes:

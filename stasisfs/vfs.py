@@ -64,6 +64,9 @@ class SnapshotSource(Protocol):
     def tree(self, tree_id: bytes) -> list[Node]: ...
     def chunk_sizes(self, chunk_ids: list[bytes]) -> list[int]: ...
     def chunk(self, chunk_id: bytes) -> bytes: ...
+    def tree_if_cached(self, tree_id: bytes) -> list[Node] | None: ...
+    def chunk_if_cached(self, chunk_id: bytes, max_length: int) -> bytes | None: ...
+    def advise(self, chunk_ids: list[bytes]) -> None: ...
 
 
 @dataclass(slots=True)
@@ -96,6 +99,8 @@ class Entry:
     snapshot: Snapshot | None = None
     dynamic: bool = False  # its listing can change while mounted
     shared: bool = False  # a hard-linked file, listed by several directories
+    parent: int = 0  # the directory it was last listed in
+    position: int = 0  # its place in that listing
 
 
 def time_name(moment: datetime) -> str:
@@ -340,8 +345,22 @@ class Vfs:
         listing = entry.loader(entry)
         with self._lock:
             if entry.children is None:
+                for position, (_, child) in enumerate(listing):
+                    child.parent, child.position = ino, position
                 entry.children = [(name, child.ino) for name, child in listing]
                 entry.index = {name: child.ino for name, child in listing}
+
+    def try_load(self, ino: int) -> bool:
+        """Load a snapshot directory only if its tree is at hand without waiting on storage."""
+        entry = self.entry(ino)
+        if entry.children is not None:
+            return True
+        if entry.loader != self._load_tree_dir or entry.node is None or entry.node.subtree is None:
+            return False
+        if self.source.tree_if_cached(entry.node.subtree) is None:
+            return False
+        self.load(ino)
+        return True
 
     def lookup(self, parent: int, name: bytes) -> Entry:
         """Non-blocking once `load(parent)` ran. Counts a lookup."""
@@ -368,6 +387,50 @@ class Vfs:
         for position in range(start, len(children)):
             name, child_ino = children[position]
             yield position + 1, name, self._entries[child_ino]
+
+    def following(self, ino: int, count: int) -> list[Entry]:
+        """Entries listed after this one in its directory: what a sequential reader opens next."""
+        entry = self._entries.get(ino)
+        parent = self._entries.get(entry.parent) if entry is not None else None
+        if entry is None or parent is None or parent.children is None:
+            return []
+        result = []
+        for _, child_ino in parent.children[entry.position + 1 : entry.position + 1 + count]:
+            child = self._entries.get(child_ino)
+            if child is not None:
+                result.append(child)
+        return result
+
+    def unloaded_subdirs(self, ino: int, count: int) -> list[int]:
+        entry = self._entries.get(ino)
+        if entry is None or entry.children is None:
+            return []
+        result = []
+        for _, child_ino in entry.children:
+            child = self._entries.get(child_ino)
+            if child is not None and child.loader is not None and child.children is None:
+                result.append(child_ino)
+                if len(result) >= count:
+                    break
+        return result
+
+    def advise_trees(self, inos: list[int]) -> None:
+        """Hint that these directories' trees will be read soon."""
+        ids = [e.node.subtree for e in (self._entries.get(i) for i in inos) if e is not None and e.node is not None and e.node.subtree]
+        if ids:
+            self.source.advise(ids)
+
+    def advise_files(self, entries: list[Entry], max_bytes: int) -> None:
+        """Hint that these files' first chunks will be read soon."""
+        ids = []
+        for entry in entries:
+            if entry.node is not None and entry.node.content and stat.S_ISREG(entry.attr.mode):
+                ids.append(entry.node.content[0])
+                max_bytes -= min(entry.node.size, 1 << 20)
+                if max_bytes <= 0:
+                    break
+        if ids:
+            self.source.advise(ids)
 
     def forget(self, ino: int, count: int) -> None:
         entry = self._entries.get(ino)

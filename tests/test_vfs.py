@@ -31,6 +31,16 @@ class MemorySource:
     def chunk(self, chunk_id: bytes) -> bytes:
         return self.chunks[chunk_id]
 
+    def tree_if_cached(self, tree_id: bytes) -> list[Node]:
+        return self.trees[tree_id]
+
+    def advise(self, chunk_ids: list[bytes]) -> None:
+        self.advised = getattr(self, "advised", 0) + len(chunk_ids)
+
+    def chunk_if_cached(self, chunk_id: bytes, max_length: int) -> bytes | None:
+        data = self.chunks[chunk_id]
+        return data if len(data) <= max_length else None
+
     def file(self, name: bytes, *parts: bytes, **kw: int) -> Node:
         content = []
         for part in parts:

@@ -25,7 +25,7 @@ def parse_size(text: str) -> int:
 @click.command()
 @click.argument("mountpoint", type=click.Path(file_okay=False, path_type=Path))
 @click.option("--foreground", "-f", is_flag=True, help="Stay attached; unmount with Ctrl-C.")
-@click.option("--cache-size", default="128M", show_default=True, help="Memory for decrypted chunks.")
+@click.option("--cache-size", default="64M", show_default=True, help="Memory for decrypted chunks.")
 @global_options
 def mount(mountpoint: Path, foreground: bool, cache_size: str) -> None:
     """Browse every snapshot as a read-only filesystem at MOUNTPOINT.
