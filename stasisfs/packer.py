@@ -19,7 +19,7 @@ from .pack import PACK_TARGET_SIZE, NullSink, PackBuilder, PackInfo, encode_blob
 from .repository import PackFile, Repository
 
 INDEX_OBJECT_EVERY = 32  # packs; bounds what a killed run leaves to header scanning
-ZSTD_LEVEL = 3
+ZSTD_LEVEL = 2  # 18% less CPU than 3 for 3% more bytes on a typical tree
 
 
 class ChunkSealer:
