@@ -18,31 +18,14 @@ class TreeReader:
         self._cache_size = cache_size
         self._lock = threading.Lock()
 
-    def tree(self, tree_id: bytes) -> list[Node]:
+    def _cached(self, tree_id: bytes) -> list[Node] | None:
         with self._lock:
             nodes = self._cache.get(tree_id)
             if nodes is not None:
                 self._cache.move_to_end(tree_id)
-                return nodes
-        try:
-            nodes = decode_tree(self.repo.load_blob(tree_id))
-        except ValueError as exc:
-            raise IntegrityError(f"tree {tree_id.hex()[:16]} is malformed: {exc}") from None
-        with self._lock:
-            self._cache[tree_id] = nodes
-            while len(self._cache) > self._cache_size:
-                self._cache.popitem(last=False)
-        return nodes
-
-    def tree_if_cached(self, tree_id: bytes, max_length: int = 1 << 20) -> list[Node] | None:
-        """The tree without waiting on storage, or None (see `Repository.load_blob_if_cached`)."""
-        with self._lock:
-            nodes = self._cache.get(tree_id)
-        if nodes is not None:
             return nodes
-        data = self.repo.load_blob_if_cached(tree_id, max_length)
-        if data is None:
-            return None
+
+    def _keep(self, tree_id: bytes, data: bytes) -> list[Node]:
         try:
             nodes = decode_tree(data)
         except ValueError as exc:
@@ -52,6 +35,18 @@ class TreeReader:
             while len(self._cache) > self._cache_size:
                 self._cache.popitem(last=False)
         return nodes
+
+    def tree(self, tree_id: bytes) -> list[Node]:
+        nodes = self._cached(tree_id)
+        return nodes if nodes is not None else self._keep(tree_id, self.repo.load_blob(tree_id))
+
+    def tree_if_cached(self, tree_id: bytes, max_length: int = 1 << 20) -> list[Node] | None:
+        """The tree without waiting on storage, or None (see `Repository.load_blob_if_cached`)."""
+        nodes = self._cached(tree_id)
+        if nodes is not None:
+            return nodes
+        data = self.repo.load_blob_if_cached(tree_id, max_length)
+        return self._keep(tree_id, data) if data is not None else None
 
     def root_node(self, root: bytes) -> Node:
         return Node(name=b"/", type=DIR, mode=0o755, subtree=root)

@@ -20,6 +20,15 @@ from .conftest import Mounted, mount_pids, stasisfs_mounts
 pytestmark = pytest.mark.timeout(180)
 
 
+def small_backup(cli: Cli) -> Path:
+    cli.init()
+    src = cli.tmp / "src"
+    src.mkdir()
+    (src / "f").write_text("x")
+    cli.backup(src)
+    return src
+
+
 def in_snapshot(m: Mounted, src: Path, name: str = "latest") -> Path:
     return m.path / "snapshots" / name / str(src).lstrip("/")
 
@@ -65,11 +74,7 @@ def test_random_reads_of_a_large_file(cli: Cli, mounted: Mounted) -> None:
 
 
 def test_writes_are_refused(cli: Cli, mounted: Mounted) -> None:
-    cli.init()
-    src = cli.tmp / "src"
-    src.mkdir()
-    (src / "f").write_text("x")
-    cli.backup(src)
+    src = small_backup(cli)
     mounted.start()
     target = in_snapshot(mounted, src)
     for action in (lambda: os.open(target / "f", os.O_WRONLY), lambda: os.open(target / "new", os.O_WRONLY | os.O_CREAT),
@@ -139,11 +144,7 @@ def test_corrupt_chunk_gives_eio_and_the_rest_stays_readable(cli: Cli, mounted: 
 
 
 def test_umount_and_cleanup_after_kill(cli: Cli, mounted: Mounted) -> None:
-    cli.init()
-    src = cli.tmp / "src"
-    src.mkdir()
-    (src / "f").write_text("x")
-    cli.backup(src)
+    small_backup(cli)
     mounted.start()
     cli.ok("umount", mounted.path)
     assert str(mounted.path) not in stasisfs_mounts()
@@ -159,11 +160,7 @@ def test_umount_and_cleanup_after_kill(cli: Cli, mounted: Mounted) -> None:
 
 
 def test_sigterm_unmounts_cleanly(cli: Cli, mounted: Mounted) -> None:
-    cli.init()
-    src = cli.tmp / "src"
-    src.mkdir()
-    (src / "f").write_text("x")
-    cli.backup(src)
+    small_backup(cli)
     mounted.start()
     [pid] = mount_pids(mounted.path)
     os.kill(pid, signal.SIGTERM)
@@ -174,11 +171,7 @@ def test_sigterm_unmounts_cleanly(cli: Cli, mounted: Mounted) -> None:
 
 
 def test_mount_in_command_substitution_does_not_hang(cli: Cli, mounted: Mounted) -> None:
-    cli.init()
-    src = cli.tmp / "src"
-    src.mkdir()
-    (src / "f").write_text("x")
-    cli.backup(src)
+    src = small_backup(cli)
     mounted.path.mkdir()
     # like $(stasisfs mount ...): the caller waits for EOF on the pipe, which only closes if the server holds no copy
     proc = subprocess.Popen([sys.executable, "-m", "stasisfs", "mount", str(mounted.path)], env=cli.env,
