@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import multiprocessing
 import os
+import sys
 from collections.abc import Callable
 from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -21,6 +22,12 @@ def worker_pool(workers: int, name: str, initializer: Callable[..., None], inita
     other threads. Processes can fail to start, e.g. when the interpreter is not executable
     for the user the command runs as; the threads then share the parent's objects instead.
     """
+    def threads() -> Executor:
+        share_in_threads()
+        return ThreadPoolExecutor(workers, thread_name_prefix=name, initializer=initializer, initargs=initargs)
+
+    if not os.access(sys.executable, os.X_OK):  # e.g. an interpreter under a home directory this user cannot enter
+        return threads()
     pool: ProcessPoolExecutor | None = None
     try:
         pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=initializer, initargs=initargs)
@@ -30,5 +37,4 @@ def worker_pool(workers: int, name: str, initializer: Callable[..., None], inita
         if pool is not None:
             with contextlib.suppress(Exception):
                 pool.shutdown(wait=False, cancel_futures=True)
-    share_in_threads()
-    return ThreadPoolExecutor(workers, thread_name_prefix=name, initializer=initializer, initargs=initargs)
+    return threads()
