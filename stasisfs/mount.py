@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import faulthandler
+import gc
 import logging
 import os
 import shutil
@@ -84,7 +85,11 @@ def serve(repo: Repository, mountpoint: Path, cache_bytes: int, on_ready: Callab
     repo.index  # noqa: B018 - open (and if needed rebuild) the index before serving
     # Requests wait on the GIL whenever a worker thread decodes a tree; a short switch
     # interval keeps that wait far below the default 5 ms, which would dominate latency.
-    sys.setswitchinterval(float(os.environ.get("STASISFS_SWITCH_INTERVAL", "0.0002")))
+    sys.setswitchinterval(0.0002)
+    # Entries and tree nodes are long-lived and acyclic; frequent full collections over
+    # hundreds of thousands of them would pause every request.
+    gc.freeze()
+    gc.set_threshold(50_000, 50, 1000)
     total = sum(size for size, _ in repo.index.packs().values())
     vfs = Vfs(RepositorySource(repo), uid=os.getuid(), gid=os.getgid(), cache_bytes=cache_bytes)
     ops = SnapshotFs(vfs, total_bytes=total)
