@@ -8,6 +8,7 @@ known. Order of durability: packs, index objects, snapshot.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import stat
 import struct
@@ -69,7 +70,7 @@ def stasisfs_mountpoints() -> set[bytes]:
                     mountpoint = left.split()[4].decode("unicode_escape").encode("latin-1")
                     result.add(mountpoint)
     except OSError:
-        pass
+        return result  # no /proc: nothing is known to be mounted
     return result
 
 
@@ -99,11 +100,9 @@ class Backup:
         self._spec = pathspec.GitIgnoreSpec.from_lines(options.excludes) if options.excludes else None
         self._skip_inodes = set()
         for path in (repo.path, cache_root()):
-            try:
+            with contextlib.suppress(OSError):  # a cache that does not exist yet holds nothing to skip
                 st = os.stat(path)
                 self._skip_inodes.add((st.st_dev, st.st_ino))
-            except OSError:
-                pass
         self._skip_paths = stasisfs_mountpoints()
 
     # --- reporting ---

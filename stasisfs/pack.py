@@ -112,7 +112,7 @@ class NullSink:
     """Discards the pack (dry runs)."""
 
     def write(self, data: bytes) -> None:
-        pass
+        return None  # a dry run measures, it does not store
 
 
 class PackBuilder:

@@ -65,17 +65,24 @@ def is_object_name(name: str) -> bool:
     return len(name) == 64 and all(c in "0123456789abcdef" for c in name)
 
 
+def _writer_alive(temp_name: str) -> bool:
+    """Temp files end in the writer's pid: is that process still running?"""
+    try:
+        pid = int(temp_name.rsplit(".", 1)[1])
+    except (ValueError, IndexError):
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # alive, and someone else's
+    return True
+
+
 def sweep_temp_files(directory: Path) -> None:
     """Remove temp files a killed writer left behind."""
     for entry in os.scandir(directory):
-        if entry.name.startswith(TEMP_PREFIX):
-            try:
-                pid = int(entry.name.rsplit(".", 1)[1])
-                os.kill(pid, 0)
-                continue  # still being written by a live process
-            except (ValueError, ProcessLookupError, IndexError):
-                pass
-            except PermissionError:
-                continue
+        if entry.name.startswith(TEMP_PREFIX) and not _writer_alive(entry.name):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(entry.path)

@@ -48,15 +48,15 @@ class VfsError(Exception):
 
 
 class NotFound(VfsError):
-    pass
+    """No such entry (ENOENT)."""
 
 
 class NotADirectory(VfsError):
-    pass
+    """A directory operation on something else (ENOTDIR)."""
 
 
 class NoSuchAttribute(VfsError):
-    pass
+    """No such extended attribute (ENOATTR)."""
 
 
 class SnapshotSource(Protocol):
