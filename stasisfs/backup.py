@@ -40,8 +40,9 @@ from .workers import FileResult, init_worker, open_for_backup, process_files, us
 
 CACHEDIR_SIGNATURE = b"Signature: 8a477f597d28d172789f06886806bc55"
 LARGE_FILE = 16 * 1024 * 1024  # larger files stream through a parent thread instead of a worker process
-MAX_PENDING_ITEMS = 1024
-MAX_PENDING_BYTES = 24 * 1024 * 1024  # entries walked ahead of the trees written: bounds memory, keeps workers fed
+# How far the walk runs ahead of the trees written: enough to keep workers fed, little enough to bound memory.
+MAX_PENDING_ITEMS = 512
+MAX_PENDING_BYTES = 12 * 1024 * 1024
 MAX_PENDING_DIRS = 1024
 STAT_SIGNATURE = struct.Struct("<HIIIQqqQQQQ")
 
