@@ -6,12 +6,33 @@ import contextlib
 import multiprocessing
 import os
 import sys
+import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from typing import Any
 
 STARTUP_TIMEOUT = 60.0
+PARENT_CHECK_EVERY = 1.0
+
+
+def exit_with_parent() -> None:
+    """In a worker process: exit as soon as the parent is gone (say, killed mid-backup).
+
+    A pool worker would otherwise wait forever on its task queue, holding the key in memory.
+    """
+    parent_process = multiprocessing.parent_process()
+    if parent_process is None:
+        return  # a worker thread of the parent itself
+    parent = parent_process.pid  # as the parent said, not as getppid() says now: it may already be gone
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(PARENT_CHECK_EVERY)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
 
 
 def worker_pool(workers: int, name: str, initializer: Callable[..., None], initargs: tuple[Any, ...],

@@ -23,7 +23,7 @@ import pathspec
 
 from .errors import IntegrityError
 from .fsmeta import apply_metadata, create_special
-from .pools import worker_pool
+from .pools import exit_with_parent, worker_pool
 from .progress import Counters
 from .reader import TreeReader
 from .repository import Repository
@@ -142,6 +142,7 @@ def use_repository_in_threads(repo: Repository) -> None:
 
 def init_writer(repo_path: str, master: bytes, sparse: bool, verify: bool, as_root: bool) -> None:
     global _shared_repo
+    exit_with_parent()
     if _shared_repo is None:  # a writer process: open the repository and its index once
         _shared_repo = Repository.for_worker(Path(repo_path), master)
     _writer.file_writer = FileWriter(_shared_repo, sparse, verify, as_root)

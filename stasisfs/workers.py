@@ -17,6 +17,7 @@ from .chunker import Chunker
 from .crypto import Cipher, MasterKeys
 from .index import Index
 from .packer import ChunkSealer
+from .pools import exit_with_parent
 
 O_NOATIME = getattr(os, "O_NOATIME", 0)
 
@@ -78,6 +79,7 @@ _shared_index: Index | None = None  # the parent's own index, when workers are t
 def init_worker(master: bytes, repo_id: bytes, index_path: str, verify: bool) -> None:
     """Initializer for a worker process, or for a worker thread when processes are unavailable."""
     global _shared_index
+    exit_with_parent()
     if _shared_index is None or str(_shared_index.path) != index_path:
         _shared_index = Index(Path(index_path))  # one environment per process, as LMDB requires
     _local.worker = ChunkWorker(master, repo_id, _shared_index, verify)

@@ -12,6 +12,29 @@ import pytest
 from conftest import Cli
 
 
+def workers_of(marker: str) -> list[int]:
+    """Worker processes started for this test's repository (found by their environment)."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if b"spawn_main" not in f.read():
+                    continue
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                if marker.encode() in f.read():
+                    found.append(int(pid))
+        except OSError:
+            continue
+    return found
+
+
+def assert_no_orphan_workers(marker: str) -> None:
+    deadline = time.monotonic() + 10
+    while workers_of(marker) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert workers_of(marker) == [], "worker processes outlived the killed backup (they hold the key)"
+
+
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("delay", [0.05, 0.4, 0.9, 1.6])
 def test_kill_during_backup_then_check_and_resume(cli: Cli, delay: float) -> None:
@@ -27,6 +50,7 @@ def test_kill_during_backup_then_check_and_resume(cli: Cli, delay: float) -> Non
     time.sleep(delay)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
+    assert_no_orphan_workers(cli.env["XDG_CACHE_HOME"])
     cli.ok("check", "--read-data")
     written_before = sum(p.stat().st_size for p in cli.repo.glob("data/*/*"))
     summary = cli.ok("backup", src, "--json").stdout.decode().splitlines()[-1]
