@@ -262,8 +262,10 @@ class Repository:
 
     def sync_index(self) -> None:
         """Take in index objects and snapshots other runs have added since."""
+        if self._index is None:
+            self.index  # noqa: B018 - opening the index syncs it
+            return
         index = self._index
-        assert index is not None
         known = index.index_objects()
         for object_id in self.list_objects("index"):
             if bytes.fromhex(object_id) not in known:

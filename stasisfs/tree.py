@@ -90,7 +90,7 @@ class Node:
             xattrs = get("xattrs")
             node = cls(
                 os.fsencode(d["name"]), node_type, d["mode"], d["uid"], d["gid"], d["mtime"], get("size", 0),
-                [bytes.fromhex(c) for c in content] if content else [],
+                list(map(bytes.fromhex, content)) if content else [],
                 bytes.fromhex(subtree) if subtree else None,
                 os.fsencode(target) if target else b"",
                 get("rdev", 0),
@@ -99,7 +99,8 @@ class Node:
             )
         except (KeyError, TypeError, AttributeError) as exc:
             raise ValueError(f"malformed tree node: {exc}") from None
-        if not all(type(v) is int for v in (node.mode, node.uid, node.gid, node.mtime_ns, node.size, node.rdev, node.links)):
+        if not (type(node.mode) is int and type(node.uid) is int and type(node.gid) is int and type(node.mtime_ns) is int
+                and type(node.size) is int and type(node.rdev) is int and type(node.links) is int):
             raise ValueError("malformed tree node: a numeric field is not an integer")
         return node
 
