@@ -366,10 +366,13 @@ class Backup:
         try:
             with ThreadPoolExecutor(1, thread_name_prefix="backup-large") as pool:
                 root = self._build_root(pool, paths)
+            return self._finish(root, paths, started)
+        except BaseException:
+            self.writer.abort()
+            raise
         finally:
             if self._procs is not None:
-                self._procs.shutdown()
-        return self._finish(root, paths, started)
+                self._procs.shutdown(cancel_futures=True)
 
     @property
     def procs(self) -> Executor:

@@ -120,6 +120,14 @@ class BlobWriter:
         if batch:
             self.repo.write_index_object(batch)
 
+    def abort(self) -> None:
+        """A failed run: drop the open packs' temp files. Packs already written stay and are reused next time."""
+        with self._lock:
+            builders, self._open = self._open, []
+        for builder in builders:
+            if isinstance(builder.sink, PackFile):
+                builder.sink.discard()
+
     def flush(self) -> None:
         """Write the open packs and an index object for everything not yet covered."""
         with self._lock:

@@ -1,0 +1,44 @@
+"""A full disk under the repository: one clear line, nothing lost, the repository still checks out."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from conftest import Cli
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        pytest.skip("needs root to mount a small tmpfs")
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=6m", "tmpfs", str(disk)], check=True)
+    try:
+        yield disk
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
+def test_backup_on_a_full_disk(cli: Cli, small_disk: Path) -> None:
+    cli.env["STASISFS_REPO"] = str(small_disk / "repo")
+    cli.init()
+    src = cli.tmp / "src"
+    src.mkdir()
+    (src / "small.txt").write_text("fits\n")
+    first = cli.backup(src)
+    (src / "big.bin").write_bytes(os.urandom(12 * 1024 * 1024))  # more than the disk holds
+    done = cli.run("backup", src)
+    assert done.returncode == 1
+    assert b"no space left" in done.stderr and b"Traceback" not in done.stderr
+    assert [s["id"] for s in cli.snapshots()] == [first]  # no junk snapshot
+    assert not list((small_disk / "repo" / "locks").iterdir())  # the lock was released
+    assert not [p for p in (small_disk / "repo" / "data").iterdir() if p.name.startswith(".tmp-")]  # open packs dropped
+    cli.ok("check", "--read-data")
+    assert cli.ok("dump", f"{first}:{src}/small.txt").stdout == b"fits\n"
