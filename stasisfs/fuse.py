@@ -211,7 +211,7 @@ class SnapshotFs(pyfuse3.Operations):
     async def _fetch_into(self, fh: int, position: int, chunk_id: bytes, out: dict[int, bytes]) -> None:
         out[position] = await self._chunk(fh, chunk_id)
 
-    async def _chunk(self, fh: int, chunk_id: bytes, limiter: trio.CapacityLimiter | None = None, keep: bool = True) -> bytes:
+    async def _chunk(self, fh: int, chunk_id: bytes, keep: bool = True) -> bytes:
         """A decrypted chunk, fetched once even when several readers want it at the same time."""
         while True:
             data = self.vfs.cache.get(chunk_id)
@@ -232,7 +232,7 @@ class SnapshotFs(pyfuse3.Operations):
             return small
         done = self._inflight[chunk_id] = trio.Event()
         try:
-            data = await trio.to_thread.run_sync(self.vfs.source.chunk, chunk_id, limiter=limiter or self.limiter)
+            data = await self._blocking(self.vfs.source.chunk, chunk_id)
         except IntegrityError as exc:
             log.error("%s: %s", self.vfs.describe(fh), exc)
             raise pyfuse3.FUSEError(errno.EIO) from None
@@ -250,11 +250,11 @@ class SnapshotFs(pyfuse3.Operations):
         content = entry.node.content
         for ahead in content[position + 1 : position + 1 + READ_AHEAD_CHUNKS]:
             if self.vfs.cache.get(ahead) is None and ahead not in self._inflight:
-                self._nursery.start_soon(self._prefetch, fh, ahead, self.limiter)
+                self._nursery.start_soon(self._prefetch, fh, ahead)
 
-    async def _prefetch(self, fh: int, chunk_id: bytes, limiter: trio.CapacityLimiter) -> None:
+    async def _prefetch(self, fh: int, chunk_id: bytes) -> None:
         with contextlib.suppress(Exception):  # a failed prefetch is reported by the read that needs it
-            await self._chunk(fh, chunk_id, limiter)
+            await self._chunk(fh, chunk_id)
 
     @errors_mapped
     async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:

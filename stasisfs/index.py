@@ -16,7 +16,7 @@ import contextlib
 import os
 import struct
 import threading
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -57,11 +57,6 @@ class FileRecord:
     def encode(self) -> bytes:
         return FILE_ROW.pack(self.device, self.inode, self.size, self.mtime_ns, self.ctime_ns) + b"".join(self.content)
 
-    @classmethod
-    def decode(cls, raw: bytes) -> FileRecord:
-        device, inode, size, mtime_ns, ctime_ns = FILE_ROW.unpack_from(raw)
-        body = raw[FILE_ROW.size :]
-        return cls(device, inode, size, mtime_ns, ctime_ns, tuple(body[i : i + 32] for i in range(0, len(body), 32)))
 
 
 class Index:
@@ -136,9 +131,6 @@ class Index:
         with self.env.begin() as txn:
             return txn.get(chunk_id, db=self._chunks) is not None
 
-    def missing_chunks(self, chunk_ids: Iterable[bytes]) -> list[bytes]:
-        with self.env.begin() as txn:
-            return [c for c in chunk_ids if txn.get(c, db=self._chunks) is None]
 
     def add_packs(self, packs: Iterable[PackInfo], index_object_id: bytes = NO_INDEX_OBJECT) -> None:
         packs = list(packs)
@@ -161,10 +153,6 @@ class Index:
         with self.env.begin() as txn:
             return int(txn.stat(self._chunks)["entries"])
 
-    def iter_chunks(self) -> Iterator[tuple[bytes, Location]]:
-        with self.env.begin() as txn:
-            for k, v in txn.cursor(db=self._chunks):
-                yield bytes(k), Location(*LOCATION.unpack(v))
 
     def index_objects(self) -> set[bytes]:
         with self.env.begin() as txn:
@@ -182,10 +170,6 @@ class Index:
             return {bytes(k): bytes(v) for k, v in txn.cursor(db=self._snapshots)}
 
     # --- files cache ---
-    def file_record(self, path_key: bytes) -> FileRecord | None:
-        with self.env.begin() as txn:
-            raw = txn.get(path_key, db=self._files)
-        return FileRecord.decode(raw) if raw is not None else None
 
     def unchanged_content(self, path_key: bytes, st: os.stat_result) -> tuple[bool, list[bytes] | None]:
         """(a record exists, its chunk ids if the file is unchanged and every chunk is still stored)."""

@@ -15,7 +15,6 @@ from __future__ import annotations
 import base64
 import json
 import os
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -120,11 +119,3 @@ def decode_tree(data: bytes) -> list[Node]:
 def split_path(path: bytes) -> list[bytes]:
     """`/a//b/` -> [b"a", b"b"]; the tree root is the filesystem root."""
     return [part for part in path.split(b"/") if part and part != b"."]
-
-
-def join_path(parts: list[bytes] | tuple[bytes, ...]) -> bytes:
-    return b"/" + b"/".join(parts)
-
-
-def walk_names(nodes: list[Node]) -> Iterator[Node]:
-    yield from sorted(nodes, key=lambda n: n.name)

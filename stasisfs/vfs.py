@@ -40,7 +40,6 @@ _TYPE_BITS = {
     BLOCKDEV: stat.S_IFBLK,
     SOCKET: stat.S_IFSOCK,
 }
-VIEWS = (b"snapshots", b"devices", b"ids", b"tags", b"versions")
 
 
 class VfsError(Exception):
