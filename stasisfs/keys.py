@@ -32,6 +32,9 @@ ARGON2_DEFAULT = {"iterations": 3, "memory_kib": 64 * 1024, "lanes": 4}
 # Only for the test suite, never on by default: see tests/conftest.py.
 INSECURE_TEST_KDF_ENV = "STASISFS_INSECURE_TEST_KDF"
 ARGON2_INSECURE_TEST = {"iterations": 1, "memory_kib": 64, "lanes": 1}
+# The escrowed slot sits on a server that can guess passwords offline against it: make each guess dearer.
+ARGON2_ESCROW = {"iterations": 4, "memory_kib": 256 * 1024, "lanes": 4}
+LOGIN_VERIFIER_LABEL = b"stasisfs login verifier v1"
 
 MIN_PASSWORD_SCORE = 3  # zxcvbn: "safely unguessable: moderate protection from offline slow-hash scenario"
 
@@ -71,9 +74,31 @@ def _slot_aad(repo_id: bytes, slot_id: str) -> bytes:
     return b"stasisfs key slot v1\0" + repo_id + b"\0" + slot_id.encode()
 
 
-def argon2_params() -> dict[str, object]:
-    params = ARGON2_INSECURE_TEST if os.environ.get(INSECURE_TEST_KDF_ENV) == "1" else ARGON2_DEFAULT
+def insecure_test_kdf() -> bool:
+    return os.environ.get(INSECURE_TEST_KDF_ENV) == "1"
+
+
+def argon2_params(strength: dict[str, int] = ARGON2_DEFAULT) -> dict[str, object]:
+    params = ARGON2_INSECURE_TEST if insecure_test_kdf() else strength
     return {"name": "argon2id", "salt": base64.b64encode(os.urandom(16)).decode(), **params}
+
+
+def login_kdf() -> dict[str, object]:
+    """Login KDF parameters a new account is enrolled with (the salt comes from the server)."""
+    return {"name": "argon2id", **(ARGON2_INSECURE_TEST if insecure_test_kdf() else ARGON2_DEFAULT)}
+
+
+def login_verifier(password: str, salt: bytes, kdf: dict[str, object]) -> bytes:
+    """What proves the password to a server. A different salt and label from every key slot, so it opens nothing."""
+    if kdf.get("name") != "argon2id":
+        raise StasisError(f"server asks for an unknown login KDF {kdf.get('name')!r}")
+    iterations, memory, lanes = (int(str(kdf[k])) for k in ("iterations", "memory_kib", "lanes"))
+    floor = ARGON2_INSECURE_TEST if insecure_test_kdf() else ARGON2_DEFAULT
+    if iterations < floor["iterations"] or memory < floor["memory_kib"] or not 1 <= lanes <= 64 or len(salt) < 16:
+        # A server offering cheap parameters would make its copy of the verifier cheap to guess from.
+        raise StasisError("the server asks for login KDF parameters weaker than stasisfs accepts; refusing to log in")
+    stretched = Argon2id(salt=salt, length=KEY_LEN, iterations=iterations, lanes=lanes, memory_cost=memory).derive(password.encode())
+    return hkdf(stretched, LOGIN_VERIFIER_LABEL, salt=salt)
 
 
 def derive_kek(kdf: dict[str, object], secret: bytes, slot_id: str) -> bytes:
@@ -184,3 +209,23 @@ def parse_recovery_key(text: str) -> bytes:
     if len(raw) != KEY_LEN + 4 or blake3.blake3(master).digest()[:4] != check:
         raise UsageError("recovery key is mistyped or incomplete (its checksum does not match)")
     return master
+
+
+# --- the escrowed key ---------------------------------------------------------
+# What the server holds for recovery: one password slot with stronger Argon2id, plus the ids needed to find the rest.
+
+
+def make_escrow(master: bytes, repo_id: bytes, password: str, config_id: str) -> bytes:
+    slot = wrap(master, repo_id, password.encode(), SLOT_PASSWORD, argon2_params(ARGON2_ESCROW), label="escrow")
+    return json.dumps({"version": 1, "repository": repo_id.hex(), "config": config_id, "slot": json.loads(slot.encode())}).encode()
+
+
+def open_escrow(blob: bytes, password: str) -> tuple[bytes, str, bytes]:
+    """(repository id, config object id, master key); WrongKey if the password does not open it."""
+    try:
+        doc = json.loads(blob)
+        repo_id, config_id = bytes.fromhex(doc["repository"]), str(doc["config"])
+        slot = KeySlot.decode(json.dumps(doc["slot"]).encode())
+    except (ValueError, KeyError, TypeError) as exc:
+        raise StasisError(f"the escrowed key is malformed: {exc}") from None
+    return repo_id, config_id, unwrap(slot, repo_id, password.encode())

@@ -24,6 +24,7 @@ from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from . import keys as keyslots
 from .chunker import CHUNK_AVG, CHUNK_MAX, CHUNK_MIN
@@ -40,6 +41,9 @@ from .pack import (
     read_trailer,
 )
 from .snapshot import Snapshot
+
+if TYPE_CHECKING:
+    from .packcache import RemotePacks
 from .storage import TEMP_PREFIX, fsync_dir, is_object_name, read_verified, storage_id, sweep_temp_files, write_atomic
 
 FORMAT_VERSION = 1
@@ -97,6 +101,7 @@ class Repository:
         self._fds: OrderedDict[bytes, int] = OrderedDict()
         self._memory_backed: bool | None = None
         self._fd_lock = threading.Lock()
+        self._remote_packs: RemotePacks | bool | None = False  # False: not looked up yet
 
     # --- creation and unlocking ---
     @classmethod
@@ -128,6 +133,28 @@ class Repository:
         repo = cls(path)
         repo._attach(master, slot.id)
         return repo, master
+
+    @classmethod
+    def adopt(cls, path: Path, config: bytes, master: bytes, password: str) -> Repository:
+        """Recreate a repository from its config and master key (recovery), with a fresh local password slot."""
+        path = path.absolute()
+        if path.exists() and any(path.iterdir()):
+            raise StasisError(f"{path} exists and is not empty; recover into a new or empty directory")
+        path.mkdir(parents=True, exist_ok=True, mode=0o700)
+        for sub in SUBDIRS:
+            (path / sub).mkdir(mode=0o700, exist_ok=True)
+        for i in range(256):
+            (path / "data" / f"{i:02x}").mkdir(mode=0o700, exist_ok=True)
+        doc = json.loads(config)
+        repo_id = bytes.fromhex(doc["id"])
+        if MasterKeys(master, repo_id).key_check.hex() != doc.get("key_check"):
+            raise WrongKey("the recovered key does not open this repository config")
+        slot = keyslots.wrap(master, repo_id, password.encode(), keyslots.SLOT_PASSWORD, keyslots.argon2_params())
+        write_atomic(path / "keys" / slot.id, slot.encode())
+        write_atomic(path / "config", config)
+        repo = cls(path)
+        repo._attach(master, slot.id)
+        return repo
 
     def slots(self) -> list[keyslots.KeySlot]:
         result = []
@@ -371,7 +398,19 @@ class Repository:
             entries = parse_header(self.cipher, f.read(length))
         return PackInfo(pack_id, size, tuple(entries))
 
-    def _pack_fd(self, pack_id: bytes) -> int:
+    @property
+    def remote_packs(self) -> RemotePacks | None:
+        """Where packs not present locally come from, for a thin repository (made by `recover`)."""
+        if self._remote_packs is False:
+            from .packcache import RemotePacks
+            from .remotes import DeviceRemotes
+
+            thin = DeviceRemotes(self.id).thin
+            self._remote_packs = RemotePacks(self.cache_dir, thin) if thin is not None else None
+        assert not isinstance(self._remote_packs, bool)
+        return self._remote_packs
+
+    def _pack_fd(self, pack_id: bytes, required: bool = True) -> int | None:
         with self._fd_lock:
             fd = self._fds.get(pack_id)
             if fd is not None:
@@ -380,6 +419,8 @@ class Repository:
             try:
                 fd = os.open(self.pack_path(pack_id), os.O_RDONLY)
             except FileNotFoundError:
+                if not required:
+                    return None
                 raise IntegrityError(f"pack {pack_id.hex()} is missing from the repository") from None
             self._fds[pack_id] = fd
             while len(self._fds) > 64:
@@ -390,8 +431,16 @@ class Repository:
         location = self.index.lookup(chunk_id)
         if location is None:
             raise IntegrityError(f"chunk {chunk_id.hex()[:16]} is not in the index; run `stasisfs check`")
-        box = os.pread(self._pack_fd(location.pack_id), location.length, location.offset)
-        return self._open_box(chunk_id, location, box)
+        remote = self.remote_packs
+        fd = self._pack_fd(location.pack_id, required=remote is None)
+        if fd is not None:
+            return self._open_box(chunk_id, location, os.pread(fd, location.length, location.offset))
+        assert remote is not None
+        try:
+            return self._open_box(chunk_id, location, remote.read(location.pack_id, location.offset, location.length))
+        except IntegrityError:  # a damaged cache block, or a bad fetch: drop it and fetch once more
+            remote.invalidate(location.pack_id, location.offset, location.length)
+            return self._open_box(chunk_id, location, remote.read(location.pack_id, location.offset, location.length))
 
     def load_blob_if_cached(self, chunk_id: bytes, max_length: int) -> bytes | None:
         """The blob, if it is small and its bytes are in the page cache; None rather than wait for a disk.
@@ -402,7 +451,9 @@ class Repository:
         if location is None or location.length > max_length:
             return None
         buffer = bytearray(location.length)
-        fd = self._pack_fd(location.pack_id)
+        fd = self._pack_fd(location.pack_id, required=self.remote_packs is None)
+        if fd is None:
+            return None  # fetching from a remote may block
         try:
             # tmpfs cannot block (and does not support RWF_NOWAIT); elsewhere, refuse to wait for a disk.
             n = os.preadv(fd, [buffer], location.offset, 0 if self._is_memory_backed() else os.RWF_NOWAIT)
@@ -422,8 +473,11 @@ class Repository:
         if self._is_memory_backed():
             return
         for location in self.index.lookup_many(chunk_ids):
+            fd = self._pack_fd(location.pack_id, required=False)
+            if fd is None:
+                continue
             with contextlib.suppress(OSError, IntegrityError):
-                os.posix_fadvise(self._pack_fd(location.pack_id), location.offset, location.length, os.POSIX_FADV_WILLNEED)
+                os.posix_fadvise(fd, location.offset, location.length, os.POSIX_FADV_WILLNEED)
 
     def _open_box(self, chunk_id: bytes, location: Location, box: bytes) -> bytes:
         if len(box) != location.length:

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from server_fixture import Server, server  # noqa: F401 - a fixture for every test package
 
 PASSWORD = "correct horse battery staple"
 

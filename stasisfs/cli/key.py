@@ -9,10 +9,11 @@ from pathlib import Path
 import click
 
 from .. import keys as keyslots
-from ..errors import StasisError, UsageError
+from ..account import change_password_on_remotes
+from ..errors import EXIT_INCOMPLETE, StasisError, UsageError
 from ..repository import Repository
 from ..storage import write_atomic
-from .common import global_options, info, open_repository, print_json, prompt_password, read_password, repo_path, write_line
+from .common import global_options, info, open_repository, print_json, prompt_password, read_password, repo_path, warn, write_line
 
 
 def _new_password(repo: Repository) -> str:
@@ -109,7 +110,12 @@ def key_passwd() -> None:
             repo.add_slot(fresh)  # the new slot exists before the old one goes
             repo.remove_slot(slot.id)
             replaced.append(fresh.id)
-    info(f"password changed ({len(replaced)} slot{'s' if len(replaced) != 1 else ''} re-wrapped)")
+        info(f"password changed ({len(replaced)} slot{'s' if len(replaced) != 1 else ''} re-wrapped)")
+        failures = change_password_on_remotes(repo, old_password, new_password, info)
+    for failure in failures:
+        warn(f"remote {failure}; run `stasisfs key passwd` again when it is reachable (the old password still logs in there)")
+    if failures:
+        sys.exit(EXIT_INCOMPLETE)
 
 
 def _prompt_new_or_env(repo: Repository) -> str:

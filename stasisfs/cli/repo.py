@@ -34,6 +34,7 @@ from .common import (
     warn,
     write_line,
 )
+from .remote import sync_after_backup
 
 
 def find_snapshot(repo: Repository, ref: str) -> Snapshot:
@@ -86,15 +87,17 @@ def init(device: str | None) -> None:
 @click.option("--dry-run", "-n", is_flag=True, help="Do everything but write to the repository.")
 @click.option("--json", "json_output", is_flag=True, help="JSON lines: progress, then a summary.")
 @click.option("--quiet", "-q", is_flag=True, help="Print only the snapshot id.")
+@click.option("--no-sync", is_flag=True, help="Do not sync to the remotes afterwards.")
 @global_options
 def backup(paths: tuple[bytes, ...], excludes: tuple[str, ...], exclude_file: str | None, exclude_caches: bool,
            one_file_system: bool, tags: tuple[str, ...], when: str | None, from_stdin: bool, stdin_filename: str,
-           dry_run: bool, json_output: bool, quiet: bool) -> None:
-    """Snapshot PATHS into the repository.
+           dry_run: bool, json_output: bool, quiet: bool, no_sync: bool) -> None:
+    """Snapshot PATHS into the repository, then sync it to every remote.
 
     Unchanged files are not read again. The last line of output is the
     snapshot id. Exits 3 if some files could not be read (the snapshot is
-    saved without them).
+    saved without them), or if a remote could not be synced (the local
+    snapshot is kept; the next run catches up).
     """
     if not paths and not from_stdin:
         raise UsageError("nothing to back up: give one or more paths, or --stdin")
@@ -129,10 +132,11 @@ def backup(paths: tuple[bytes, ...], excludes: tuple[str, ...], exclude_file: st
         with Reporter(counters, mode, "backup"):
             snapshot = job.run_stdin(sys.stdin.buffer, stdin_filename) if from_stdin else job.run()
         stop.set()
+        sync_failures = {} if dry_run or no_sync else sync_after_backup(repo, json_output)
     s = snapshot.summary
     if json_output:
         print_json({"message_type": "summary", "snapshot_id": snapshot.id.hex() if not dry_run else None,
-                    "dry_run": dry_run, "errors": job.warnings, **s.__dict__})
+                    "dry_run": dry_run, "errors": job.warnings, "sync_failed": sync_failures, **s.__dict__})
     elif not quiet:
         info(f"files: {s.files_new} new, {s.files_changed} changed, {s.files_unmodified} unmodified")
         info(f"dirs: {s.dirs_new} new trees; added {human_size(s.data_added)} of data ({human_size(job.writer.bytes_added)} stored)")
@@ -146,6 +150,8 @@ def backup(paths: tuple[bytes, ...], excludes: tuple[str, ...], exclude_file: st
     if job.warnings:
         if not json_output:
             warn(f"the snapshot is incomplete: {len(job.warnings)} problems (listed above)")
+        sys.exit(EXIT_INCOMPLETE)
+    if sync_failures:
         sys.exit(EXIT_INCOMPLETE)
 
 

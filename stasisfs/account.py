@@ -1,0 +1,132 @@
+"""The user's account on a server: enrolment, login, escrow, recovery of a lost device.
+
+The password never leaves the device. The server gets a login verifier
+(Argon2id under the server's salt, then HKDF with its own label) that opens
+nothing, and an escrowed key slot that opens only with the password.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from . import keys as keyslots
+from .errors import StasisError, UsageError
+from .remote import RemoteClient, RemoteError
+from .remotes import DeviceRemotes, Remote
+from .repository import Repository
+from .storage import storage_id, write_atomic
+from .sync import config_object
+
+
+def login(client: RemoteClient, user: str, password: str) -> None:
+    """Log in with the password; the client then carries a short-lived session token."""
+    salt, kdf = client.login_params(user)
+    client.token = client.login(user, keyslots.login_verifier(password, salt, kdf))
+
+
+def escrow_blob(repo: Repository, remotes: DeviceRemotes, password: str, renew: bool = False) -> bytes:
+    """The escrowed key for this repository, made once and kept beside the remotes' settings."""
+    blob = None if renew else remotes.escrow()
+    if blob is None:
+        blob = keyslots.make_escrow(repo.master_keys.master, repo.id, password, config_object(repo)[0])
+        remotes.set_escrow(blob)
+    return blob
+
+
+def add_remote(repo: Repository, name: str, url: str, user: str, password: str, enrol_code: str | None,
+               cacert: str | None) -> Remote:
+    remotes = DeviceRemotes(repo.id)
+    if any(r.name == name for r in remotes.all()):
+        raise UsageError(f"a remote named {name!r} already exists; remove it first or pick another name")
+    client = RemoteClient(url, cacert=cacert, name=name)
+    if enrol_code:
+        salt, _ = client.login_params(user)
+        kdf = keyslots.login_kdf()
+        token = client.enrol(user, enrol_code, keyslots.login_verifier(password, salt, kdf), kdf, repo.device)
+    else:
+        login(client, user, password)
+        try:
+            token = client.register_device(repo.device)
+        except RemoteError as exc:
+            if "already exists" in str(exc):
+                raise UsageError(f"{user} already has a device named {repo.device!r} on {url}; if this machine replaces it, "
+                                 "use `stasisfs recover`, otherwise create the repository with `init --device OTHER-NAME`") from None
+            raise
+    remote = Remote(name, url, user, repo.device, token, cacert)
+    client.token = token
+    config_id, config = config_object(repo)
+    client.put_object(repo.device, "config", config_id, config)
+    client.put_key(repo.device, escrow_blob(repo, remotes, password))
+    remotes.add(remote)
+    return remote
+
+
+def change_password_on_remotes(repo: Repository, old_password: str, new_password: str,
+                               say: Callable[[str], None]) -> list[str]:
+    """Re-escrow under the new password and replace the login verifier on every remote. Returns failures."""
+    remotes = DeviceRemotes(repo.id)
+    failures = []
+    blob = escrow_blob(repo, remotes, new_password, renew=True) if remotes.all() else None
+    for remote in remotes.all():
+        try:
+            client = RemoteClient(remote.url, cacert=remote.cacert, name=remote.name)
+            login(client, remote.user, old_password)
+            salt, kdf = client.login_params(remote.user)
+            client.change_verifier(keyslots.login_verifier(new_password, salt, kdf), kdf)
+            client.token = remote.token
+            assert blob is not None
+            client.put_key(remote.device, blob)
+            say(f"remote {remote.name}: escrowed key and login updated")
+        except StasisError as exc:
+            failures.append(f"{remote.name}: {exc}")
+    return failures
+
+
+def choose_device(devices: list[dict[str, object]], wanted: str | None, user: str) -> str:
+    names = [str(d["name"]) for d in devices]
+    if wanted is not None:
+        if wanted not in names:
+            raise UsageError(f"{user} has no device {wanted!r} on this server; it has: {', '.join(names) or 'none'}")
+        return wanted
+    if len(names) == 1:
+        return names[0]
+    if not names:
+        raise UsageError(f"{user} has no devices on this server yet")
+    listing = "\n".join(f"  {d['name']}  (last upload {d.get('last_upload') or 'never'})" for d in devices)
+    raise UsageError(f"{user} has several devices; choose one with --device NAME:\n{listing}")
+
+
+def recover(url: str, user: str, password: str, device: str | None, target: Path, cacert: str | None,
+            remote_name: str, say: Callable[[str], None]) -> Repository:
+    """Make a thin repository at `target` that carries on as the chosen device: keys, index and snapshots, no packs."""
+    client = RemoteClient(url, cacert=cacert, name=remote_name)
+    login(client, user, password)
+    chosen = choose_device(client.devices(), device, user)
+    repo_id, config_id, master = keyslots.open_escrow(client.get_key(chosen), password)
+    config = client.get_object(chosen, "config", config_id)
+    if json.loads(config).get("id") != repo_id.hex():
+        raise StasisError("the server's repository config does not belong to the escrowed key; refusing it")
+    repo = Repository.adopt(target, config, master, password)
+    say(f"recovering device {chosen}: repository {repo.id.hex()[:8]} at {repo.path}")
+    objects = [(kind, object_id) for kind in ("index", "snapshots") for object_id, _ in client.list_objects(chosen, kind)]
+
+    def fetch(item: tuple[str, str]) -> None:
+        kind, object_id = item
+        data = RemoteClient(url, client.token, cacert, remote_name).get_object(chosen, kind, object_id)
+        write_atomic(repo.path / kind / storage_id(data), data, sync=False)
+
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(fetch, objects))
+    token = client.register_device(chosen, resume=True)
+    remotes = DeviceRemotes(repo.id)
+    for stale in remotes.all():  # a previous recovery into this cache/config
+        remotes.remove(stale.name)
+    remotes.add(Remote(remote_name, url, user, chosen, token, cacert))
+    remotes.set_thin(remote_name)
+    remotes.set_escrow(client.get_key(chosen))
+    remotes.set_state(remote_name, {"index": repo.list_objects("index"), "snapshots": repo.list_objects("snapshots")})
+    repo.rebuild_index(from_packs=False)
+    return repo

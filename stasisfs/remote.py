@@ -1,0 +1,184 @@
+"""The HTTP client of a stasisfs-server, on requests.
+
+One `RemoteClient` per thread (requests sessions are not shared across threads).
+Transport seam: pass a `requests.Session` with your own adapters mounted, as
+httpx's MockTransport allows. Every download is checked against its id here,
+so no caller ever handles unverified bytes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterator
+from typing import Any
+from urllib.parse import quote
+
+import requests
+from requests.adapters import HTTPAdapter
+from urllib3.util.retry import Retry
+
+from .errors import IntegrityError, StasisError, UsageError, WrongKey
+
+TIMEOUT = (10, 120)  # connect, read (a 16 MiB pack on a slow link)
+
+
+class RemoteError(StasisError):
+    """The server refused or could not be reached; `str()` says which and why."""
+
+
+class RemoteUnavailable(RemoteError):
+    pass
+
+
+class QuotaExceeded(RemoteError):
+    pass
+
+
+class RemoteAuthError(RemoteError):
+    exit_code = WrongKey.exit_code
+
+
+def _session(cacert: str | None) -> requests.Session:
+    session = requests.Session()
+    # PUTs are idempotent here (content-addressed, never overwriting), so they may be retried too.
+    retry = Retry(total=4, connect=4, read=2, status=3, backoff_factor=0.3, status_forcelist=(502, 503, 504),
+                  allowed_methods=frozenset({"GET", "HEAD", "PUT", "DELETE"}), raise_on_status=False)
+    adapter = HTTPAdapter(max_retries=retry, pool_maxsize=8)
+    session.mount("http://", adapter)
+    session.mount("https://", adapter)
+    if cacert:
+        session.verify = cacert
+    return session
+
+
+class RemoteClient:
+    def __init__(self, url: str, token: str | None = None, cacert: str | None = None, name: str = "",
+                 session: requests.Session | None = None) -> None:
+        if not url.startswith(("http://", "https://")):
+            raise UsageError(f"remote URL {url!r} must start with http:// or https://")
+        self.url = url.rstrip("/")
+        self.token = token
+        self.name = name or self.url
+        self.session = session or _session(cacert)
+
+    # --- plumbing ---
+    def _request(self, method: str, path: str, *, ok: tuple[int, ...] = (200,), **kw: Any) -> requests.Response:
+        headers = dict(kw.pop("headers", {}) or {})
+        if self.token:
+            headers["Authorization"] = f"Bearer {self.token}"
+        try:
+            response = self.session.request(method, f"{self.url}/v1{path}", headers=headers, timeout=TIMEOUT, **kw)
+        except requests.exceptions.SSLError as exc:
+            raise RemoteUnavailable(f"remote {self.name}: TLS failed ({exc.__class__.__name__}); pass --cacert if it uses a private CA") from None
+        except requests.exceptions.RequestException as exc:
+            raise RemoteUnavailable(f"remote {self.name} cannot be reached at {self.url}: {_reason(exc)}") from None
+        if response.status_code in ok:
+            return response
+        reason = _error_text(response)
+        status = response.status_code
+        if status == 401:
+            raise RemoteAuthError(f"remote {self.name}: {reason}")
+        if status == 507:
+            raise QuotaExceeded(f"remote {self.name} is full for this account: {reason}; ask its operator for more quota or prune")
+        if status in (502, 503, 504):
+            raise RemoteUnavailable(f"remote {self.name} is unavailable (HTTP {status})")
+        raise RemoteError(f"remote {self.name} refused {method} {path.split('?')[0]}: HTTP {status}: {reason}")
+
+    # --- accounts ---
+    def health(self) -> None:
+        self._request("GET", "/health")
+
+    def login_params(self, user: str) -> tuple[bytes, dict[str, Any]]:
+        doc = self._request("GET", f"/users/{_seg(user)}/params").json()
+        return bytes.fromhex(doc["salt"]), doc["kdf"]
+
+    def enrol(self, user: str, code: str, verifier: bytes, kdf: dict[str, Any], device: str) -> str:
+        doc = self._request("POST", "/enrol", json={"user": user, "code": code, "verifier": verifier.hex(), "kdf": kdf, "device": device}).json()
+        return str(doc["token"])
+
+    def login(self, user: str, verifier: bytes) -> str:
+        try:
+            return str(self._request("POST", f"/users/{_seg(user)}/login", json={"verifier": verifier.hex()}).json()["token"])
+        except RemoteAuthError:
+            raise RemoteAuthError(f"remote {self.name}: wrong user name or password") from None
+
+    def change_verifier(self, verifier: bytes, kdf: dict[str, Any]) -> None:
+        self._request("PUT", "/account/verifier", json={"verifier": verifier.hex(), "kdf": kdf})
+
+    def devices(self) -> list[dict[str, Any]]:
+        return list(self._request("GET", "/devices").json())
+
+    def register_device(self, name: str, resume: bool = False) -> str:
+        return str(self._request("POST", "/devices", json={"name": name, "resume": resume}).json()["token"])
+
+    def revoke_device(self, name: str) -> None:
+        self._request("DELETE", f"/devices/{_seg(name)}")
+
+    # --- escrow ---
+    def put_key(self, device: str, blob: bytes) -> int:
+        return int(self._request("PUT", f"/devices/{_seg(device)}/key", data=blob).json()["version"])
+
+    def get_key(self, device: str) -> bytes:
+        return self._request("GET", f"/devices/{_seg(device)}/key").content
+
+    # --- objects ---
+    def put_object(self, device: str, kind: str, object_id: str, data: bytes | memoryview) -> bool:
+        """Upload; False if the server already had a good copy."""
+        response = self._request("PUT", f"/devices/{_seg(device)}/objects/{kind}/{object_id}", ok=(200, 201), data=data,
+                                 headers={"Content-Type": "application/octet-stream"})
+        return response.status_code == 201
+
+    def get_object(self, device: str, kind: str, object_id: str) -> bytes:
+        data = self._request("GET", f"/devices/{_seg(device)}/objects/{kind}/{object_id}").content
+        if hashlib.sha256(data).hexdigest() != object_id:
+            raise IntegrityError(f"remote {self.name} served a damaged {kind} object {object_id[:16]}")
+        return data
+
+    def get_range_upto(self, device: str, kind: str, object_id: str, offset: int, length: int) -> bytes:
+        """Up to `length` bytes from `offset`: shorter only where the object ends."""
+        response = self._request("GET", f"/devices/{_seg(device)}/objects/{kind}/{object_id}", ok=(206,),
+                                 headers={"Range": f"bytes={offset}-{offset + length - 1}"})
+        total = int(response.headers.get("Content-Range", "/0").rsplit("/", 1)[1] or 0)
+        if len(response.content) != min(length, total - offset):
+            raise IntegrityError(f"remote {self.name} served a short range of {kind} object {object_id[:16]}")
+        return response.content
+
+    def list_objects(self, device: str, kind: str) -> Iterator[tuple[str, int]]:
+        after = ""
+        while True:
+            doc = self._request("GET", f"/devices/{_seg(device)}/objects/{kind}/", params={"after": after, "limit": 5000}).json()
+            for entry in doc["objects"]:
+                yield entry["id"], int(entry["size"])
+            if not doc.get("next"):
+                return
+            after = doc["next"]
+
+    def missing(self, device: str, kind: str, ids: list[str]) -> set[str]:
+        result: set[str] = set()
+        for start in range(0, len(ids), 5000):
+            doc = self._request("POST", f"/devices/{_seg(device)}/objects/{kind}/missing", json={"ids": ids[start : start + 5000]}).json()
+            result.update(doc["missing"])
+        return result
+
+
+def _seg(name: str) -> str:
+    """A path segment; names are validated by the server, this only keeps them from being read as paths."""
+    return quote(name, safe="")
+
+
+def _error_text(response: requests.Response) -> str:
+    try:
+        return str(response.json().get("error") or response.reason)
+    except ValueError:
+        return response.reason or f"HTTP {response.status_code}"
+
+
+def _reason(exc: Exception) -> str:
+    text = str(exc)
+    if "Connection refused" in text:
+        return "connection refused (is the server running?)"
+    if "timed out" in text.lower():
+        return "timed out"
+    if "Name or service not known" in text or "nodename nor servname" in text:
+        return "unknown host name"
+    return exc.__class__.__name__

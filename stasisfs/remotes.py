@@ -1,0 +1,125 @@
+"""This device's remotes for one repository: where they are, its token on each, and what each last served.
+
+Kept under `$XDG_CONFIG_HOME/stasisfs/repositories/<repository id>/`, never in
+the repository directory (which may travel on a USB disk), in 0600 files:
+
+    remotes.json   {"remotes": [{name, url, user, device, token, cacert}], "thin": NAME|null}
+    state.json     {NAME: {"snapshots": [ids confirmed on it], "index": [...], "escrow": sha256, "last_sync": ISO}}
+    escrow.key     the escrowed wrapped key as uploaded (it opens only with the password)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .errors import UsageError
+from .storage import write_atomic
+
+if TYPE_CHECKING:
+    from .remote import RemoteClient
+
+
+def config_root() -> Path:
+    base = os.environ.get("XDG_CONFIG_HOME") or os.path.join(os.path.expanduser("~"), ".config")
+    return Path(base) / "stasisfs"
+
+
+@dataclass
+class Remote:
+    name: str
+    url: str
+    user: str
+    device: str
+    token: str
+    cacert: str | None = None
+
+    def client(self) -> RemoteClient:
+        from .remote import RemoteClient  # requests is only loaded when a remote is used
+
+        return RemoteClient(self.url, self.token, self.cacert, name=self.name)
+
+
+class DeviceRemotes:
+    def __init__(self, repo_id: bytes) -> None:
+        self.dir = config_root() / "repositories" / repo_id.hex()
+        self._doc = self._read("remotes.json", {"remotes": [], "thin": None})
+
+    def _read(self, name: str, default: dict[str, Any]) -> dict[str, Any]:
+        try:
+            return dict(json.loads((self.dir / name).read_text()))
+        except FileNotFoundError:
+            return default
+        except (OSError, ValueError) as exc:
+            raise UsageError(f"{self.dir / name} is unreadable ({exc}); fix or remove it") from None
+
+    def _write(self, name: str, data: bytes) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        write_atomic(self.dir / name, data, mode=0o600)
+
+    def save(self) -> None:
+        self._write("remotes.json", json.dumps(self._doc, indent=1).encode())
+
+    # --- remotes ---
+    def all(self) -> list[Remote]:
+        return [Remote(**r) for r in self._doc["remotes"]]
+
+    def get(self, name: str) -> Remote:
+        for remote in self.all():
+            if remote.name == name:
+                return remote
+        raise UsageError(f"no remote named {name!r}; see `stasisfs remote list`")
+
+    def select(self, names: tuple[str, ...] | list[str]) -> list[Remote]:
+        return [self.get(n) for n in names] if names else self.all()
+
+    def add(self, remote: Remote) -> None:
+        if any(r["name"] == remote.name for r in self._doc["remotes"]):
+            raise UsageError(f"a remote named {remote.name!r} already exists")
+        self._doc["remotes"].append(asdict(remote))
+        self.save()
+
+    def remove(self, name: str) -> None:
+        self.get(name)
+        self._doc["remotes"] = [r for r in self._doc["remotes"] if r["name"] != name]
+        if self._doc.get("thin") == name:
+            self._doc["thin"] = None
+        self.save()
+
+    def update_token(self, name: str, token: str) -> None:
+        for r in self._doc["remotes"]:
+            if r["name"] == name:
+                r["token"] = token
+        self.save()
+
+    # --- thin repositories: packs stay on this remote and are fetched on demand ---
+    @property
+    def thin(self) -> Remote | None:
+        name = self._doc.get("thin")
+        return self.get(name) if name else None
+
+    def set_thin(self, name: str | None) -> None:
+        self._doc["thin"] = name
+        self.save()
+
+    # --- what each remote last served, for rollback detection ---
+    def state(self, name: str) -> dict[str, Any]:
+        return dict(self._read("state.json", {}).get(name, {}))
+
+    def set_state(self, name: str, state: dict[str, Any]) -> None:
+        doc = self._read("state.json", {})
+        doc[name] = state
+        self._write("state.json", json.dumps(doc).encode())
+
+    # --- the escrowed key ---
+    def escrow(self) -> bytes | None:
+        try:
+            return (self.dir / "escrow.key").read_bytes()
+        except FileNotFoundError:
+            return None
+
+    def set_escrow(self, blob: bytes) -> None:
+        self._write("escrow.key", blob)

@@ -1,0 +1,187 @@
+"""Sync: push to a remote exactly the objects it lacks, in durable order; pull back what the local copy lacks.
+
+Order matters as it does locally: packs, then the index objects that name
+them, then snapshots, so a remote interrupted at any point never holds a
+snapshot whose data is missing. Every object is content-addressed, so an
+interrupted sync resumes by asking again what is missing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+from .errors import IntegrityError, StasisError
+from .progress import Counters
+from .remote import RemoteClient, RemoteError
+from .remotes import DeviceRemotes, Remote
+from .repository import Repository
+from .storage import write_atomic
+
+UPLOAD_THREADS = 4
+OBJECT_KINDS = ("data", "index", "snapshots")
+
+
+@dataclass
+class SyncReport:
+    remote: str
+    uploaded: int = 0
+    uploaded_bytes: int = 0
+    already_there: int = 0
+    warnings: list[str] = field(default_factory=list)
+
+
+class RateLimit:
+    """A token bucket shared by the upload threads (`--limit-upload`)."""
+
+    def __init__(self, kib_per_s: int | None) -> None:
+        self.rate = kib_per_s * 1024 if kib_per_s else None
+        self._lock = threading.Lock()
+        self._next = time.monotonic()
+
+    def take(self, nbytes: int) -> None:
+        if self.rate is None:
+            return
+        with self._lock:
+            start = max(self._next, time.monotonic())
+            self._next = start + nbytes / self.rate
+        time.sleep(max(0.0, start - time.monotonic()))
+
+
+def config_object(repo: Repository) -> tuple[str, bytes]:
+    data = (repo.path / "config").read_bytes()
+    return hashlib.sha256(data).hexdigest(), data
+
+
+def local_objects(repo: Repository, kind: str) -> list[str]:
+    if kind == "data":
+        return [p.hex() for p in repo.list_packs()]
+    return repo.list_objects(kind)
+
+
+def object_path(repo: Repository, kind: str, object_id: str) -> Path:
+    return repo.pack_path(bytes.fromhex(object_id)) if kind == "data" else repo.path / kind / object_id
+
+
+class Syncer:
+    def __init__(self, repo: Repository, remotes: DeviceRemotes, counters: Counters | None = None,
+                 limit_kib: int | None = None, say: Callable[[str], None] = lambda s: None) -> None:
+        self.repo = repo
+        self.remotes = remotes
+        self.counters = counters or Counters()
+        self.limit = RateLimit(limit_kib)
+        self.say = say
+
+    def push(self, remote: Remote) -> SyncReport:
+        report = SyncReport(remote.name)
+        client: RemoteClient = remote.client()
+        state = self.remotes.state(remote.name)
+        config_id, config = config_object(self.repo)
+        if client.missing(remote.device, "config", [config_id]):
+            client.put_object(remote.device, "config", config_id, config)
+        confirmed: dict[str, list[str]] = {}
+        for kind in OBJECT_KINDS:
+            ids = local_objects(self.repo, kind)
+            lacking = client.missing(remote.device, kind, ids)
+            previously = set(state.get(kind, []))
+            rolled_back = sorted(lacking & previously)
+            if rolled_back:
+                report.warnings.append(f"remote {remote.name} no longer has {len(rolled_back)} {kind} object(s) it held before "
+                                       f"(e.g. {rolled_back[0][:16]}): it may have been rolled back or lost data; re-uploading them")
+            self._upload(remote, kind, sorted(lacking), report)
+            report.already_there += len(ids) - len(lacking)
+            if kind != "data":
+                confirmed[kind] = ids
+        self._push_escrow(remote, client, state)
+        state.update(confirmed)
+        state["last_sync"] = datetime.now(UTC).isoformat(timespec="seconds")
+        self.remotes.set_state(remote.name, state)
+        return report
+
+    def _upload(self, remote: Remote, kind: str, ids: list[str], report: SyncReport) -> None:
+        if not ids:
+            return
+        sizes = {i: object_path(self.repo, kind, i).stat().st_size for i in ids}
+        with self.counters.lock:
+            self.counters.total_files += len(ids)
+            self.counters.total_bytes += sum(sizes.values())
+            self.counters.total_known = True
+        local = threading.local()
+
+        def one(object_id: str) -> None:
+            client = getattr(local, "client", None)
+            if client is None:
+                client = local.client = remote.client()
+            data = object_path(self.repo, kind, object_id).read_bytes()
+            self.limit.take(len(data))
+            try:
+                stored = client.put_object(remote.device, kind, object_id, data)
+            except RemoteError as exc:
+                if "does not hash to its id" in str(exc):
+                    raise IntegrityError(f"local {kind} object {object_id[:16]} is damaged; run `stasisfs check`") from None
+                raise
+            self.counters.add(1, len(data))
+            with self.counters.lock:
+                if stored:
+                    report.uploaded += 1
+                    report.uploaded_bytes += len(data)
+                else:
+                    report.already_there += 1
+
+        with ThreadPoolExecutor(UPLOAD_THREADS, thread_name_prefix=f"sync-{kind}") as pool:
+            for future in [pool.submit(one, i) for i in ids]:
+                future.result()  # the first failure stops the sync; what arrived stays and is not sent again
+
+    def _push_escrow(self, remote: Remote, client: RemoteClient, state: dict[str, object]) -> None:
+        blob = self.remotes.escrow()
+        if blob is None:
+            return
+        digest = hashlib.sha256(blob).hexdigest()
+        if state.get("escrow") != digest:
+            client.put_key(remote.device, blob)
+            state["escrow"] = digest
+
+    def pull(self, remote: Remote) -> int:
+        """Fetch every object the local copy lacks (completes a thin repository). Returns how many."""
+        client: RemoteClient = remote.client()
+        fetched = 0
+        for kind in OBJECT_KINDS:
+            have = set(local_objects(self.repo, kind))
+            wanted = [(i, size) for i, size in client.list_objects(remote.device, kind) if i not in have]
+            with self.counters.lock:
+                self.counters.total_files += len(wanted)
+                self.counters.total_bytes += sum(size for _, size in wanted)
+                self.counters.total_known = True
+            clients = threading.local()
+            with ThreadPoolExecutor(UPLOAD_THREADS, thread_name_prefix=f"pull-{kind}") as pool:
+                for future in [pool.submit(self._fetch_one, remote, clients, kind, i) for i, _ in wanted]:
+                    future.result()
+            fetched += len(wanted)
+        return fetched
+
+    def _fetch_one(self, remote: Remote, clients: threading.local, kind: str, object_id: str) -> None:
+        client = getattr(clients, "client", None)
+        if client is None:
+            client = clients.client = remote.client()
+        data = client.get_object(remote.device, kind, object_id)  # verified against its id
+        write_atomic(object_path(self.repo, kind, object_id), data)
+        self.counters.add(1, len(data))
+
+
+def sync_all(repo: Repository, remotes: DeviceRemotes, names: list[str] | tuple[str, ...], counters: Counters | None = None,
+             limit_kib: int | None = None) -> tuple[list[SyncReport], dict[str, str]]:
+    """Push to each remote; one failing remote does not stop the others. Returns reports and {remote: reason}."""
+    syncer = Syncer(repo, remotes, counters, limit_kib)
+    reports, failures = [], {}
+    for remote in remotes.select(names):
+        try:
+            reports.append(syncer.push(remote))
+        except StasisError as exc:
+            failures[remote.name] = str(exc)
+    return reports, failures

@@ -1,0 +1,215 @@
+"""The `stasisfs-server` command: serve, and administer users and devices (also while serving)."""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import signal
+import sys
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+
+from .db import connect, default_db_url
+from .service import Refused, Service
+from .stores import open_store
+
+F = TypeVar("F", bound=Callable[..., Any])
+CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
+GROUP_OPTIONS = (
+    ("--data", "data", "Server data directory [env: STASISFS_SERVER_DATA; default ./stasis-data]."),
+    ("--db", "db", "SQLAlchemy database URL [default: SQLite inside --data]."),
+    ("--store", "store", "Object store URL [default: file://<data>/objects]."),
+)
+
+
+def _remember(ctx: click.Context, param: click.Parameter, value: object) -> None:
+    if value is not None and param.name is not None:
+        ctx.find_root().meta.setdefault("server.settings", {})[param.name] = value
+
+
+def group_options(fn: F) -> F:
+    """Accepted before or after the subcommand, like the client's global options."""
+    for flag, name, help_text in reversed(GROUP_OPTIONS):
+        fn = click.option(flag, name, default=None, expose_value=False, callback=_remember, help=help_text)(fn)
+    return fn
+
+
+def open_service() -> Service:
+    settings = click.get_current_context().find_root().meta.get("server.settings", {})
+    data = Path(settings.get("data") or os.environ.get("STASISFS_SERVER_DATA") or "stasis-data").absolute()
+    data.mkdir(parents=True, exist_ok=True, mode=0o700)
+    try:
+        engine = connect(settings.get("db") or default_db_url(data))
+        store = open_store(settings.get("store") or f"file://{data / 'objects'}", data)
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
+    return Service(engine, store)
+
+
+@click.group(context_settings=CONTEXT)
+@group_options
+def cli() -> None:
+    """stasisfs-server: stores encrypted objects for stasisfs devices; it never sees a key.
+
+    \b
+    Start here:
+      stasisfs-server --data /srv/stasis user add alice     # last line: alice's enrolment code
+      stasisfs-server --data /srv/stasis serve --listen 0.0.0.0:8443 --tls-cert C --tls-key K
+    On alice's device:
+      stasisfs remote add home https://backup.example:8443 --user alice --enrol-code CODE
+    """
+
+
+@cli.command()
+@click.option("--listen", default="127.0.0.1:8080", show_default=True, help="HOST:PORT to listen on; port 0 picks a free one.")
+@click.option("--tls-cert", type=click.Path(exists=True, dir_okay=False), help="PEM certificate chain: serve HTTPS.")
+@click.option("--tls-key", type=click.Path(exists=True, dir_okay=False), help="PEM private key for --tls-cert.")
+@click.option("--max-object-size", default=128 * 1024 * 1024, show_default=True, help="Largest accepted object upload, in bytes.")
+@group_options
+def serve(listen: str, tls_cert: str | None, tls_key: str | None, max_object_size: int) -> None:
+    """Serve the HTTP API until SIGINT or SIGTERM.
+
+    Prints `listening on http(s)://HOST:PORT` once it accepts requests.
+    """
+    import trio
+    from hypercorn.config import Config
+    from hypercorn.trio import serve as hypercorn_serve
+
+    from .app import create_app
+
+    if bool(tls_cert) != bool(tls_key):
+        raise click.UsageError("--tls-cert and --tls-key go together")
+    app = create_app(open_service(), max_object_size)
+    config = Config()
+    config.bind = [listen]
+    config.certfile, config.keyfile = tls_cert, tls_key
+    config.accesslog = None
+    config.errorlog = "-"
+    config.keep_alive_timeout = 75
+    config.h11_max_incomplete_size = 64 * 1024
+
+    async def run() -> None:
+        stop = trio.Event()
+
+        async def shutdown_trigger() -> None:
+            await stop.wait()
+
+        async def watch_signals() -> None:
+            with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+                async for _ in signals:
+                    stop.set()
+                    return
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(watch_signals)
+            binds = await nursery.start(functools.partial(hypercorn_serve, app, config, shutdown_trigger=shutdown_trigger))  # type: ignore[arg-type]
+            for bind in binds:
+                click.echo(f"listening on {bind}", nl=True)
+            sys.stdout.flush()
+            await stop.wait()
+
+    trio.run(run)
+
+
+@cli.group()
+def user() -> None:
+    """Manage user accounts."""
+
+
+def _admin(action: Callable[[], Any]) -> Any:
+    try:
+        return action()
+    except Refused as exc:
+        raise click.ClickException(exc.reason) from None
+
+
+@user.command("add")
+@click.argument("name")
+@click.option("--append-only", is_flag=True, help="Refuse deletes from this account.")
+@click.option("--quota", type=int, default=None, help="Storage quota in bytes.")
+@group_options
+def user_add(name: str, append_only: bool, quota: int | None) -> None:
+    """Create a user. The last line printed is their one-time enrolment code (valid 24 h)."""
+    code = _admin(lambda: open_service().add_user(name, append_only, quota))
+    click.echo(f"user {name} created; give them this enrolment code for their first device (valid 24 h):", err=True)
+    click.echo(code)
+
+
+@user.command("reissue")
+@click.argument("name")
+@group_options
+def user_reissue(name: str) -> None:
+    """Replace the user's unused enrolment codes with a new one (last line)."""
+    click.echo(_admin(lambda: open_service().reissue(name)))
+
+
+@user.command("set")
+@click.argument("name")
+@click.option("--append-only/--no-append-only", default=None, help="Refuse (or allow) deletes.")
+@click.option("--quota", type=int, default=None, help="Storage quota in bytes; 0 removes the quota.")
+@group_options
+def user_set(name: str, append_only: bool | None, quota: int | None) -> None:
+    """Change an existing user."""
+    _admin(lambda: open_service().set_user(name, append_only=append_only, quota=quota or None, clear_quota=quota == 0))
+
+
+@user.command("disable")
+@click.argument("name")
+@group_options
+def user_disable(name: str) -> None:
+    """Disable a user: every token stops working at once; data is kept."""
+    _admin(lambda: open_service().set_user(name, disabled=True))
+
+
+@user.command("list")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@group_options
+def user_list(as_json: bool) -> None:
+    """List users with their usage."""
+    rows = _admin(lambda: open_service().users())
+    if as_json:
+        click.echo(json.dumps(rows))
+        return
+    for row in rows:
+        flags = ",".join(f for f in ("disabled" * row["disabled"], "append-only" * row["append_only"], "not-enrolled" * (not row["enrolled"])) if f)
+        quota = f"/{row['quota']}" if row["quota"] else ""
+        click.echo(f"{row['name']:<20} {row['devices']:>3} devices  {row['used']}{quota} bytes  {flags}")
+
+
+@cli.group()
+def device() -> None:
+    """Manage users' devices."""
+
+
+@device.command("list")
+@click.argument("user_name", metavar="USER")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@group_options
+def device_list(user_name: str, as_json: bool) -> None:
+    """List a user's devices."""
+    rows = _admin(lambda: open_service().devices(user_name=user_name))
+    if as_json:
+        click.echo(json.dumps(rows))
+        return
+    for row in rows:
+        when = row["last_upload"] or "never"
+        click.echo(f"{row['name']:<24} last upload {when}  {row['objects']} objects  {row['bytes']} bytes{'  REVOKED' if row['revoked'] else ''}")
+
+
+@device.command("revoke")
+@click.argument("user_name", metavar="USER")
+@click.argument("device_name", metavar="DEVICE")
+@group_options
+def device_revoke(user_name: str, device_name: str) -> None:
+    """Revoke a device: its tokens stop working at once."""
+    _admin(lambda: open_service().revoke_device(None, device_name, user_name=user_name))
+    click.echo(f"device {device_name} of {user_name} revoked at {datetime.now(UTC).isoformat(timespec='seconds')}")
+
+
+def main() -> None:
+    cli.main(prog_name="stasisfs-server")

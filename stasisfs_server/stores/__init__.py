@@ -1,0 +1,60 @@
+"""Object stores: where the bytes live. The catalog of what exists lives in the database.
+
+Every store takes keys of the form `<device>/<kind>/<64 hex id>`, built only by
+`object_key`, and never interprets them as paths given by a client.
+"""
+
+from __future__ import annotations
+
+import re
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from pathlib import Path
+
+_KEY = re.compile(r"^[0-9a-f]{32}/[a-z]{1,16}/[0-9a-f]{64}$")
+
+
+class ObjectNotFound(Exception):
+    pass
+
+
+def object_key(device_uid: str, kind: str, object_id: str) -> str:
+    key = f"{device_uid}/{kind}/{object_id}"
+    if not _KEY.match(key):
+        raise ValueError(f"malformed object key {key!r}")
+    return key
+
+
+class ObjectStore(ABC):
+    """Write-once blobs by key. Implementations must make `put` atomic: a reader sees all of it or nothing."""
+
+    url: str
+
+    @abstractmethod
+    def put(self, key: str, data: bytes) -> None: ...
+
+    @abstractmethod
+    def get(self, key: str, offset: int = 0, length: int | None = None) -> bytes:
+        """The bytes [offset, offset+length) of the object; raises ObjectNotFound."""
+
+    @abstractmethod
+    def size(self, key: str) -> int | None: ...
+
+    @abstractmethod
+    def delete(self, key: str) -> bool:
+        """True if something was deleted."""
+
+    @abstractmethod
+    def keys(self, prefix: str = "") -> Iterator[str]:
+        """Every key starting with `prefix`, in sorted order."""
+
+
+def open_store(url: str, data_dir: Path) -> ObjectStore:
+    from .file import FileStore
+    from .memory import MemoryStore
+
+    if url.startswith("file://"):
+        return FileStore(Path(url[len("file://") :]))
+    if url.startswith("memory://"):
+        return MemoryStore()
+    raise ValueError(f"unsupported store URL {url!r}: use file:///PATH or memory://")
