@@ -15,6 +15,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from . import __doc__ as package_doc
@@ -23,10 +24,6 @@ from .service import Principal, Refused, Service
 MAX_OBJECT_BYTES = 128 * 1024 * 1024
 MAX_REQUEST_BYTES = 256 * 1024  # everything that is not an object upload
 _OBJECT_PUT = re.compile(r"^/v1/devices/[^/]+/objects/[^/]+/[^/]+$")
-
-
-class BodyTooLarge(Exception):
-    pass
 
 
 class BodyLimit:
@@ -46,7 +43,6 @@ class BodyLimit:
             await too_large(scope, receive, send)
             return
         seen = 0
-        started = False
 
         async def limited_receive() -> Message:
             nonlocal seen
@@ -54,19 +50,10 @@ class BodyLimit:
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
                 if seen > limit:
-                    raise BodyTooLarge
+                    raise HTTPException(413, "request body too large")  # answered by the app's exception handling
             return message
 
-        async def tracking_send(message: Message) -> None:
-            nonlocal started
-            started = started or message["type"] == "http.response.start"
-            await send(message)
-
-        try:
-            await self.app(scope, limited_receive, tracking_send)
-        except BodyTooLarge:
-            if not started:
-                await too_large(scope, receive, send)
+        await self.app(scope, limited_receive, send)
 
 
 async def too_large(scope: Scope, receive: Receive, send: Send) -> None:
@@ -132,6 +119,10 @@ def create_app(service: Service, max_object: int = MAX_OBJECT_BYTES) -> ASGIApp:
     async def refused(_request: Request, exc: Refused) -> JSONResponse:
         headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else ({"Retry-After": "60"} if exc.status == 429 else None)
         return JSONResponse({"error": exc.reason}, status_code=exc.status, headers=headers)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(_request: Request, exc: HTTPException) -> JSONResponse:
+        return JSONResponse({"error": exc.detail}, status_code=exc.status_code)
 
     @app.exception_handler(RequestValidationError)
     async def malformed(_request: Request, exc: RequestValidationError) -> JSONResponse:

@@ -1,0 +1,257 @@
+"""The HTTP API of a real stasisfs-server on loopback: who may do what, and how hostile requests are answered."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import secrets
+import threading
+from pathlib import Path
+
+import pytest
+import requests
+from server_fixture import Server
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def enrol(server: Server, user: str, device: str = "laptop", code: str | None = None, *options: str) -> str:
+    code = code or server.add_user(user, *options)
+    answer = requests.post(f"{server.url}/v1/enrol", json={"user": user, "code": code, "verifier": hashlib.sha256(user.encode()).hexdigest(),
+                                                            "kdf": {"name": "argon2id", "iterations": 3, "memory_kib": 65536, "lanes": 4},
+                                                            "device": device}, timeout=30)
+    assert answer.status_code == 200, answer.text
+    return str(answer.json()["token"])
+
+
+def auth(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+def obj(server: Server, device: str, data: bytes, kind: str = "data") -> str:
+    return f"{server.url}/v1/devices/{device}/objects/{kind}/{hashlib.sha256(data).hexdigest()}"
+
+
+def login(server: Server, user: str) -> requests.Response:
+    return requests.post(f"{server.url}/v1/users/{user}/login", json={"verifier": hashlib.sha256(user.encode()).hexdigest()}, timeout=30)
+
+
+def test_health_and_openapi(server: Server) -> None:
+    assert requests.get(f"{server.url}/v1/health", timeout=10).json() == {"status": "ok"}
+    spec = requests.get(f"{server.url}/openapi.json", timeout=10).json()
+    assert "/v1/devices/{device}/objects/{kind}/{object_id}" in spec["paths"]
+    assert "/v1/enrol" in spec["paths"]
+
+
+def test_user_names_cannot_be_probed(server: Server) -> None:
+    server.add_user("alice")
+    known = requests.get(f"{server.url}/v1/users/alice/params", timeout=10).json()
+    unknown = requests.get(f"{server.url}/v1/users/mallory/params", timeout=10).json()
+    assert known.keys() == unknown.keys() and known["kdf"] == unknown["kdf"]
+    assert len(bytes.fromhex(unknown["salt"])) == len(bytes.fromhex(known["salt"]))
+    assert requests.get(f"{server.url}/v1/users/mallory/params", timeout=10).json() == unknown  # stable, like a real salt
+    enrol(server, "bob")
+    assert login(server, "mallory").status_code == login(server, "alice").status_code == 401  # unknown vs not enrolled
+
+
+def test_enrolment_code_works_once(server: Server) -> None:
+    code = server.add_user("alice")
+    enrol(server, "alice", code=code)
+    again = requests.post(f"{server.url}/v1/enrol", json={"user": "alice", "code": code, "verifier": "00" * 32, "kdf": {}, "device": "other"}, timeout=10)
+    assert again.status_code == 401
+    wrong = requests.post(f"{server.url}/v1/enrol", json={"user": "alice", "code": "nope", "verifier": "00" * 32, "kdf": {}, "device": "x"}, timeout=10)
+    assert wrong.status_code == 401
+
+
+def test_concurrent_enrolment_with_one_code_succeeds_once(server: Server) -> None:
+    code = server.add_user("alice")
+    results: list[int] = []
+
+    def attempt(n: int) -> None:
+        answer = requests.post(f"{server.url}/v1/enrol", json={"user": "alice", "code": code, "verifier": "11" * 32,
+                                                                "kdf": {}, "device": f"dev{n}"}, timeout=30)
+        results.append(answer.status_code)
+
+    threads = [threading.Thread(target=attempt, args=(n,)) for n in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(results) == [200] + [401] * 7
+
+
+def test_objects_round_trip_with_ranges_listing_and_missing(server: Server) -> None:
+    token = enrol(server, "alice")
+    blobs = [os.urandom(1000 + n) for n in range(7)]
+    for blob in blobs:
+        assert requests.put(obj(server, "laptop", blob), data=blob, headers=auth(token), timeout=10).status_code == 201
+    first = blobs[0]
+    url = obj(server, "laptop", first)
+    assert requests.get(url, headers=auth(token), timeout=10).content == first
+    part = requests.get(url, headers={**auth(token), "Range": "bytes=10-19"}, timeout=10)
+    assert part.status_code == 206 and part.content == first[10:20] and part.headers["Content-Range"] == f"bytes 10-19/{len(first)}"
+    assert requests.get(url, headers={**auth(token), "Range": "bytes=-5"}, timeout=10).content == first[-5:]
+    assert requests.get(url, headers={**auth(token), "Range": "bytes=999999-"}, timeout=10).status_code == 416
+    assert int(requests.head(url, headers=auth(token), timeout=10).headers["Content-Length"]) == len(first)
+    ids = sorted(hashlib.sha256(b).hexdigest() for b in blobs)
+    listed, after = [], ""
+    while True:
+        page = requests.get(f"{server.url}/v1/devices/laptop/objects/data/", params={"after": after, "limit": 3}, headers=auth(token), timeout=10).json()
+        listed += [o["id"] for o in page["objects"]]
+        if not page["next"]:
+            break
+        after = page["next"]
+    assert listed == ids
+    absent = "ab" * 32
+    missing = requests.post(f"{server.url}/v1/devices/laptop/objects/data/missing", json={"ids": [ids[0], absent]}, headers=auth(token), timeout=10)
+    assert missing.json() == {"missing": [absent]}
+
+
+def test_strangers_are_refused(server: Server) -> None:
+    alice = enrol(server, "alice")
+    bob = enrol(server, "bob", device="phone")
+    blob = b"alice's pack"
+    url = obj(server, "laptop", blob)
+    assert requests.put(url, data=blob, headers=auth(alice), timeout=10).status_code == 201
+    assert requests.get(url, timeout=10).status_code == 401
+    assert requests.get(url, headers=auth("not-a-token"), timeout=10).status_code == 401
+    assert requests.get(url, headers=auth(bob), timeout=10).status_code == 404  # another user's device is invisible
+    assert requests.put(url, data=blob, headers=auth(bob), timeout=10).status_code == 404
+    assert requests.get(f"{server.url}/v1/devices/laptop/key", headers=auth(bob), timeout=10).status_code == 404
+    assert requests.delete(f"{server.url}/v1/devices/laptop", headers=auth(bob), timeout=10).status_code in (403, 404)
+
+
+@pytest.mark.parametrize("path", ["/v1/devices/laptop/objects/data/..%2F..%2F..%2Fetc%2Fpasswd",
+                                  "/v1/devices/laptop/objects/..%2Fdata/" + "0" * 64,
+                                  "/v1/devices/..%2F..%2Fx/objects/data/" + "0" * 64,
+                                  "/v1/devices/laptop/objects/data/" + "0" * 63,
+                                  "/v1/devices/laptop/objects/data/" + "A" * 64,
+                                  "/v1/devices/laptop/objects/keys/" + "0" * 64])
+def test_path_traversal_and_malformed_ids(server: Server, path: str) -> None:
+    token = enrol(server, "alice")
+    answer = requests.get(server.url + path, headers=auth(token), timeout=10)
+    assert 400 <= answer.status_code < 500
+    assert b"root:" not in answer.content
+
+
+def test_bad_hash_and_no_overwrite_of_a_good_object(server: Server) -> None:
+    token = enrol(server, "alice")
+    good = b"good object"
+    url = obj(server, "laptop", good)
+    assert requests.put(url, data=b"other bytes", headers=auth(token), timeout=10).status_code == 400
+    assert requests.put(url, data=good, headers=auth(token), timeout=10).status_code == 201
+    assert requests.put(url, data=b"evil bytes", headers=auth(token), timeout=10).status_code == 400
+    again = requests.put(url, data=good, headers=auth(token), timeout=10)
+    assert again.status_code == 200 and again.json() == {"stored": False}
+    assert requests.get(url, headers=auth(token), timeout=10).content == good
+
+
+def test_damaged_copy_is_healed_by_a_put(server: Server) -> None:
+    token = enrol(server, "alice")
+    good = os.urandom(5000)
+    url = obj(server, "laptop", good)
+    requests.put(url, data=good, headers=auth(token), timeout=10)
+    [stored] = [p for p in (server.data / "objects").rglob("*") if p.is_file()]
+    stored.write_bytes(b"bit rot")
+    healed = requests.put(url, data=good, headers=auth(token), timeout=10)
+    assert healed.status_code == 201
+    assert stored.read_bytes() == good
+
+
+def test_body_limits(server: Server) -> None:
+    token = enrol(server, "alice")
+    huge_json = b'{"ids": ["' + b"0" * 400_000 + b'"]}'
+    answer = requests.post(f"{server.url}/v1/devices/laptop/objects/data/missing", data=huge_json,
+                           headers={**auth(token), "Content-Type": "application/json"}, timeout=10)
+    assert answer.status_code == 413
+
+
+def test_body_limit_without_declared_length(tmp_path: Path) -> None:
+    srv = Server(tmp_path / "srv")
+    srv.start()
+    try:
+        token = enrol(srv, "alice")
+
+        def chunks():  # type: ignore[no-untyped-def]
+            for _ in range(200):
+                yield b"x" * 4096
+
+        answer = requests.put(f"{srv.url}/v1/devices/laptop/key", data=chunks(), headers=auth(token), timeout=30)
+        assert answer.status_code == 413
+    finally:
+        srv.stop()
+
+
+def test_quota_is_enforced_with_507(server: Server) -> None:
+    token = enrol(server, "alice", "laptop", None, "--quota", "10000")
+    assert requests.put(obj(server, "laptop", b"a" * 6000), data=b"a" * 6000, headers=auth(token), timeout=10).status_code == 201
+    over = requests.put(obj(server, "laptop", b"b" * 6000), data=b"b" * 6000, headers=auth(token), timeout=10)
+    assert over.status_code == 507 and "quota" in over.json()["error"]
+
+
+def test_login_is_rate_limited(server: Server) -> None:
+    enrol(server, "alice")
+    statuses = [requests.post(f"{server.url}/v1/users/alice/login", json={"verifier": "00" * 32}, timeout=10).status_code for _ in range(12)]
+    assert statuses[:10] == [401] * 10 and statuses[-1] == 429
+    assert login(server, "alice").status_code == 429  # even the right password waits
+
+
+def test_sessions_register_and_revoke_devices(server: Server) -> None:
+    device_token = enrol(server, "alice")
+    session = login(server, "alice").json()["token"]
+    phone = requests.post(f"{server.url}/v1/devices", json={"name": "phone"}, headers=auth(session), timeout=10).json()["token"]
+    assert requests.post(f"{server.url}/v1/devices", json={"name": "phone"}, headers=auth(session), timeout=10).status_code == 409
+    assert requests.post(f"{server.url}/v1/devices", json={"name": "x"}, headers=auth(device_token), timeout=10).status_code == 403
+    names = [d["name"] for d in requests.get(f"{server.url}/v1/devices", headers=auth(phone), timeout=10).json()]
+    assert names == ["laptop", "phone"]
+    # a device token reaches only its own device
+    assert requests.get(f"{server.url}/v1/devices/laptop/objects/data/", headers=auth(phone), timeout=10).status_code == 404
+    assert requests.delete(f"{server.url}/v1/devices/laptop", headers=auth(session), timeout=10).status_code == 200
+    assert requests.get(f"{server.url}/v1/devices", headers=auth(device_token), timeout=10).status_code == 401
+    # the revoked device's data stays reachable with the password, for recovery
+    assert requests.get(f"{server.url}/v1/devices/laptop/objects/data/", headers=auth(session), timeout=10).status_code == 200
+
+
+def test_escrow_is_versioned(server: Server) -> None:
+    token = enrol(server, "alice")
+    url = f"{server.url}/v1/devices/laptop/key"
+    assert requests.get(url, headers=auth(token), timeout=10).status_code == 404
+    assert requests.put(url, data=b"wrapped v1", headers=auth(token), timeout=10).json() == {"version": 1}
+    assert requests.put(url, data=b"wrapped v2", headers=auth(token), timeout=10).json() == {"version": 2}
+    newest = requests.get(url, headers=auth(token), timeout=10)
+    assert newest.content == b"wrapped v2" and newest.headers["X-Key-Version"] == "2"
+
+
+def test_append_only_refuses_deletes(server: Server) -> None:
+    token = enrol(server, "alice", "laptop", None, "--append-only")
+    url = obj(server, "laptop", b"keep me")
+    requests.put(url, data=b"keep me", headers=auth(token), timeout=10)
+    assert requests.delete(url, headers=auth(token), timeout=10).status_code == 403
+    assert requests.get(url, headers=auth(token), timeout=10).content == b"keep me"
+    assert server.admin("user", "set", "alice", "--no-append-only").returncode == 0
+    assert requests.delete(url, headers=auth(token), timeout=10).status_code == 200
+    assert requests.get(url, headers=auth(token), timeout=10).status_code == 404
+
+
+def test_admin_commands_while_serving(server: Server) -> None:
+    token = enrol(server, "alice")
+    requests.put(obj(server, "laptop", b"abc"), data=b"abc", headers=auth(token), timeout=10)
+    listing = server.admin("user", "list", "--json")
+    assert '"used": 3' in listing.stdout
+    devices = server.admin("device", "list", "alice")
+    assert "laptop" in devices.stdout
+    assert server.admin("device", "revoke", "alice", "laptop").returncode == 0
+    assert requests.get(f"{server.url}/v1/devices", headers=auth(token), timeout=10).status_code == 401
+    reissued = server.admin("user", "reissue", "alice").stdout.strip().splitlines()[-1]
+    assert len(reissued) > 10
+    assert server.admin("user", "disable", "alice").returncode == 0
+    assert login(server, "alice").status_code == 401
+    assert server.admin("user", "add", "bad/name").returncode != 0
+
+
+def test_tokens_and_codes_are_stored_hashed(server: Server) -> None:
+    code = server.add_user("alice")
+    token = enrol(server, "alice", code=code)
+    db = (server.data / "stasis.db").read_bytes() + b"".join(p.read_bytes() for p in server.data.glob("stasis.db-*"))
+    assert token.encode() not in db and code.encode() not in db
+    assert secrets.compare_digest(token, token)
