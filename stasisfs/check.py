@@ -100,9 +100,14 @@ class Checker:
     def _check_packs_exist(self) -> None:
         self.say(f"checking {len(self.pack_sizes)} packs")
         on_disk = set(self.repo.list_packs())
+        remote = self.repo.remote_packs
+        on_remote = {bytes.fromhex(i): n for i, n in remote.listing()} if remote is not None and on_disk < self.pack_sizes.keys() else {}
         for pack_id, size in self.pack_sizes.items():
             path = self.repo.pack_path(pack_id)
-            if pack_id not in on_disk:
+            if pack_id not in on_disk and remote is not None:  # thin: the pack lives on the remote
+                if on_remote.get(pack_id) != size:
+                    self.error(f"pack {pack_id.hex()} is {'missing from' if pack_id not in on_remote else 'the wrong size on'} remote {remote.remote.name}")
+            elif pack_id not in on_disk:
                 self.error(f"pack {pack_id.hex()} is missing")
             elif os.path.getsize(path) != size:
                 self.error(f"pack {pack_id.hex()} has the wrong size (damaged or truncated)")
@@ -117,13 +122,23 @@ class Checker:
         if found is None:
             raise IntegrityError(f"chunk {chunk_id.hex()[:16]} is not in any index")
         pack_id, entry = found
-        with open(self.repo.pack_path(pack_id), "rb") as f:
-            f.seek(entry.offset)
-            box = f.read(entry.length)
+        box = self._pack_bytes(pack_id, entry.offset, entry.length)
         try:
             return open_blob(self.cipher, entry, box)
         except IntegrityError as exc:
             raise IntegrityError(f"pack {pack_id.hex()}: {exc}") from None
+
+    def _pack_bytes(self, pack_id: bytes, offset: int = 0, length: int | None = None) -> bytes:
+        """From the local pack, or for a thin repository from its remote (verified there against the id)."""
+        path = self.repo.pack_path(pack_id)
+        remote = self.repo.remote_packs
+        if remote is not None and not path.exists():
+            if length is None:
+                return remote.whole(pack_id)
+            return remote.read(pack_id, offset, length)
+        with open(path, "rb") as f:
+            f.seek(offset)
+            return f.read() if length is None else f.read(length)
 
     def _check_snapshots(self) -> None:
         seen_trees: set[bytes] = set()
@@ -155,7 +170,7 @@ class Checker:
     def _read_pack(self, pack_id: bytes) -> None:
         name = pack_id.hex()
         try:
-            data = self.repo.pack_path(pack_id).read_bytes()
+            data = self._pack_bytes(pack_id)
         except OSError as exc:
             self.error(f"pack {name} cannot be read: {exc.strerror}")
             return

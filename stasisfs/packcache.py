@@ -68,6 +68,13 @@ class RemotePacks:
         self._account(len(data))
         return fetched
 
+    def whole(self, pack_id: bytes) -> bytes:
+        """The whole pack, uncached, checked against its id (for `check --read-data`)."""
+        return self._client().get_object(self.remote.device, "data", pack_id.hex())
+
+    def listing(self) -> list[tuple[str, int]]:
+        return list(self._client().list_objects(self.remote.device, "data"))
+
     def invalidate(self, pack_id: bytes, offset: int, length: int) -> None:
         for block in range(offset // BLOCK, (offset + length - 1) // BLOCK + 1):
             self._block_path(pack_id, block).unlink(missing_ok=True)

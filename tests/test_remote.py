@@ -1,0 +1,204 @@
+"""The client against a real server on loopback: remotes, sync, recovery, devices, failures."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import PASSWORD, Cli
+from server_fixture import Server
+
+pytestmark = pytest.mark.timeout(240)
+
+
+def enrolled(cli: Cli, server: Server, user: str = "alice", device: str = "laptop") -> None:
+    code = server.add_user(user)
+    cli.ok("init", "--device", device)
+    cli.ok("remote", "add", "home", server.url, "--user", user, "--enrol-code", code)
+
+
+def random_tree(root: Path, files: int, size: int) -> None:
+    root.mkdir(parents=True)
+    for n in range(files):
+        (root / f"file{n:03d}").write_bytes(os.urandom(size))
+
+
+def wipe_device(cli: Cli) -> None:
+    for part in (cli.repo, cli.tmp / "cache", cli.tmp / "home" / ".config"):
+        shutil.rmtree(part, ignore_errors=True)
+
+
+def test_backup_syncs_and_a_blank_machine_recovers(cli: Cli, server: Server) -> None:
+    enrolled(cli, server)
+    src = cli.tmp / "src"
+    random_tree(src, 3, 3_000_000)
+    (src / "notes.txt").write_text("meet at the usual place")
+    done = cli.ok("backup", src)
+    snapshot_id = done.stdout.decode().split()[-1]
+    assert b"synced to home" in done.stderr
+    wipe_device(cli)
+    cli.ok("recover", server.url, "--user", "alice")
+    assert [s["id"] for s in cli.snapshots()] == [snapshot_id]
+    thin = sum(p.stat().st_size for p in cli.repo.rglob("*") if p.is_file())
+    assert thin < 200_000, f"the thin repository should hold no packs, holds {thin} bytes"
+    cli.ok("restore", "latest", "--target", cli.tmp / "out")
+    restored = cli.tmp / "out" / str(src).lstrip("/")
+    assert sorted(p.name for p in restored.iterdir()) == sorted(p.name for p in src.iterdir())
+    for p in src.iterdir():
+        assert (restored / p.name).read_bytes() == p.read_bytes()
+    # it carries on as that device: an unchanged re-backup adds no data to the server
+    again = json.loads(cli.ok("backup", src, "--json").stdout.decode().splitlines()[-1])
+    assert again["data_added"] == 0 and again["sync_failed"] == {}
+    assert len(cli.snapshots()) == 2
+
+
+def test_the_server_holds_no_plaintext(cli: Cli, server: Server) -> None:
+    enrolled(cli, server)
+    src = cli.tmp / "secret-project-dir"
+    src.mkdir()
+    marker = b"CONFIDENTIAL-PLANS-" + os.urandom(4).hex().encode()
+    (src / "quarterly-merger-memo.txt").write_bytes(marker * 1000)
+    (src / "tiny.txt").write_bytes(marker)
+    cli.backup(src)
+    everything = b"".join(p.read_bytes() for p in server.data.rglob("*") if p.is_file())
+    for needle in (marker, b"quarterly-merger-memo", b"secret-project-dir", b"tiny.txt", PASSWORD.encode()):
+        assert needle not in everything, needle
+
+
+def test_wrong_password_and_other_users_cannot_recover(cli: Cli, server: Server) -> None:
+    enrolled(cli, server)
+    src = cli.tmp / "src"
+    random_tree(src, 1, 1000)
+    cli.backup(src)
+    wrong = cli.run("recover", server.url, "--user", "alice", env={"STASISFS_REPO": str(cli.tmp / "r1"), "STASISFS_PASSWORD": "not the password at all"})
+    assert wrong.returncode == 12 and b"Traceback" not in wrong.stderr
+    # bob has a valid login, but alice's device is invisible to him
+    bob = Cli(cli.env | {"STASISFS_REPO": str(cli.tmp / "bob-repo"), "HOME": str(cli.tmp / "bob"), "XDG_CONFIG_HOME": str(cli.tmp / "bob" / ".config"),
+                         "XDG_CACHE_HOME": str(cli.tmp / "bob-cache")}, cli.tmp / "bob-repo", cli.tmp)
+    enrolled(bob, server, "bob", "desktop")
+    stolen = bob.run("recover", server.url, "--user", "bob", "--device", "laptop", env={"STASISFS_REPO": str(cli.tmp / "r2")})
+    assert stolen.returncode == 2 and b"no device 'laptop'" in stolen.stderr
+    assert not (cli.tmp / "r2" / "snapshots").exists() or not any((cli.tmp / "r2" / "snapshots").iterdir())
+
+
+def test_a_second_device_and_revoking_a_lost_one(cli: Cli, server: Server) -> None:
+    enrolled(cli, server)
+    src = cli.tmp / "src"
+    random_tree(src, 1, 1000)
+    cli.backup(src)
+    desktop = Cli(cli.env | {"STASISFS_REPO": str(cli.tmp / "desktop-repo"), "XDG_CACHE_HOME": str(cli.tmp / "desktop-cache")},
+                  cli.tmp / "desktop-repo", cli.tmp)
+    desktop.ok("init", "--device", "desktop")
+    desktop.ok("remote", "add", "home", server.url, "--user", "alice")  # no code: the password logs in
+    listing = json.loads(desktop.ok("devices", "--json").stdout)
+    assert sorted(d["name"] for d in listing) == ["desktop", "laptop"]
+    assert next(d for d in listing if d["name"] == "laptop")["last_upload"]
+    desktop.ok("devices", "revoke", "laptop")
+    (src / "new").write_text("after the theft")
+    cut_off = cli.run("backup", src)
+    assert cut_off.returncode == 3 and b"home" in cut_off.stderr and b"revoked" in cut_off.stderr
+    assert len(cli.snapshots()) == 2  # the local snapshot is kept
+
+
+def test_server_down_keeps_the_local_snapshot_and_exits_3_then_catches_up(cli: Cli, server: Server) -> None:
+    enrolled(cli, server)
+    src = cli.tmp / "src"
+    random_tree(src, 2, 100_000)
+    port = server.port
+    server.stop()
+    done = cli.run("backup", src)
+    assert done.returncode == 3 and b"home" in done.stderr and b"cannot be reached" in done.stderr
+    assert done.stdout.decode().split()[-1] == cli.snapshots()[0]["id"]
+    server.start(f"127.0.0.1:{port}")
+    synced = json.loads(cli.ok("sync", "--json").stdout)
+    assert synced["failed"] == {} and synced["synced"][0]["uploaded"] >= 3
+
+
+def sync_json(cli: Cli) -> dict[str, object]:
+    done = cli.run("sync", "--json")
+    return {"code": done.returncode, **json.loads(done.stdout.decode().splitlines()[-1])}
+
+
+def test_interrupted_sync_resumes_without_resending(cli: Cli, server: Server) -> None:
+    enrolled(cli, server)
+    src = cli.tmp / "src"
+    random_tree(src, 12, 4_000_000)
+    cli.ok("backup", src, "--no-sync")
+    packs = len(list((cli.repo / "data").rglob("*"))) - 256
+    assert packs >= 3
+    # kill the client part-way through a rate-limited sync
+    proc = subprocess.Popen([sys.executable, "-m", "stasisfs", "sync", "--limit-upload", "8000"], env=cli.env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and not any(p.is_file() for p in (server.data / "objects").rglob("*") if "data" in p.parts):
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    arrived = sum(1 for p in (server.data / "objects").rglob("*") if p.is_file() and "data" in p.parts)
+    assert 1 <= arrived < packs
+    # kill the server part-way through the next one
+    port = server.port
+    proc = subprocess.Popen([sys.executable, "-m", "stasisfs", "sync", "--limit-upload", "8000"], env=cli.env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    while time.monotonic() < deadline and sum(1 for p in (server.data / "objects").rglob("*") if p.is_file() and "data" in p.parts) == arrived:
+        time.sleep(0.05)
+    server.stop(kill=True)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 3 and b"home" in err
+    server.start(f"127.0.0.1:{port}")
+    result = sync_json(cli)
+    assert result["code"] == 0
+    [report] = result["synced"]  # type: ignore[misc]
+    assert report["already_there"] >= arrived + 1
+    assert report["uploaded"] + report["already_there"] >= packs + 2
+    on_server = sum(1 for p in (server.data / "objects").rglob("*") if p.is_file() and "data" in p.parts)
+    assert on_server == packs
+    assert sync_json(cli)["synced"][0]["uploaded"] == 0  # type: ignore[index]
+
+
+def test_quota_gives_a_clear_error(cli: Cli, server: Server) -> None:
+    code = server.add_user("alice", "--quota", "2000000")
+    cli.ok("init", "--device", "laptop")
+    cli.ok("remote", "add", "home", server.url, "--user", "alice", "--enrol-code", code)
+    src = cli.tmp / "src"
+    random_tree(src, 2, 3_000_000)
+    done = cli.run("backup", src)
+    assert done.returncode == 3
+    assert b"full for this account" in done.stderr and b"quota" in done.stderr and b"Traceback" not in done.stderr
+
+
+def test_password_change_reaches_the_server(cli: Cli, server: Server) -> None:
+    enrolled(cli, server)
+    src = cli.tmp / "src"
+    random_tree(src, 1, 1000)
+    cli.backup(src)
+    new = "a completely different passphrase here"
+    cli.ok("key", "passwd", env={"STASISFS_NEW_PASSWORD": new})
+    old = cli.run("recover", server.url, "--user", "alice", env={"STASISFS_REPO": str(cli.tmp / "r-old"), "XDG_CONFIG_HOME": str(cli.tmp / "c1"),
+                                                                  "XDG_CACHE_HOME": str(cli.tmp / "k1")})
+    assert old.returncode == 12
+    fresh = cli.run("recover", server.url, "--user", "alice", env={"STASISFS_REPO": str(cli.tmp / "r-new"), "STASISFS_PASSWORD": new,
+                                                                    "XDG_CONFIG_HOME": str(cli.tmp / "c2"), "XDG_CACHE_HOME": str(cli.tmp / "k2")})
+    assert fresh.returncode == 0, fresh.stderr
+
+
+def test_pull_completes_a_thin_repository(cli: Cli, server: Server) -> None:
+    enrolled(cli, server)
+    src = cli.tmp / "src"
+    random_tree(src, 2, 2_000_000)
+    cli.backup(src)
+    wipe_device(cli)
+    cli.ok("recover", server.url, "--user", "alice")
+    cli.ok("check", "--read-data")  # thin: packs are checked on the remote
+    cli.ok("sync", "--pull")
+    server.stop()
+    cli.ok("check", "--read-data")  # everything is local now
+    cli.ok("restore", "latest", "--target", cli.tmp / "out")
+    assert json.loads(cli.ok("remote", "list", "--json").stdout)[0]["thin"] is False
