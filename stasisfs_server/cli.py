@@ -17,6 +17,7 @@ import click
 from .db import connect, default_db_url
 from .service import Refused, Service
 from .stores import open_store
+from .stores.file import FileStore
 
 F = TypeVar("F", bound=Callable[..., Any])
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
@@ -84,7 +85,10 @@ def serve(listen: str, tls_cert: str | None, tls_key: str | None, max_object_siz
 
     if bool(tls_cert) != bool(tls_key):
         raise click.UsageError("--tls-cert and --tls-key go together")
-    app = create_app(open_service(), max_object_size)
+    service = open_service()
+    if isinstance(service.store, FileStore):
+        service.store.sweep_temp_files()
+    app = create_app(service, max_object_size)
     config = Config()
     config.bind = [listen]
     config.certfile, config.keyfile = tls_cert, tls_key

@@ -140,7 +140,8 @@ def test_unreadable_file_named_skipped_exit_3(cli: Cli) -> None:
         for p in [base, *base.rglob("*")]:
             os.lchown(p, 65534, 65534)
         (src / "locked.txt").chmod(0o000)
-        env = {**cli.env, "HOME": str(base), "XDG_CACHE_HOME": str(base / "cache"), "STASISFS_REPO": str(base / "repo")}
+        env = {**cli.env, "HOME": str(base), "XDG_CACHE_HOME": str(base / "cache"), "XDG_CONFIG_HOME": str(base / "config"),
+               "STASISFS_REPO": str(base / "repo")}
 
         def run(*args: str) -> subprocess.CompletedProcess[bytes]:
             return subprocess.run([setpriv, "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable, "-m", "stasisfs", *args],

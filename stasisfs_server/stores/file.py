@@ -69,6 +69,18 @@ class FileStore(ObjectStore):
         except FileNotFoundError:
             return False
 
+    def sweep_temp_files(self, older_than: float = 3600) -> int:
+        """Remove uploads a killed server left half-written. Only old ones: other instances may share this directory."""
+        import time
+
+        removed = 0
+        for path in self.root.rglob(f"{TEMP_PREFIX}*"):
+            with contextlib.suppress(FileNotFoundError):
+                if time.time() - path.stat().st_mtime > older_than:
+                    path.unlink()
+                    removed += 1
+        return removed
+
     def keys(self, prefix: str = "") -> Iterator[str]:
         found = []
         for device in _names(self.root):

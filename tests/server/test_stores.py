@@ -92,3 +92,19 @@ def test_file_store_leaves_no_temp_files(tmp_path: Path) -> None:
     files = [p.name for p in (tmp_path / "o").rglob("*") if p.is_file()]
     assert len(files) == 20 and not any(name.startswith(".tmp") for name in files)
     assert all(oct(p.stat().st_mode)[-3:] == "600" for p in (tmp_path / "o").rglob("*") if p.is_file())
+
+
+def test_file_store_sweeps_only_old_temp_files(tmp_path: Path) -> None:
+    import os
+
+    from stasisfs_server.stores.file import FileStore
+
+    store = FileStore(tmp_path / "o")
+    store.put(key(1), b"kept")
+    fan = tmp_path / "o" / DEVICE / "data" / "00"
+    old, fresh = fan / ".tmp-old.abc", fan / ".tmp-fresh.def"
+    old.write_bytes(b"half")
+    fresh.write_bytes(b"in flight")
+    os.utime(old, (1, 1))
+    assert store.sweep_temp_files() == 1
+    assert not old.exists() and fresh.exists() and store.get(key(1)) == b"kept"
