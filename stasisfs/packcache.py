@@ -44,16 +44,26 @@ class RemotePacks:
 
     def read(self, pack_id: bytes, offset: int, length: int) -> bytes:
         first, last = offset // BLOCK, (offset + length - 1) // BLOCK
-        blocks: dict[int, bytes] = {}
+        pieces: dict[int, bytes] = {}
         for block in range(first, last + 1):
             with contextlib.suppress(FileNotFoundError):
-                blocks[block] = self._block_path(pack_id, block).read_bytes()
-        missing = [b for b in range(first, last + 1) if b not in blocks]
+                pieces[block] = self._slice(self._block_path(pack_id, block), block, offset, length)
+        missing = [b for b in range(first, last + 1) if b not in pieces]
         if missing:
-            blocks.update(self._fetch(pack_id, missing[0], missing[-1]))
-        data = b"".join(blocks[b] for b in range(first, last + 1))
-        start = offset - first * BLOCK
-        return data[start : start + length]
+            for block, data in self._fetch(pack_id, missing[0], missing[-1]).items():
+                start, end = _span(block, offset, length)
+                pieces[block] = data[start:end]
+        return b"".join(pieces[b] for b in range(first, last + 1))
+
+    @staticmethod
+    def _slice(path: Path, block: int, offset: int, length: int) -> bytes:
+        """Only the part of a cached block the read needs: small reads must not copy whole blocks."""
+        start, end = _span(block, offset, length)
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            return os.pread(fd, end - start, start)
+        finally:
+            os.close(fd)
 
     def _fetch(self, pack_id: bytes, first: int, last: int) -> dict[int, bytes]:
         """One Range request for blocks first..last; the pack's last block may be short."""
@@ -104,3 +114,9 @@ class RemotePacks:
                     st = entry.stat()
                     found.append((st.st_mtime, Path(entry.path), st.st_size))
         return found
+
+
+def _span(block: int, offset: int, length: int) -> tuple[int, int]:
+    """The [start, end) of a read of `length` bytes at pack `offset` that falls within `block`."""
+    base = block * BLOCK
+    return max(offset, base) - base, min(offset + length, base + BLOCK) - base

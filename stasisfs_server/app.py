@@ -7,6 +7,7 @@ interface.md.
 
 from __future__ import annotations
 
+import hashlib
 import re
 from typing import Annotated, Any
 
@@ -84,6 +85,20 @@ class DeviceRequest(BaseModel):
 
 class MissingRequest(BaseModel):
     ids: list[str] = Field(max_length=10000)
+
+
+async def receive_hashed(request: Request) -> tuple[list[bytes], str]:
+    """The body as received, hashed on the way in: SHA-256 runs in a thread while the next bytes arrive."""
+    hasher = hashlib.sha256()
+    parts: list[bytes] = []
+    async for chunk in request.stream():
+        if len(chunk) >= 256 * 1024:
+            await run_in_threadpool(hasher.update, chunk)
+        elif chunk:
+            hasher.update(chunk)
+        if chunk:
+            parts.append(chunk)
+    return parts, hasher.hexdigest()
 
 
 def parse_range(header: str, size: int) -> tuple[int, int] | None:
@@ -188,7 +203,8 @@ def create_app(service: Service, max_object: int = MAX_OBJECT_BYTES) -> ASGIApp:
     async def put_object(request: Request, device: str, kind: str, object_id: str) -> JSONResponse:
         who = await run_in_threadpool(principal, request)
         target = await run_in_threadpool(service.device, who, device, True)
-        stored = await run_in_threadpool(service.put_object, target, kind, object_id, await request.body())
+        parts, sha256 = await receive_hashed(request)
+        stored = await run_in_threadpool(service.put_object, target, kind, object_id, parts, sha256)
         return JSONResponse({"stored": stored}, status_code=201 if stored else 200)
 
     @app.head("/v1/devices/{device}/objects/{kind}/{object_id}")

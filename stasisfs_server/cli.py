@@ -78,6 +78,7 @@ def serve(listen: str, tls_cert: str | None, tls_key: str | None, max_object_siz
     Prints `listening on http(s)://HOST:PORT` once it accepts requests.
     """
     import trio
+    import hypercorn.trio.tcp_server
     from hypercorn.config import Config
     from hypercorn.trio import serve as hypercorn_serve
 
@@ -89,6 +90,9 @@ def serve(listen: str, tls_cert: str | None, tls_key: str | None, max_object_siz
     if isinstance(service.store, FileStore):
         service.store.sweep_temp_files()
     app = create_app(service, max_object_size)
+    # Hypercorn reads 64 KiB per receive; packs are ~16 MiB, and each receive costs a trip through h11
+    # and the ASGI queue. Bigger reads cut the server's CPU per uploaded byte by a third.
+    hypercorn.trio.tcp_server.MAX_RECV = 1 << 20  # type: ignore[attr-defined]
     config = Config()
     config.bind = [listen]
     config.certfile, config.keyfile = tls_cert, tls_key

@@ -294,21 +294,31 @@ class Service:
             return DeviceRef(device.id, device.uid, device.user_id, device.name)
 
     # --- objects ---
-    def put_object(self, device: DeviceRef, kind: str, object_id: str, data: bytes) -> bool:
-        """Store an object; False when a good copy was already there (nothing is ever overwritten but a bad copy)."""
+    def put_object(self, device: DeviceRef, kind: str, object_id: str, data: bytes | list[bytes], sha256: str | None = None) -> bool:
+        """Store an object; False when a good copy was already there (nothing is ever overwritten but a bad copy).
+
+        `sha256` is the body's digest when the caller hashed it while receiving.
+        """
         check_object(kind, object_id)
-        if hashlib.sha256(data).hexdigest() != object_id:
+        parts = data if isinstance(data, list) else [data]
+        if sha256 is None:
+            hasher = hashlib.sha256()
+            for part in parts:
+                hasher.update(part)
+            sha256 = hasher.hexdigest()
+        if sha256 != object_id:
             raise Refused(400, "the body does not hash to its id (SHA-256)")
+        size = sum(len(p) for p in parts)
         key = object_key(device.uid, kind, object_id)
         with Session(self.engine) as s:
             known = s.get(StoredObject, (device.id, kind, object_id))
             if known is not None and self._verifies(key, object_id):
                 return False
             if known is None:
-                self._check_quota(s, device.user_id, len(data))
+                self._check_quota(s, device.user_id, size)
             self.store.put(key, data)
             if known is None:
-                s.add(StoredObject(device_id=device.id, kind=kind, object_id=object_id, size=len(data)))
+                s.add(StoredObject(device_id=device.id, kind=kind, object_id=object_id, size=size))
             s.execute(update(Device).where(Device.id == device.id).values(last_upload=now()))
             try:
                 s.commit()

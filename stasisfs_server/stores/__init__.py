@@ -31,7 +31,8 @@ class ObjectStore(ABC):
     url: str
 
     @abstractmethod
-    def put(self, key: str, data: bytes) -> None: ...
+    def put(self, key: str, data: bytes | list[bytes]) -> None:
+        """Store `data` (or the concatenation of its parts, as received) under `key`."""
 
     @abstractmethod
     def get(self, key: str, offset: int = 0, length: int | None = None) -> bytes:

@@ -23,7 +23,7 @@ class FileStore(ObjectStore):
         device, kind, object_id = key.split("/")
         return self.root / device / kind / object_id[:2] / object_id
 
-    def put(self, key: str, data: bytes) -> None:
+    def put(self, key: str, data: bytes | list[bytes]) -> None:
         path = self._path(key)
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         # A unique temp name per attempt: a retried upload never races a failed one's cleanup (rest-server #142).
@@ -31,9 +31,10 @@ class FileStore(ObjectStore):
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
             try:
-                view = memoryview(data)
-                while view:
-                    view = view[os.write(fd, view) :]
+                for part in data if isinstance(data, list) else [data]:
+                    view = memoryview(part)
+                    while view:
+                        view = view[os.write(fd, view) :]
                 os.fsync(fd)
             finally:
                 os.close(fd)

@@ -14,9 +14,10 @@ class MemoryStore(ObjectStore):
         self._objects: dict[str, bytes] = {}
         self._lock = threading.Lock()
 
-    def put(self, key: str, data: bytes) -> None:
+    def put(self, key: str, data: bytes | list[bytes]) -> None:
+        joined = b"".join(data) if isinstance(data, list) else bytes(data)
         with self._lock:
-            self._objects[key] = bytes(data)
+            self._objects[key] = joined
 
     def get(self, key: str, offset: int = 0, length: int | None = None) -> bytes:
         with self._lock:
