@@ -86,8 +86,12 @@ class Syncer:
         if client.missing(remote.device, "config", [config_id]):
             client.put_object(remote.device, "config", config_id, config)
         confirmed: dict[str, list[str]] = {}
+        # Listed newest-kind first: a snapshot listed here already has its index object and packs on
+        # disk (the local write order), so a backup running meanwhile can never make the remote
+        # receive a snapshot without its data. No lock and no key are needed to sync.
+        listed = {kind: local_objects(self.repo, kind) for kind in reversed(OBJECT_KINDS)}
         for kind in OBJECT_KINDS:
-            ids = local_objects(self.repo, kind)
+            ids = listed[kind]
             lacking = client.missing(remote.device, kind, ids)
             previously = set(state.get(kind, []))
             rolled_back = sorted(lacking & previously)

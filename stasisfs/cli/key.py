@@ -9,7 +9,6 @@ from pathlib import Path
 import click
 
 from .. import keys as keyslots
-from ..account import change_password_on_remotes
 from ..errors import EXIT_INCOMPLETE, StasisError, UsageError
 from ..repository import Repository
 from ..storage import write_atomic
@@ -111,6 +110,8 @@ def key_passwd() -> None:
             repo.remove_slot(slot.id)
             replaced.append(fresh.id)
         info(f"password changed ({len(replaced)} slot{'s' if len(replaced) != 1 else ''} re-wrapped)")
+        from ..account import change_password_on_remotes  # the HTTP stack, only when needed
+
         failures = change_password_on_remotes(repo, old_password, new_password, info)
     for failure in failures:
         warn(f"remote {failure}; run `stasisfs key passwd` again when it is reachable (the old password still logs in there)")

@@ -3,18 +3,20 @@
 from __future__ import annotations
 
 import os
+from typing import TYPE_CHECKING
 
 import click
 
-from .. import account
 from ..errors import EXIT_INCOMPLETE, UsageError
-from ..locking import RepositoryLock
 from ..progress import Counters, Reporter
-from ..remote import RemoteClient
 from ..remotes import DeviceRemotes
 from ..repository import Repository
-from ..sync import Syncer, SyncReport, sync_all
 from .common import global_options, human_size, info, open_repository, print_json, read_password, repo_path, warn
+
+if TYPE_CHECKING:
+    from ..sync import SyncReport
+
+# The HTTP stack (requests) is imported inside the commands that use it: every other command starts faster.
 
 
 def _password_only() -> str:
@@ -46,6 +48,8 @@ def remote_add(name: str, url: str, user: str, enrol_code: str | None, cacert: s
     so `stasisfs recover` can bring everything back on a new machine.
     Nothing is uploaded yet: run `stasisfs sync`, or the next backup syncs.
     """
+    from .. import account
+
     with open_repository() as repo:
         password = _password_only()
         added = account.add_remote(repo, name, url, user, password, enrol_code, cacert)
@@ -102,9 +106,14 @@ def sync(names: tuple[str, ...], pull: bool, limit_upload: int | None, json_outp
     """Upload to each remote (or those NAMEd) exactly what it lacks.
 
     An interrupted sync resumes where it stopped. Exits 3 if any remote failed.
+    Uploading needs no password: the objects are already encrypted and the
+    device token (in ~/.config/stasisfs) authorises it.
     """
+    from ..sync import Syncer, sync_all
+
     counters = Counters()
-    with open_repository() as repo, RepositoryLock(repo, "sync"):
+    # Pushing needs neither the key nor the lock (see Syncer.push); pulling rebuilds the index, so it unlocks.
+    with open_repository(unlock=pull) as repo:
         remotes = DeviceRemotes(repo.id)
         if not remotes.all():
             raise UsageError("no remotes yet: add one with `stasisfs remote add NAME URL --user USER`")
@@ -140,6 +149,8 @@ def recover(url: str, user: str, device: str | None, remote_name: str, cacert: s
     packs fetched on demand. `mount` and `restore` work at once; `sync --pull`
     downloads the rest; new backups carry on as that device.
     """
+    from .. import account
+
     target = repo_path()
     password = _password_only()
     repo = account.recover(url, user, password, device, target, cacert, remote_name, info)
@@ -183,6 +194,9 @@ def devices_revoke(name: str, remote_name: str | None) -> None:
         remotes = DeviceRemotes(repo.id).select([remote_name] if remote_name else [])
     if not remotes:
         raise UsageError("no remotes configured")
+    from .. import account
+    from ..remote import RemoteClient
+
     password = _password_only()
     for target in remotes:
         client = RemoteClient(target.url, cacert=target.cacert, name=target.name)
@@ -196,6 +210,8 @@ def sync_after_backup(repo: Repository, json_output: bool) -> dict[str, str]:
     remotes = DeviceRemotes(repo.id)
     if not remotes.all():
         return {}
+    from ..sync import sync_all
+
     reports, failures = sync_all(repo, remotes, [])
     if not json_output:
         report_sync(reports, failures)
