@@ -13,7 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from . import keys as keyslots
-from .errors import StasisError, UsageError
+from .errors import StasisError, UsageError, WrongKey
 from .remote import RemoteClient, RemoteError
 from .remotes import DeviceRemotes, Remote
 from .repository import Repository
@@ -99,16 +99,33 @@ def choose_device(devices: list[dict[str, object]], wanted: str | None, user: st
     raise UsageError(f"{user} has several devices; choose one with --device NAME:\n{listing}")
 
 
+def _config_opened_by(client: RemoteClient, device: str, master: bytes) -> bytes:
+    from .crypto import MasterKeys
+
+    for config_id, _ in client.list_objects(device, "config"):
+        config = client.get_object(device, "config", config_id)
+        doc = json.loads(config)
+        if MasterKeys(master, bytes.fromhex(doc["id"])).key_check.hex() == doc.get("key_check"):
+            return config
+    raise WrongKey(f"this recovery key does not open device {device}")
+
+
 def recover(url: str, user: str, password: str, device: str | None, target: Path, cacert: str | None,
-            remote_name: str, say: Callable[[str], None]) -> Repository:
-    """Make a thin repository at `target` that carries on as the chosen device: keys, index and snapshots, no packs."""
+            remote_name: str, say: Callable[[str], None], recovery_master: bytes | None = None) -> Repository:
+    """Make a thin repository at `target` that carries on as the chosen device: keys, index and snapshots, no packs.
+
+    The device key comes from the escrowed copy, or from the recovery key when one is given.
+    """
     client = RemoteClient(url, cacert=cacert, name=remote_name)
     login(client, user, password)
     chosen = choose_device(client.devices(), device, user)
-    repo_id, config_id, master = keyslots.open_escrow(client.get_key(chosen), password)
-    config = client.get_object(chosen, "config", config_id)
-    if json.loads(config).get("id") != repo_id.hex():
-        raise StasisError("the server's repository config does not belong to the escrowed key; refusing it")
+    if recovery_master is None:
+        repo_id, config_id, master = keyslots.open_escrow(client.get_key(chosen), password)
+        config = client.get_object(chosen, "config", config_id)
+        if json.loads(config).get("id") != repo_id.hex():
+            raise StasisError("the server's repository config does not belong to the escrowed key; refusing it")
+    else:
+        master, config = recovery_master, _config_opened_by(client, chosen, recovery_master)
     repo = Repository.adopt(target, config, master, password)
     say(f"recovering device {chosen}: repository {repo.id.hex()[:8]} at {repo.path}")
     objects = [(kind, object_id) for kind in ("index", "snapshots") for object_id, _ in client.list_objects(chosen, kind)]

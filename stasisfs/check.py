@@ -13,8 +13,9 @@ import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from .errors import IntegrityError, UsageError
+from .errors import IntegrityError, StasisError, UsageError
 from .pack import BlobEntry, decode_index, open_blob, parse_pack
+from .remotes import Remote
 from .repository import Repository
 from .storage import storage_id
 from .tree import DIR, FILE, decode_tree
@@ -54,8 +55,12 @@ def parse_subset(text: str) -> Callable[[list[bytes]], list[bytes]]:
 
 
 class Checker:
-    def __init__(self, repo: Repository, say: Callable[[str], None] = lambda s: None) -> None:
+    """Checks the local copy, or with `remote` the copy a remote holds (packs read from there)."""
+
+    def __init__(self, repo: Repository, say: Callable[[str], None] = lambda s: None, remote: Remote | None = None) -> None:
         self.repo = repo
+        self.remote = remote
+        self.client = remote.client() if remote is not None else None
         self.cipher = repo.cipher
         self.say = say
         self.report = CheckReport()
@@ -98,6 +103,9 @@ class Checker:
                 self.error(f"index object {object_id} is damaged ({exc}); run `stasisfs repair index`")
 
     def _check_packs_exist(self) -> None:
+        if self.remote is not None:
+            self._check_remote_holds_everything(self.remote)
+            return
         self.say(f"checking {len(self.pack_sizes)} packs")
         on_disk = set(self.repo.list_packs())
         remote = self.repo.remote_packs
@@ -117,6 +125,19 @@ class Checker:
                 f"{len(unindexed)} packs are not in any index object yet (left by an interrupted run); the next backup or `repair index` adds them"
             )
 
+    def _check_remote_holds_everything(self, remote: Remote) -> None:
+        assert self.client is not None
+        self.say(f"checking that remote {remote.name} holds {len(self.pack_sizes)} packs, the index and the snapshots")
+        held = {bytes.fromhex(i): size for i, size in self.client.list_objects(remote.device, "data")}
+        for pack_id, size in self.pack_sizes.items():
+            if pack_id not in held:
+                self.error(f"pack {pack_id.hex()} is missing from remote {remote.name}; `stasisfs sync` uploads it")
+            elif held[pack_id] != size:
+                self.error(f"pack {pack_id.hex()} has the wrong size on remote {remote.name} (damaged)")
+        for kind in ("index", "snapshots"):
+            for object_id in sorted(self.client.missing(remote.device, kind, self.repo.list_objects(kind))):
+                self.error(f"{kind} object {object_id[:16]} is missing from remote {remote.name}; `stasisfs sync` uploads it")
+
     def _blob(self, chunk_id: bytes) -> bytes:
         found = self.chunks.get(chunk_id)
         if found is None:
@@ -129,8 +150,13 @@ class Checker:
             raise IntegrityError(f"pack {pack_id.hex()}: {exc}") from None
 
     def _pack_bytes(self, pack_id: bytes, offset: int = 0, length: int | None = None) -> bytes:
-        """From the local pack, or for a thin repository from its remote (verified there against the id)."""
+        """From the local pack, the remote being checked, or for a thin repository its remote (verified against the id)."""
         path = self.repo.pack_path(pack_id)
+        if self.client is not None and self.remote is not None and (length is None or not path.exists()):
+            # Data is read from the remote; trees for the structure walk come from the local copy when it has them.
+            if length is None:
+                return self.client.get_object(self.remote.device, "data", pack_id.hex())
+            return self.client.get_range_upto(self.remote.device, "data", pack_id.hex(), offset, length)
         remote = self.repo.remote_packs
         if remote is not None and not path.exists():
             if length is None:
@@ -173,6 +199,9 @@ class Checker:
             data = self._pack_bytes(pack_id)
         except OSError as exc:
             self.error(f"pack {name} cannot be read: {exc.strerror}")
+            return
+        except StasisError as exc:  # damaged or missing on the remote
+            self.error(f"pack {name}: {exc}")
             return
         self.report.packs_read += 1
         if storage_id(data) != name:

@@ -191,16 +191,18 @@ _PAPER_LINE = re.compile(r"^\s*(\d+)\s*:\s*([A-Za-z2-7 ]+?)\s*\[([A-Za-z2-7]{2})
 
 
 def parse_recovery_key(text: str) -> bytes:
+    """The master key from its compact form, or from the paper form (other lines of the printout are ignored)."""
+    lines = text.strip().splitlines()
+    paper = [m for m in (_PAPER_LINE.match(line) for line in lines) if m]
     chars = ""
-    for line in text.strip().splitlines():
-        match = _PAPER_LINE.match(line)
-        if match:
+    if paper:
+        for match in paper:
             number, body, check = int(match[1]), _B32.sub("", match[2].upper()), match[3].upper()
             if _line_check(number, body) != check:
                 raise UsageError(f"recovery key line {number} has a typo (its checksum does not match)")
             chars += body
-        else:
-            chars += _B32.sub("", line.upper())
+    else:
+        chars = "".join(_B32.sub("", line.upper()) for line in lines)
     try:
         raw = base64.b32decode(chars + "=" * (-len(chars) % 8))
     except ValueError:

@@ -206,3 +206,51 @@ def test_pull_completes_a_thin_repository(cli: Cli, server: Server) -> None:
     cli.ok("check", "--read-data")  # everything is local now
     cli.ok("restore", "latest", "--target", cli.tmp / "out")
     assert json.loads(cli.ok("remote", "list", "--json").stdout)[0]["thin"] is False
+
+
+def test_check_remote_finds_missing_and_damaged_packs(cli: Cli, server: Server) -> None:
+    enrolled(cli, server)
+    src = cli.tmp / "src"
+    random_tree(src, 3, 3_000_000)
+    cli.backup(src)
+    random_tree(cli.tmp / "more", 2, 2_000_000)
+    cli.backup(cli.tmp / "more")
+    cli.ok("check", "--remote", "home", "--read-data")
+    packs = sorted(p for p in (server.data / "objects").rglob("*") if p.is_file() and "data" in p.parts)
+    assert len(packs) >= 3
+    token = json.loads((cli.tmp / "home" / ".config" / "stasisfs" / "repositories").glob("*/remotes.json").__next__().read_text())["remotes"][0]["token"]
+    import requests
+
+    gone = requests.delete(f"{server.url}/v1/devices/laptop/objects/data/{packs[0].name}", headers={"Authorization": f"Bearer {token}"}, timeout=10)
+    assert gone.status_code == 200
+    damaged = bytearray(packs[1].read_bytes())
+    damaged[100] ^= 1
+    packs[1].write_bytes(bytes(damaged))  # bit rot the server does not know about
+    packs[2].unlink()  # lost behind the server's back
+    structure = cli.run("check", "--remote", "home")
+    assert structure.returncode == 1 and f"pack {packs[0].name} is missing from remote home".encode() in structure.stderr
+    deep = cli.run("check", "--remote", "home", "--read-data")
+    assert deep.returncode == 1
+    assert f"pack {packs[1].name}: remote home served a damaged".encode() in deep.stderr
+    assert f"pack {packs[2].name}".encode() in deep.stderr
+    cli.ok("check", "--read-data")  # the local copy is fine
+    cli.ok("sync")  # re-uploads the pack the remote lacks
+    assert f"pack {packs[0].name}".encode() not in cli.run("check", "--remote", "home").stderr
+
+
+def test_recover_with_the_recovery_key(cli: Cli, server: Server) -> None:
+    enrolled(cli, server)
+    src = cli.tmp / "src"
+    random_tree(src, 1, 5000)
+    snapshot_id = cli.backup(src)
+    paper = cli.ok("key", "export", "--paper").stdout
+    wipe_device(cli)
+    cli.ok("recover", server.url, "--user", "alice", "--recovery-key", input=paper)
+    assert [s["id"] for s in cli.snapshots()] == [snapshot_id]
+    other = Cli(cli.env | {"STASISFS_REPO": str(cli.tmp / "other"), "XDG_CACHE_HOME": str(cli.tmp / "oc"), "XDG_CONFIG_HOME": str(cli.tmp / "og")},
+                cli.tmp / "other", cli.tmp)
+    other.ok("init", "--device", "spare")
+    wrong_key = other.ok("key", "export", "--paper").stdout
+    refused = cli.run("recover", server.url, "--user", "alice", "--recovery-key", input=wrong_key,
+                      env={"STASISFS_REPO": str(cli.tmp / "r3"), "XDG_CONFIG_HOME": str(cli.tmp / "c3"), "XDG_CACHE_HOME": str(cli.tmp / "k3")})
+    assert refused.returncode == 12

@@ -119,6 +119,23 @@ def key_passwd() -> None:
         sys.exit(EXIT_INCOMPLETE)
 
 
+def read_recovery_key(source: str | None) -> bytes:
+    """A recovery key from a file, or from standard input (typed or pasted, ending with an empty line)."""
+    if source:
+        text = Path(source).read_text()
+    elif sys.stdin.isatty():
+        click.echo("Type or paste the recovery key, then an empty line:", err=True)
+        lines = []
+        for line in sys.stdin:
+            if not line.strip():
+                break
+            lines.append(line)
+        text = "".join(lines)
+    else:
+        text = sys.stdin.read()
+    return keyslots.parse_recovery_key(text)
+
+
 def _prompt_new_or_env(repo: Repository) -> str:
     """The new password: STASISFS_NEW_PASSWORD(_FILE) for scripts, else a confirmed prompt."""
     if os.environ.get("STASISFS_NEW_PASSWORD_FILE"):
@@ -163,19 +180,7 @@ def key_import(source: str | None) -> None:
     """
     repo = Repository(repo_path())
     try:
-        if source:
-            text = Path(source).read_text()
-        elif sys.stdin.isatty():
-            click.echo("Type or paste the recovery key, then an empty line:", err=True)
-            lines = []
-            for line in sys.stdin:
-                if not line.strip():
-                    break
-                lines.append(line)
-            text = "".join(lines)
-        else:
-            text = sys.stdin.read()
-        repo.unlock_master(keyslots.parse_recovery_key(text))
+        repo.unlock_master(read_recovery_key(source))
         click.echo("Recovery key accepted. Choose a new password.", err=True)
         password = _prompt_new_or_env(repo)
         slot = keyslots.wrap(repo.master_keys.master, repo.id, password.encode(), keyslots.SLOT_PASSWORD, keyslots.argon2_params(), "recovered")

@@ -141,8 +141,10 @@ def sync(names: tuple[str, ...], pull: bool, limit_upload: int | None, json_outp
 @click.option("--device", default=None, help="Which of your devices to recover (asked for when you have several).")
 @click.option("--remote-name", default="origin", show_default=True, help="Name for this server in `remote list`.")
 @click.option("--cacert", type=click.Path(exists=True, dir_okay=False), help="CA certificate to trust for an https URL.")
+@click.option("--recovery-key", "use_recovery_key", is_flag=True,
+              help="Open the device with its recovery key (read from standard input) instead of the escrowed copy; the password still logs in.")
 @global_options
-def recover(url: str, user: str, device: str | None, remote_name: str, cacert: str | None) -> None:
+def recover(url: str, user: str, device: str | None, remote_name: str, cacert: str | None, use_recovery_key: bool) -> None:
     """Bring a lost device back from a server with its URL, your user name and your password.
 
     It creates a thin repository at --repo: keys, index and snapshots, with
@@ -150,10 +152,12 @@ def recover(url: str, user: str, device: str | None, remote_name: str, cacert: s
     downloads the rest; new backups carry on as that device.
     """
     from .. import account
+    from .key import read_recovery_key
 
     target = repo_path()
     password = _password_only()
-    repo = account.recover(url, user, password, device, target, cacert, remote_name, info)
+    master = read_recovery_key(None) if use_recovery_key else None
+    repo = account.recover(url, user, password, device, target, cacert, remote_name, info, master)
     try:
         count = len(repo.snapshots())
         info(f"recovered {count} snapshot{'s' if count != 1 else ''}; packs stay on {remote_name} and are fetched when read")

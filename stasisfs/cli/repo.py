@@ -18,6 +18,7 @@ from ..keys import password_weakness
 from ..locking import RepositoryLock
 from ..progress import Counters, Reporter
 from ..reader import TreeReader
+from ..remotes import DeviceRemotes
 from ..repository import Repository
 from ..restore import OVERWRITE_MODES, RestoreOptions, Restorer
 from ..snapshot import Snapshot, resolve
@@ -347,13 +348,20 @@ def restore(ref: str, target: bytes, includes: tuple[str, ...], excludes: tuple[
 @click.command()
 @click.option("--read-data", is_flag=True, help="Also read, decrypt and authenticate every pack.")
 @click.option("--read-data-subset", metavar="N%|n/m", help="Read only a share of the packs.")
+@click.option("--remote", "remote_name", metavar="NAME", help="Check the copy this remote holds instead of the local one.")
 @global_options
-def check(read_data: bool, read_data_subset: str | None) -> None:
-    """Verify the repository's structure, and with --read-data its data."""
+def check(read_data: bool, read_data_subset: str | None, remote_name: str | None) -> None:
+    """Verify the repository's structure, and with --read-data its data.
+
+    With --remote NAME, check the copy that remote holds instead: every pack,
+    index object and snapshot is there, and with --read-data each pack
+    downloaded from it hashes to its id and decrypts.
+    """
     if read_data and read_data_subset:
         raise UsageError("use either --read-data or --read-data-subset")
     with open_repository() as repo:
-        report = Checker(repo, say=info).run(read_data, read_data_subset)
+        remote = DeviceRemotes(repo.id).get(remote_name) if remote_name else None
+        report = Checker(repo, say=info, remote=remote).run(read_data, read_data_subset)
     for note in report.notes:
         info(f"note: {note}")
     if not report.ok:
