@@ -8,6 +8,7 @@ nothing, and an escrowed key slot that opens only with the password.
 from __future__ import annotations
 
 import json
+import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -110,6 +111,88 @@ def _config_opened_by(client: RemoteClient, device: str, master: bytes) -> bytes
     raise WrongKey(f"this recovery key does not open device {device}")
 
 
+def fetch_metadata(client: RemoteClient, device: str, repo: Repository) -> int:
+    """Fetch the index objects and snapshots the local copy lacks (verified against their ids). Returns how many."""
+    have = {kind: set(repo.list_objects(kind)) for kind in ("index", "snapshots")}
+    wanted = [(kind, object_id) for kind in ("index", "snapshots") for object_id, _ in client.list_objects(device, kind)
+              if object_id not in have[kind]]
+    local = threading.local()
+
+    def fetch(item: tuple[str, str]) -> None:
+        kind, object_id = item
+        mine = getattr(local, "client", None)
+        if mine is None:
+            mine = local.client = RemoteClient(client.url, client.token, client.cacert, client.name)
+        data = mine.get_object(device, kind, object_id)
+        write_atomic(repo.path / kind / storage_id(data), data, sync=False)
+
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(fetch, wanted))
+    return len(wanted)
+
+
+class SessionRemote(Remote):
+    """Another device of the user, reached through a password login; logs in again when the session ends."""
+
+    def __init__(self, base: Remote, device: str, verifier: bytes) -> None:
+        super().__init__(base.name, base.url, base.user, device, "", base.cacert)
+        self._verifier = verifier
+        self._lock = threading.Lock()
+
+    def renew(self) -> None:
+        with self._lock:
+            self.token = RemoteClient(self.url, cacert=self.cacert, name=self.name).login(self.user, self._verifier)
+
+    def client(self) -> RemoteClient:
+        if not self.token:
+            self.renew()
+        return RemoteClient(self.url, self.token, self.cacert, name=self.name)
+
+
+def open_other_devices(repo: Repository, password: str, say: Callable[[str], None]) -> list[Repository]:
+    """The user's other devices on every remote whose escrowed key this password opens, as thin repositories.
+
+    Each lives in this repository's cache (`devices/<remote>/<device>/`), holds only index objects and
+    snapshots, and fetches packs from the remote on demand. They are returned closed (no LMDB open),
+    so a mount may fork after this.
+    """
+    from .packcache import RemotePacks
+
+    others = []
+    for remote in DeviceRemotes(repo.id).all():
+        client = RemoteClient(remote.url, cacert=remote.cacert, name=remote.name)
+        salt, kdf = client.login_params(remote.user)
+        verifier = keyslots.login_verifier(password, salt, kdf)
+        client.token = client.login(remote.user, verifier)
+        for device in client.devices():
+            name = str(device["name"])
+            if name == remote.device:
+                continue
+            try:
+                repo_id, config_id, master = keyslots.open_escrow(client.get_key(name), password)
+            except RemoteError:
+                continue  # nothing escrowed yet
+            except WrongKey:
+                say(f"device {name} on {remote.name}: its key does not open with this password; not shown")
+                continue
+            home = repo.cache_dir / "devices" / remote.name / name
+            if (home / "repo" / "config").exists():
+                other = Repository(home / "repo", home / "cache")
+                other.unlock_master(master)
+            else:
+                other = Repository.adopt(home / "repo", client.get_object(name, "config", config_id), master, None, home / "cache")
+            if other.id != repo_id:
+                say(f"device {name} on {remote.name}: its config does not match its escrowed key; not shown")
+                other.close()
+                continue
+            fetch_metadata(client, name, other)
+            other.fetch_packs_from(RemotePacks(home / "cache", SessionRemote(remote, name, verifier)))
+            other.sync_index()
+            other.close()
+            others.append(other)
+    return others
+
+
 def recover(url: str, user: str, password: str, device: str | None, target: Path, cacert: str | None,
             remote_name: str, say: Callable[[str], None], recovery_master: bytes | None = None) -> Repository:
     """Make a thin repository at `target` that carries on as the chosen device: keys, index and snapshots, no packs.
@@ -128,15 +211,7 @@ def recover(url: str, user: str, password: str, device: str | None, target: Path
         master, config = recovery_master, _config_opened_by(client, chosen, recovery_master)
     repo = Repository.adopt(target, config, master, password)
     say(f"recovering device {chosen}: repository {repo.id.hex()[:8]} at {repo.path}")
-    objects = [(kind, object_id) for kind in ("index", "snapshots") for object_id, _ in client.list_objects(chosen, kind)]
-
-    def fetch(item: tuple[str, str]) -> None:
-        kind, object_id = item
-        data = RemoteClient(url, client.token, cacert, remote_name).get_object(chosen, kind, object_id)
-        write_atomic(repo.path / kind / storage_id(data), data, sync=False)
-
-    with ThreadPoolExecutor(8) as pool:
-        list(pool.map(fetch, objects))
+    fetch_metadata(client, chosen, repo)
     token = client.register_device(chosen, resume=True)
     remotes = DeviceRemotes(repo.id)
     for stale in remotes.all():  # a previous recovery into this cache/config

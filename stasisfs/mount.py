@@ -67,6 +67,51 @@ class RepositorySource:
         self.repo.advise_blobs(chunk_ids)
 
 
+class MultiSource:
+    """This repository plus other devices' (thin) repositories: every object goes to the one whose index holds it.
+
+    Chunk and tree ids are keyed by each repository's own key, so they never collide across devices.
+    """
+
+    def __init__(self, own: RepositorySource, others: list[RepositorySource]) -> None:
+        self.own = own
+        self.sources = [own, *others]
+        self._routes: dict[bytes, RepositorySource] = {}
+
+    def _route(self, object_id: bytes) -> RepositorySource:
+        if self.own.repo.index.lookup(object_id) is not None:
+            return self.own
+        found = self._routes.get(object_id)
+        if found is None:
+            found = next((s for s in self.sources[1:] if s.repo.index.lookup(object_id) is not None), self.own)
+            if len(self._routes) > 100_000:
+                self._routes.clear()
+            self._routes[object_id] = found
+        return found
+
+    def snapshots(self) -> list[Snapshot]:
+        return [snap for source in self.sources for snap in source.snapshots()]
+
+    def tree(self, tree_id: bytes) -> list[Node]:
+        return self._route(tree_id).tree(tree_id)
+
+    def chunk_sizes(self, chunk_ids: list[bytes]) -> list[int]:
+        return self._route(chunk_ids[0]).chunk_sizes(chunk_ids) if chunk_ids else []
+
+    def chunk(self, chunk_id: bytes) -> bytes:
+        return self._route(chunk_id).chunk(chunk_id)
+
+    def tree_if_cached(self, tree_id: bytes) -> list[Node] | None:
+        return self._route(tree_id).tree_if_cached(tree_id)
+
+    def chunk_if_cached(self, chunk_id: bytes, max_length: int) -> bytes | None:
+        return self._route(chunk_id).chunk_if_cached(chunk_id, max_length)
+
+    def advise(self, chunk_ids: list[bytes]) -> None:
+        if chunk_ids:
+            self._route(chunk_ids[0]).advise(chunk_ids)
+
+
 def state_dir() -> Path:
     base = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
     path = Path(base) / "stasisfs"
@@ -74,7 +119,7 @@ def state_dir() -> Path:
     return path
 
 
-def serve(repo: Repository, mountpoint: Path, cache_bytes: int, on_ready: Callable[[], None]) -> None:
+def serve(repo: Repository, mountpoint: Path, cache_bytes: int, on_ready: Callable[[], None], others: list[Repository] | None = None) -> None:
     """Mount and serve until unmounted or signalled. Blocks."""
     import pyfuse3
     import trio
@@ -91,7 +136,11 @@ def serve(repo: Repository, mountpoint: Path, cache_bytes: int, on_ready: Callab
     gc.freeze()
     gc.set_threshold(50_000, 50, 1000)
     total = sum(size for size, _ in repo.index.packs().values())
-    vfs = Vfs(RepositorySource(repo), uid=os.getuid(), gid=os.getgid(), cache_bytes=cache_bytes)
+    source: RepositorySource | MultiSource = RepositorySource(repo)
+    if others:
+        assert isinstance(source, RepositorySource)
+        source = MultiSource(source, [RepositorySource(other) for other in others])
+    vfs = Vfs(source, uid=os.getuid(), gid=os.getgid(), cache_bytes=cache_bytes, own_device=repo.device if others else None)
     ops = SnapshotFs(vfs, total_bytes=total)
     try:
         pyfuse3.init(ops, str(mountpoint), set(MOUNT_OPTIONS))
@@ -119,7 +168,7 @@ def serve(repo: Repository, mountpoint: Path, cache_bytes: int, on_ready: Callab
         pyfuse3.close(unmount=True)
 
 
-def mount_detached(repo: Repository, mountpoint: Path, cache_bytes: int) -> None:
+def mount_detached(repo: Repository, mountpoint: Path, cache_bytes: int, others: list[Repository] | None = None) -> None:
     """Fork a server for the mount; return once it answers, or raise with its reason."""
     read_end, write_end = os.pipe()
     pid = os.fork()
@@ -134,7 +183,7 @@ def mount_detached(repo: Repository, mountpoint: Path, cache_bytes: int) -> None
 
         code = 0
         try:
-            serve(repo, mountpoint, cache_bytes, ready)
+            serve(repo, mountpoint, cache_bytes, ready, others)
         except StasisError as exc:
             logging.getLogger("stasisfs.mount").error("%s", exc)
             with contextlib.suppress(OSError):

@@ -15,7 +15,7 @@ import os
 import threading
 from pathlib import Path
 
-from .remote import RemoteClient
+from .remote import RemoteAuthError, RemoteClient
 from .remotes import Remote
 from .storage import write_atomic
 
@@ -67,7 +67,16 @@ class RemotePacks:
 
     def _fetch(self, pack_id: bytes, first: int, last: int) -> dict[int, bytes]:
         """One Range request for blocks first..last; the pack's last block may be short."""
-        data = self._client().get_range_upto(self.remote.device, "data", pack_id.hex(), first * BLOCK, (last - first + 1) * BLOCK)
+        client = self._client()
+        try:
+            data = client.get_range_upto(self.remote.device, "data", pack_id.hex(), first * BLOCK, (last - first + 1) * BLOCK)
+        except RemoteAuthError:
+            renew = getattr(self.remote, "renew", None)
+            if renew is None:
+                raise
+            renew()  # a password session that expired (another device's packs in a mount)
+            client.token = self.remote.token
+            data = client.get_range_upto(self.remote.device, "data", pack_id.hex(), first * BLOCK, (last - first + 1) * BLOCK)
         (self.root / pack_id.hex()).mkdir(exist_ok=True, mode=0o700)
         fetched = {}
         for block in range(first, last + 1):

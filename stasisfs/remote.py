@@ -58,6 +58,7 @@ class RemoteClient:
             raise UsageError(f"remote URL {url!r} must start with http:// or https://")
         self.url = url.rstrip("/")
         self.token = token
+        self.cacert = cacert
         self.name = name or self.url
         self.session = session or _session(cacert)
 

@@ -81,8 +81,9 @@ def unpad_small(padded: bytes) -> bytes:
 
 
 class Repository:
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, cache_dir: Path | None = None) -> None:
         self.path = path.absolute()
+        self._cache_dir = cache_dir  # another device's repository shown in a mount keeps its cache apart
         config_path = self.path / "config"
         if not config_path.is_file():
             raise RepositoryMissing(f"no stasisfs repository at {self.path}; create one with `stasisfs init`")
@@ -135,8 +136,8 @@ class Repository:
         return repo, master
 
     @classmethod
-    def adopt(cls, path: Path, config: bytes, master: bytes, password: str) -> Repository:
-        """Recreate a repository from its config and master key (recovery), with a fresh local password slot."""
+    def adopt(cls, path: Path, config: bytes, master: bytes, password: str | None, cache_dir: Path | None = None) -> Repository:
+        """Recreate a repository from its config and master key (recovery), with a fresh local password slot if given."""
         path = path.absolute()
         if path.exists() and any(path.iterdir()):
             raise StasisError(f"{path} exists and is not empty; recover into a new or empty directory")
@@ -149,11 +150,14 @@ class Repository:
         repo_id = bytes.fromhex(doc["id"])
         if MasterKeys(master, repo_id).key_check.hex() != doc.get("key_check"):
             raise WrongKey("the recovered key does not open this repository config")
-        slot = keyslots.wrap(master, repo_id, password.encode(), keyslots.SLOT_PASSWORD, keyslots.argon2_params())
-        write_atomic(path / "keys" / slot.id, slot.encode())
+        slot_id = ""
+        if password is not None:
+            slot = keyslots.wrap(master, repo_id, password.encode(), keyslots.SLOT_PASSWORD, keyslots.argon2_params())
+            write_atomic(path / "keys" / slot.id, slot.encode())
+            slot_id = slot.id
         write_atomic(path / "config", config)
-        repo = cls(path)
-        repo._attach(master, slot.id)
+        repo = cls(path, cache_dir)
+        repo._attach(master, slot_id)
         return repo
 
     def slots(self) -> list[keyslots.KeySlot]:
@@ -232,7 +236,7 @@ class Repository:
     # --- the cache directory and its index ---
     @property
     def cache_dir(self) -> Path:
-        path = cache_root() / self.id.hex()
+        path = self._cache_dir or cache_root() / self.id.hex()
         path.mkdir(parents=True, exist_ok=True, mode=0o700)
         return path
 
@@ -397,6 +401,10 @@ class Repository:
             f.seek(offset)
             entries = parse_header(self.cipher, f.read(length))
         return PackInfo(pack_id, size, tuple(entries))
+
+    def fetch_packs_from(self, packs: RemotePacks) -> None:
+        """Make this a thin repository whose missing packs come from `packs`."""
+        self._remote_packs = packs
 
     @property
     def remote_packs(self) -> RemotePacks | None:

@@ -158,8 +158,12 @@ class ChunkCache:
 
 
 class Vfs:
-    def __init__(self, source: SnapshotSource, uid: int = 0, gid: int = 0, cache_bytes: int = 128 << 20) -> None:
+    def __init__(self, source: SnapshotSource, uid: int = 0, gid: int = 0, cache_bytes: int = 128 << 20,
+                 own_device: str | None = None) -> None:
         self.source = source
+        # With other devices in the source (from a server), only this device's snapshots fill
+        # snapshots/, ids/, tags/ and versions/; the others appear under devices/<name>/.
+        self.own_device = own_device
         self.uid, self.gid = uid, gid
         self.cache = ChunkCache(cache_bytes)
         self._entries: dict[int, Entry] = {}
@@ -167,6 +171,7 @@ class Vfs:
         self._next_ino = ROOT_INODE
         self._lock = threading.RLock()
         self._snapshots: list[Snapshot] = []
+        self._all_snapshots: list[Snapshot] = []
         self._mtime_ns = 0
         root = self._virtual(("root",), b"", self._load_root)
         assert root.ino == ROOT_INODE
@@ -221,9 +226,10 @@ class Vfs:
         """Pick up snapshots added since; True when the list changed."""
         snapshots = self.source.snapshots()
         with self._lock:
-            if [s.id for s in snapshots] == [s.id for s in self._snapshots]:
+            if [s.id for s in snapshots] == [s.id for s in self._all_snapshots]:
                 return False
-            self._snapshots = snapshots
+            self._all_snapshots = snapshots
+            self._snapshots = [s for s in snapshots if self.own_device is None or s.device == self.own_device]
             self._mtime_ns = max((int(s.time.timestamp() * 1e9) for s in snapshots), default=0)
             for entry in self._entries.values():
                 if entry.dynamic:
@@ -256,8 +262,20 @@ class Vfs:
         return {snap.id: name for name, snap in snapshot_names(self._snapshots)}
 
     def _load_devices(self, entry: Entry) -> list[tuple[bytes, Entry]]:
-        devices = sorted({s.device for s in self._snapshots})
-        return [(d.encode(), self._virtual(("device", d), b"", partial(self._load_group, device=d))) for d in devices]
+        own = {s.device for s in self._snapshots}
+        result = []
+        for device in sorted({s.device for s in self._all_snapshots}):
+            loader = partial(self._load_group, device=device) if device in own else partial(self._load_other_device, device=device)
+            result.append((device.encode(), self._virtual(("device", device), b"", loader)))
+        return result
+
+    def _load_other_device(self, entry: Entry, device: str) -> list[tuple[bytes, Entry]]:
+        """Another device's snapshots, as directories of their own (they are not under snapshots/)."""
+        named = snapshot_names([s for s in self._all_snapshots if s.device == device])
+        result = [(name.encode(), self._snapshot_root(snap)) for name, snap in named]
+        if named:
+            result.append((b"latest", self._symlink(("group-latest", entry.ino), named[-1][0])))
+        return result
 
     def _load_tags(self, entry: Entry) -> list[tuple[bytes, Entry]]:
         tags = sorted({t for s in self._snapshots for t in s.tags})

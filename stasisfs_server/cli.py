@@ -77,8 +77,8 @@ def serve(listen: str, tls_cert: str | None, tls_key: str | None, max_object_siz
 
     Prints `listening on http(s)://HOST:PORT` once it accepts requests.
     """
-    import trio
     import hypercorn.trio.tcp_server
+    import trio
     from hypercorn.config import Config
     from hypercorn.trio import serve as hypercorn_serve
 

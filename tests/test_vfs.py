@@ -116,6 +116,25 @@ def test_views_and_latest(source: MemorySource) -> None:
     assert len(ids) == 2 and all(vfs.readlink(e.ino).startswith(b"../snapshots/") for _, _, e in ids)
 
 
+def test_other_devices_only_under_devices(source: MemorySource) -> None:
+    vfs = Vfs(source, own_device="laptop")
+    own = [name for _, name, _ in vfs.listing(walk(vfs, "snapshots"), 0)]
+    assert len(own) == 2 and own[-1] == b"latest"  # the desktop's snapshot is not here
+    assert len(list(vfs.listing(walk(vfs, "ids"), 0))) == 1
+    assert [n for _, n, _ in vfs.listing(walk(vfs, "devices"), 0)] == [b"desktop", b"laptop"]
+    desktop = list(vfs.listing(walk(vfs, "devices/desktop"), 0))
+    assert [n for _, n, _ in desktop][-1] == b"latest"
+    name, entry = desktop[0][1], desktop[0][2]
+    assert stat.S_ISDIR(entry.attr.mode)  # a directory of its own, not a link into snapshots/
+    assert vfs.readlink(desktop[1][2].ino) == name
+    home = walk(vfs, f"devices/desktop/{name.decode()}/home")
+    big = vfs.lookup(home, b"big")
+    vfs.load_offsets(big.ino)
+    assert vfs.assemble(big.ino, 0, 100, {i: source.chunk(c) for i, c in vfs.read_plan(big.ino, 0, 100)}) == b"new content"
+    versions = [n for _, n, _ in vfs.listing(walk(vfs, "versions/home/big"), 0)]
+    assert len(versions) == 1  # only this device's versions
+
+
 def test_hardlinks_share_an_inode(source: MemorySource) -> None:
     vfs = Vfs(source)
     first = source.snaps[0]

@@ -6,8 +6,9 @@ from pathlib import Path
 
 import click
 
-from ..errors import UsageError
-from .common import global_options, info, open_repository
+from ..errors import StasisError, UsageError
+from ..repository import Repository
+from .common import global_options, info, open_repository, read_password, setting, warn
 
 SIZE_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
 
@@ -26,13 +27,15 @@ def parse_size(text: str) -> int:
 @click.argument("mountpoint", type=click.Path(file_okay=False, path_type=Path))
 @click.option("--foreground", "-f", is_flag=True, help="Stay attached; unmount with Ctrl-C.")
 @click.option("--cache-size", default="64M", show_default=True, help="Memory for decrypted chunks.")
+@click.option("--no-other-devices", is_flag=True, help="Do not show your other devices from the remotes under devices/.")
 @global_options
-def mount(mountpoint: Path, foreground: bool, cache_size: str) -> None:
+def mount(mountpoint: Path, foreground: bool, cache_size: str, no_other_devices: bool) -> None:
     """Browse every snapshot as a read-only filesystem at MOUNTPOINT.
 
     \b
     MOUNTPOINT/snapshots/<time>/...      each snapshot, and snapshots/latest
-    MOUNTPOINT/devices/<device>/<time>   per device, with its own latest
+    MOUNTPOINT/devices/<device>/<time>   per device, with its own latest; with remotes,
+                                         your other devices too (read lazily from the server)
     MOUNTPOINT/ids/<short id>            by snapshot id
     MOUNTPOINT/tags/<tag>/<time>         by tag
     MOUNTPOINT/versions/<path>/<time>    every distinct version of a file
@@ -45,12 +48,28 @@ def mount(mountpoint: Path, foreground: bool, cache_size: str) -> None:
     mountpoint = mountpoint.absolute()
     lifecycle.check_mountpoint(mountpoint)
     with open_repository() as repo:
+        others = [] if no_other_devices else _other_devices(repo)
         if foreground:
             lifecycle.log_to_stderr()
-            lifecycle.serve(repo, mountpoint, cache_bytes, lambda: info(f"serving {mountpoint}; Ctrl-C to unmount"))
+            lifecycle.serve(repo, mountpoint, cache_bytes, lambda: info(f"serving {mountpoint}; Ctrl-C to unmount"), others)
         else:
-            lifecycle.mount_detached(repo, mountpoint, cache_bytes)
+            lifecycle.mount_detached(repo, mountpoint, cache_bytes, others)
             info(f"mounted at {mountpoint}; unmount with: stasisfs umount {mountpoint}")
+
+
+def _other_devices(repo: Repository) -> list[Repository]:
+    """Other devices of the user whose escrowed keys open with the password; none without remotes or a password."""
+    from ..remotes import DeviceRemotes
+
+    if not DeviceRemotes(repo.id).all() or setting("key_file", "STASISFS_KEY_FILE"):
+        return []
+    from ..account import open_other_devices
+
+    try:
+        return open_other_devices(repo, read_password(), info)
+    except StasisError as exc:
+        warn(f"your other devices are not shown: {exc}")
+        return []
 
 
 @click.command()
