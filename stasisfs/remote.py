@@ -38,7 +38,7 @@ class RemoteAuthError(RemoteError):
     exit_code = WrongKey.exit_code
 
 
-def _session(cacert: str | None) -> requests.Session:
+def _session() -> requests.Session:
     session = requests.Session()
     # PUTs are idempotent here (content-addressed, never overwriting), so they may be retried too.
     retry = Retry(total=4, connect=4, read=2, status=3, backoff_factor=0.3, status_forcelist=(502, 503, 504),
@@ -46,8 +46,6 @@ def _session(cacert: str | None) -> requests.Session:
     adapter = HTTPAdapter(max_retries=retry, pool_maxsize=8)
     session.mount("http://", adapter)
     session.mount("https://", adapter)
-    if cacert:
-        session.verify = cacert
     return session
 
 
@@ -60,7 +58,7 @@ class RemoteClient:
         self.token = token
         self.cacert = cacert
         self.name = name or self.url
-        self.session = session or _session(cacert)
+        self.session = session or _session()
 
     # --- plumbing ---
     def _request(self, method: str, path: str, *, ok: tuple[int, ...] = (200,), **kw: Any) -> requests.Response:
@@ -68,7 +66,9 @@ class RemoteClient:
         if self.token:
             headers["Authorization"] = f"Bearer {self.token}"
         try:
-            response = self.session.request(method, f"{self.url}/v1{path}", headers=headers, timeout=TIMEOUT, **kw)
+            # verify per request: a session's verify loses to REQUESTS_CA_BUNDLE in the environment (requests #3829).
+            response = self.session.request(method, f"{self.url}/v1{path}", headers=headers, timeout=TIMEOUT,
+                                            verify=self.cacert or True, **kw)
         except requests.exceptions.SSLError as exc:
             raise RemoteUnavailable(f"remote {self.name}: TLS failed ({exc.__class__.__name__}); pass --cacert if it uses a private CA") from None
         except requests.exceptions.RequestException as exc:

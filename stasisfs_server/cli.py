@@ -195,18 +195,21 @@ def device() -> None:
 
 
 @device.command("list")
-@click.argument("user_name", metavar="USER")
+@click.argument("user_name", metavar="[USER]", required=False)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @group_options
-def device_list(user_name: str, as_json: bool) -> None:
-    """List a user's devices."""
-    rows = _admin(lambda: open_service().devices(user_name=user_name))
+def device_list(user_name: str | None, as_json: bool) -> None:
+    """List a user's devices, or every user's."""
+    service = open_service()
+    names = [user_name] if user_name else [u["name"] for u in _admin(service.users)]
+    rows = [{"user": name, **row} for name in names for row in _admin(functools.partial(service.devices, user_name=name))]
     if as_json:
         click.echo(json.dumps(rows))
         return
     for row in rows:
         when = row["last_upload"] or "never"
-        click.echo(f"{row['name']:<24} last upload {when}  {row['objects']} objects  {row['bytes']} bytes{'  REVOKED' if row['revoked'] else ''}")
+        revoked = "  REVOKED" if row["revoked"] else ""
+        click.echo(f"{row['user']:<16} {row['name']:<24} last upload {when}  {row['objects']} objects  {row['bytes']} bytes{revoked}")
 
 
 @device.command("revoke")

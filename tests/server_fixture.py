@@ -21,6 +21,7 @@ ROOT = Path(__file__).resolve().parent.parent
 class Server:
     data: Path
     extra_args: list[str] = field(default_factory=list)
+    serve_args: list[str] = field(default_factory=list)
     url: str = ""
     process: subprocess.Popen[bytes] | None = None
 
@@ -38,7 +39,7 @@ class Server:
 
     def start(self, listen: str = "127.0.0.1:0") -> None:
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "stasisfs_server", "--data", str(self.data), *self.extra_args, "serve", "--listen", listen],
+            [sys.executable, "-m", "stasisfs_server", "--data", str(self.data), *self.extra_args, "serve", "--listen", listen, *self.serve_args],
             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=self.env())
         assert self.process.stdout is not None
         deadline = time.monotonic() + 30

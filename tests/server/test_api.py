@@ -255,3 +255,11 @@ def test_tokens_and_codes_are_stored_hashed(server: Server) -> None:
     db = (server.data / "stasis.db").read_bytes() + b"".join(p.read_bytes() for p in server.data.glob("stasis.db-*"))
     assert token.encode() not in db and code.encode() not in db
     assert secrets.compare_digest(token, token)
+
+
+def test_device_list_for_every_user(server: Server) -> None:
+    enrol(server, "alice")
+    enrol(server, "bob", device="phone")
+    listing = server.admin("device", "list")
+    assert "alice" in listing.stdout and "laptop" in listing.stdout and "bob" in listing.stdout and "phone" in listing.stdout
+    assert "phone" not in server.admin("device", "list", "alice").stdout
