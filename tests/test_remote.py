@@ -254,3 +254,24 @@ def test_recover_with_the_recovery_key(cli: Cli, server: Server) -> None:
     refused = cli.run("recover", server.url, "--user", "alice", "--recovery-key", input=wrong_key,
                       env={"STASISFS_REPO": str(cli.tmp / "r3"), "XDG_CONFIG_HOME": str(cli.tmp / "c3"), "XDG_CACHE_HOME": str(cli.tmp / "k3")})
     assert refused.returncode == 12
+
+
+def test_a_rolled_back_remote_is_noticed_and_healed(cli: Cli, server: Server) -> None:
+    enrolled(cli, server)
+    src = cli.tmp / "src"
+    random_tree(src, 1, 1000)
+    first = cli.backup(src)
+    (src / "more").write_text("second")
+    cli.backup(src)
+    token = json.loads(next((cli.tmp / "home" / ".config" / "stasisfs" / "repositories").glob("*/remotes.json")).read_text())["remotes"][0]["token"]
+    import requests
+
+    snapshot_object = next(p.name for p in (cli.repo / "snapshots").iterdir()
+                           if p.name in requests.get(f"{server.url}/v1/devices/laptop/objects/snapshots/", headers={"Authorization": f"Bearer {token}"},
+                                                     timeout=10).text)
+    # the server "loses" a snapshot it had confirmed, as a restored-from-old-backup server would
+    requests.delete(f"{server.url}/v1/devices/laptop/objects/snapshots/{snapshot_object}", headers={"Authorization": f"Bearer {token}"}, timeout=10)
+    done = cli.ok("sync")
+    assert b"may have been rolled back" in done.stderr
+    assert len(cli.snapshots()) == 2 and first
+    assert b"rolled back" not in cli.ok("sync").stderr  # healed: it holds everything again
