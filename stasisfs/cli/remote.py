@@ -176,6 +176,8 @@ def devices(ctx: click.Context, json_output: bool) -> None:
         return
     rows = []
     with open_repository(unlock=False) as repo:
+        if not DeviceRemotes(repo.id).all():
+            raise UsageError("no remotes yet: add one with `stasisfs remote add NAME URL --user USER`")
         for target in DeviceRemotes(repo.id).all():
             for row in target.client().devices():
                 rows.append({"remote": target.name, **row})
