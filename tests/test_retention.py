@@ -15,6 +15,7 @@ from stasisfs.retention import Duration, Policy, apply_policy, plan
 from stasisfs.snapshot import Snapshot
 
 NEW_YORK = ZoneInfo("America/New_York")
+UTC_ZONE = ZoneInfo("UTC")
 
 
 def snap(when: str, tags: list[str] | None = None, paths: list[bytes] | None = None) -> Snapshot:
@@ -23,7 +24,7 @@ def snap(when: str, tags: list[str] | None = None, paths: list[bytes] | None = N
     return Snapshot(time=moment, device="d", paths=paths or [b"/home"], root=b"\0" * 32, tags=tags or [], id=os.urandom(32))
 
 
-def kept(times: list[str], policy: Policy, zone: ZoneInfo = ZoneInfo("UTC")) -> list[str]:
+def kept(times: list[str], policy: Policy, zone: ZoneInfo = UTC_ZONE) -> list[str]:
     snaps = [snap(t) for t in times]
     decisions = apply_policy(snaps, policy, local=lambda t: t.astimezone(zone))
     return sorted(d.snapshot.time.astimezone(UTC).isoformat(timespec="minutes")[:16] for d in decisions if d.keep)
