@@ -88,6 +88,8 @@ class Checker:
         state = self.repo.index_state()
         if state == "missing":
             self.report.notes.append("the local index is missing; the next command rebuilds it (or run `stasisfs repair index`)")
+        elif state == "incomplete":  # an interrupted rebuild or prune: the cache, not the repository
+            self.report.notes.append("the local index cache is incomplete (an interrupted run); the next command rebuilds it")
         elif state != "ok":
             self.error(state)
 

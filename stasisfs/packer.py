@@ -44,8 +44,9 @@ class ChunkSealer:
 
 
 class BlobWriter:
-    def __init__(self, repo: Repository, dry_run: bool = False, verify: bool = True) -> None:
+    def __init__(self, repo: Repository, dry_run: bool = False, verify: bool = True, dedup: bool = True) -> None:
         self.repo = repo
+        self.dedup = dedup  # prune's repacking copies blobs the index still lists in the packs being replaced
         self.cipher = repo.cipher
         self.dry_run = dry_run
         self.verify = verify
@@ -70,7 +71,7 @@ class BlobWriter:
             if chunk_id in self._claimed:
                 return False
             self._claimed.add(chunk_id)
-        return not self.repo.index.has_chunk(chunk_id)
+        return not (self.dedup and self.repo.index.has_chunk(chunk_id))
 
     def add(self, chunk_id: bytes, kind: int, data: bytes | memoryview) -> bool:
         """Store the blob unless it is already in the repository. True when it was new."""

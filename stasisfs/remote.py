@@ -129,6 +129,11 @@ class RemoteClient:
                                  headers={"Content-Type": "application/octet-stream"})
         return response.status_code == 201
 
+    def delete_object(self, device: str, kind: str, object_id: str) -> bool:
+        """Delete; False if it was not there. RemoteError 403 on an append-only account."""
+        response = self._request("DELETE", f"/devices/{_seg(device)}/objects/{kind}/{object_id}", ok=(200, 404))
+        return response.status_code == 200
+
     def get_object(self, device: str, kind: str, object_id: str) -> bytes:
         data = self._request("GET", f"/devices/{_seg(device)}/objects/{kind}/{object_id}").content
         if hashlib.sha256(data).hexdigest() != object_id:

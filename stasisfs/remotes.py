@@ -114,6 +114,17 @@ class DeviceRemotes:
         doc[name] = state
         self._write("state.json", json.dumps(doc).encode())
 
+    # --- deletions this device made, for every remote to apply at its next sync ---
+    def add_tombstones(self, kind: str, ids: list[str]) -> None:
+        if not ids:
+            return
+        doc = self._read("state.json", {})
+        for remote in self.all():
+            state = doc.setdefault(remote.name, {})
+            pending = state.setdefault("delete", {}).setdefault(kind, [])
+            pending.extend(i for i in ids if i not in pending)
+        self._write("state.json", json.dumps(doc).encode())
+
     # --- the escrowed key ---
     def escrow(self) -> bytes | None:
         try:

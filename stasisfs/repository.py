@@ -260,7 +260,7 @@ class Repository:
         except IndexDamaged as exc:
             return str(exc)
         try:
-            return "ok" if probe.complete else "the local index is incomplete (a rebuild was interrupted); run `stasisfs repair index`"
+            return "ok" if probe.complete else "incomplete"
         finally:
             probe.close()
 

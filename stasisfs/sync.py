@@ -16,6 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 from .errors import IntegrityError, StasisError
 from .progress import Counters
@@ -34,6 +35,7 @@ class SyncReport:
     uploaded: int = 0
     uploaded_bytes: int = 0
     already_there: int = 0
+    deleted: int = 0
     warnings: list[str] = field(default_factory=list)
 
 
@@ -103,6 +105,7 @@ class Syncer:
             if kind != "data":
                 confirmed[kind] = ids
         self._push_escrow(remote, client, state)
+        self._apply_tombstones(remote, client, state, report)
         state.update(confirmed)
         state["last_sync"] = datetime.now(UTC).isoformat(timespec="seconds")
         self.remotes.set_state(remote.name, state)
@@ -141,6 +144,25 @@ class Syncer:
         with ThreadPoolExecutor(UPLOAD_THREADS, thread_name_prefix=f"sync-{kind}") as pool:
             for future in [pool.submit(one, i) for i in ids]:
                 future.result()  # the first failure stops the sync; what arrived stays and is not sent again
+
+    def _apply_tombstones(self, remote: Remote, client: RemoteClient, state: dict[str, Any], report: SyncReport) -> None:
+        """Deletions forget and prune made here, applied after everything new has arrived."""
+        pending: dict[str, list[str]] = state.get("delete", {})
+        for kind in ("snapshots", "index", "data"):  # the reverse of the write order
+            left = []
+            for object_id in pending.get(kind, []):
+                try:
+                    if client.delete_object(remote.device, kind, object_id):
+                        report.deleted += 1
+                except RemoteError as exc:
+                    if "append-only" not in str(exc):
+                        raise
+                    left.append(object_id)
+            if left:
+                report.warnings.append(f"remote {remote.name} is append-only: {len(left)} {kind} object(s) this device deleted stay there "
+                                       "until its operator runs maintenance with a maintenance token")
+            pending[kind] = left
+        state["delete"] = {k: v for k, v in pending.items() if v}
 
     def _push_escrow(self, remote: Remote, client: RemoteClient, state: dict[str, object]) -> None:
         blob = self.remotes.escrow()

@@ -11,6 +11,7 @@ import click
 from .. import __version__
 from ..errors import EXIT_FATAL, EXIT_INTERRUPTED, EXIT_USAGE, StasisError
 from . import key as key_commands
+from . import maintenance as maintenance_commands
 from . import mount as mount_commands
 from . import remote as remote_commands
 from . import repo as repo_commands
@@ -42,7 +43,7 @@ def cli() -> None:
 for command in (repo_commands.init, repo_commands.backup, repo_commands.snapshots, repo_commands.ls, repo_commands.find,
                 repo_commands.dump, repo_commands.diff, repo_commands.restore, repo_commands.check, repo_commands.repair,
                 key_commands.key, mount_commands.mount, mount_commands.umount, remote_commands.remote, remote_commands.sync,
-                remote_commands.recover, remote_commands.devices):
+                remote_commands.recover, remote_commands.devices, maintenance_commands.forget, maintenance_commands.prune):
     cli.add_command(command)
 
 

@@ -90,8 +90,9 @@ def report_sync(reports: list[SyncReport], failures: dict[str, str]) -> None:
     for report in reports:
         for line in report.warnings:
             warn(line)
+        deleted = f", {report.deleted} deleted" if report.deleted else ""
         info(f"synced to {report.remote}: {report.uploaded} objects uploaded ({human_size(report.uploaded_bytes)}), "
-             f"{report.already_there} already there")
+             f"{report.already_there} already there{deleted}")
     for name, reason in failures.items():
         warn(f"sync to remote {name} failed: {reason}. The local snapshot is safe; the next sync or backup catches up")
 
