@@ -109,6 +109,7 @@ def test_prune_propagates_to_remotes(cli: Cli, server: Server) -> None:
     assert remote_packs == local_packs
     assert sum(p.stat().st_size for p in (server.data / "objects").rglob("*") if p.is_file()) < on_server * 0.5
     cli.ok("check", "--remote", "home", "--read-data")
+    assert restored(cli, src) == latest
 
 
 def test_append_only_remote_keeps_everything(cli: Cli, server: Server) -> None:
