@@ -10,6 +10,7 @@ import hashlib
 import hmac
 import re
 import secrets
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -392,6 +393,36 @@ class Service:
                 present.update(s.scalars(select(StoredObject.object_id).where(
                     StoredObject.device_id == device.id, StoredObject.kind == kind, StoredObject.object_id.in_(batch[start : start + 500]))))
         return sorted(wanted - present)
+
+    # --- scrub: integrity without keys ---
+    def scrub(self, say: Callable[[str], None] = lambda s: None) -> dict[str, int]:
+        """Check every cataloged object's SHA-256 against its id. A damaged or missing one is quarantined:
+        its bytes move aside (kept for forensics) and it leaves the catalog, so the device's next
+        `sync` or `repair --remote` uploads a good copy."""
+        counts = {"checked": 0, "damaged": 0, "missing": 0}
+        with Session(self.engine) as s:
+            rows = s.execute(select(StoredObject.device_id, Device.uid, StoredObject.kind, StoredObject.object_id)
+                             .join(Device, Device.id == StoredObject.device_id)).all()
+        for device_id, uid, kind, object_id in rows:
+            key = object_key(uid, kind, object_id)
+            counts["checked"] += 1
+            try:
+                data = self.store.get(key)
+            except ObjectNotFound:
+                problem = "missing"
+            else:
+                if hashlib.sha256(data).hexdigest() == object_id:
+                    continue
+                problem = "damaged"
+                self.store.put(object_key(uid, "quarantine", object_id), data)
+                self.store.delete(key)
+            counts[problem] += 1
+            say(f"{problem}: device {uid} {kind}/{object_id}")
+            with Session(self.engine) as s:
+                s.execute(delete(StoredObject).where(StoredObject.device_id == device_id, StoredObject.kind == kind,
+                                                     StoredObject.object_id == object_id))
+                s.commit()
+        return counts
 
     # --- escrow ---
     def put_escrow(self, device: DeviceRef, blob: bytes) -> int:

@@ -370,9 +370,37 @@ def check(read_data: bool, read_data_subset: str | None, remote_name: str | None
          + (f", {report.packs_read} packs read)" if report.packs_read else ")"))
 
 
-@click.group()
-def repair() -> None:
-    """Repair the local index (and, later, the repository)."""
+@click.group(invoke_without_command=True)
+@click.option("--remote", "remote_name", metavar="NAME", help="Heal this remote's copy from the local one instead.")
+@click.option("--read-data", is_flag=True, help="With --remote: download every pack to find bit rot, not just missing ones.")
+@global_options
+@click.pass_context
+def repair(ctx: click.Context, remote_name: str | None, read_data: bool) -> None:
+    """Heal damaged or missing packs from another copy; or `repair index`.
+
+    
+    stasisfs repair                 replace bad local packs with verified copies from the remotes
+    stasisfs repair --remote NAME   re-upload what NAME lacks or holds damaged, from the local copy
+    stasisfs repair index           rebuild the local index cache
+    When no good copy exists anywhere, it names the files that are lost.
+    """
+    if ctx.invoked_subcommand is not None:
+        return
+    from ..repair import heal_local, heal_remote
+
+    with open_repository() as repo, RepositoryLock(repo, "repair"):
+        if remote_name:
+            report = heal_remote(repo, DeviceRemotes(repo.id).get(remote_name), read_data, info)
+        else:
+            report = heal_local(repo, info)
+            if report.healed:
+                repo.sync_index()
+    info(f"checked {report.checked} packs: {len(report.healed)} healed, {len(report.lost)} with no good copy anywhere")
+    if report.lost:
+        for line in report.lost_files:
+            write_line("lost: ", line)
+        raise StasisError(f"{len(report.lost)} packs could not be healed and {len(report.lost_files)} files are lost; "
+                          "`stasisfs forget` the affected snapshots, or keep them for the files that remain")
 
 
 @repair.command("index")
