@@ -73,8 +73,10 @@ def object_path(repo: Repository, kind: str, object_id: str) -> Path:
 
 class Syncer:
     def __init__(self, repo: Repository, remotes: DeviceRemotes, counters: Counters | None = None,
-                 limit_kib: int | None = None, say: Callable[[str], None] = lambda s: None) -> None:
+                 limit_kib: int | None = None, say: Callable[[str], None] = lambda s: None,
+                 maintenance_token: str | None = None) -> None:
         self.repo = repo
+        self.maintenance_token = maintenance_token  # lets deletes through on an append-only account
         self.remotes = remotes
         self.counters = counters or Counters()
         self.limit = RateLimit(limit_kib)
@@ -148,6 +150,8 @@ class Syncer:
     def _apply_tombstones(self, remote: Remote, client: RemoteClient, state: dict[str, Any], report: SyncReport) -> None:
         """Deletions forget and prune made here, applied after everything new has arrived."""
         pending: dict[str, list[str]] = state.get("delete", {})
+        if self.maintenance_token and any(pending.values()):
+            client = RemoteClient(remote.url, self.maintenance_token, remote.cacert, name=remote.name)
         for kind in ("snapshots", "index", "data"):  # the reverse of the write order
             left = []
             for object_id in pending.get(kind, []):
@@ -201,9 +205,9 @@ class Syncer:
 
 
 def sync_all(repo: Repository, remotes: DeviceRemotes, names: list[str] | tuple[str, ...], counters: Counters | None = None,
-             limit_kib: int | None = None) -> tuple[list[SyncReport], dict[str, str]]:
+             limit_kib: int | None = None, maintenance_token: str | None = None) -> tuple[list[SyncReport], dict[str, str]]:
     """Push to each remote; one failing remote does not stop the others. Returns reports and {remote: reason}."""
-    syncer = Syncer(repo, remotes, counters, limit_kib)
+    syncer = Syncer(repo, remotes, counters, limit_kib, maintenance_token=maintenance_token)
     reports, failures = [], {}
     for remote in remotes.select(names):
         try:

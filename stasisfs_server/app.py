@@ -228,7 +228,7 @@ def create_app(service: Service, max_object: int = MAX_OBJECT_BYTES) -> ASGIApp:
 
     @app.delete("/v1/devices/{device}/objects/{kind}/{object_id}")
     def delete_object(who: Auth, device: str, kind: str, object_id: str) -> dict[str, str]:
-        service.delete_object(who, service.device(who, device, write=True), kind, object_id)
+        service.delete_object(who, service.device(who, device), kind, object_id)
         return {"status": "deleted"}
 
     return BodyLimit(app, max_object)

@@ -174,6 +174,27 @@ def user_disable(name: str) -> None:
     _admin(lambda: open_service().set_user(name, disabled=True))
 
 
+@user.command("maintenance-token")
+@click.argument("name")
+@click.option("--expires", default="1h", show_default=True, help="Lifetime: minutes (30m), hours (2h) or days (1d).")
+@group_options
+def user_maintenance_token(name: str, expires: str) -> None:
+    """A short-lived token that may delete from NAME's (append-only) account. Last line printed.
+
+    Give it to `stasisfs prune --maintenance-token-file F` on a trusted host.
+    """
+    import re
+    from datetime import timedelta
+
+    match = re.fullmatch(r"(\d+)([mhd])", expires.strip())
+    if not match:
+        raise click.UsageError("--expires takes a number and m, h or d, like 1h")
+    lifetime = timedelta(**{{"m": "minutes", "h": "hours", "d": "days"}[match[2]]: int(match[1])})
+    token = _admin(lambda: open_service().maintenance_token(name, lifetime))
+    click.echo(f"maintenance token for {name}, valid {expires}; keep it secret:", err=True)
+    click.echo(token)
+
+
 @user.command("list")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @group_options

@@ -210,6 +210,14 @@ class Service:
             user.login_kdf = kdf
             s.commit()
 
+    def maintenance_token(self, name: str, lifetime: timedelta) -> str:
+        """A short-lived token that may delete from an append-only account, for prune on a trusted host."""
+        with Session(self.engine) as s:
+            user = self._user(s, name)
+            token = self._new_token(s, "maintenance", user.id, None, expires=now() + lifetime)
+            s.commit()
+            return token
+
     def _new_token(self, s: Session, kind: str, user_id: int, device_id: int | None, expires: datetime | None = None) -> str:
         token = secrets.token_urlsafe(32)
         s.add(Token(token_hash=digest(token), kind=kind, user_id=user_id, device_id=device_id, expires=expires))
@@ -288,10 +296,13 @@ class Service:
         """The device a request addresses, if the token may use it; 404 otherwise, so others' devices stay invisible."""
         with Session(self.engine) as s:
             device = s.scalar(select(Device).where(Device.user_id == principal.user_id, Device.name == name)) if NAME.match(name) else None
+            # Device tokens reach their own device; session and maintenance tokens any device of the user.
             if device is None or (principal.kind == "device" and principal.device_id != device.id):
                 raise Refused(404, "no such device")
             if write and device.revoked:
                 raise Refused(403, "this device is revoked")
+            if write and principal.kind == "maintenance":
+                raise Refused(403, "a maintenance token may list, read and delete, not upload")
             return DeviceRef(device.id, device.uid, device.user_id, device.name)
 
     # --- objects ---
@@ -360,8 +371,8 @@ class Service:
         check_object(kind, object_id)
         with Session(self.engine) as s:
             user = s.get(User, principal.user_id)
-            if user is None or user.append_only:
-                raise Refused(403, "this account is append-only: deletes are refused")
+            if user is None or (user.append_only and principal.kind != "maintenance"):
+                raise Refused(403, "this account is append-only: deletes are refused without a maintenance token")
             s.execute(delete(StoredObject).where(StoredObject.device_id == device.id, StoredObject.kind == kind,
                                                  StoredObject.object_id == object_id))
             s.commit()

@@ -123,3 +123,30 @@ def test_append_only_remote_keeps_everything(cli: Cli, server: Server) -> None:
     after = {p.name for p in (server.data / "objects").rglob("*") if p.is_file()}
     assert before <= after  # nothing deleted there; the new packs were added
     assert restored(cli, src) == latest
+
+
+def test_a_maintenance_token_lets_prune_clean_an_append_only_remote(cli: Cli, server: Server) -> None:
+    src, latest = history(cli)
+    code = server.add_user("alice", "--append-only")
+    cli.ok("remote", "add", "home", server.url, "--user", "alice", "--enrol-code", code)
+    cli.ok("sync")
+    cli.ok("forget", "--keep-last", "1", "--prune")  # cleans locally; the remote keeps everything
+    token = server.admin("user", "maintenance-token", "alice", "--expires", "10m").stdout.strip().splitlines()[-1]
+    token_file = cli.tmp / "maintenance.token"
+    token_file.write_text(token + "\n")
+    token_file.chmod(0o600)
+    done = cli.ok("prune", "--maintenance-token-file", token_file)
+    assert b"append-only" not in done.stderr and b"deleted" in done.stderr
+    remote_packs = {p.name for p in (server.data / "objects").rglob("*") if p.is_file() and "data" in p.parts}
+    assert remote_packs == {p.name for p in (cli.repo / "data").rglob("*") if p.is_file()}
+    # the token is no device token: it cannot upload, and the account stays append-only for devices
+    import requests
+
+    headers = {"Authorization": f"Bearer {token}"}
+    body = b"an upload"
+    import hashlib
+
+    upload = requests.put(f"{server.url}/v1/devices/testbox/objects/data/{hashlib.sha256(body).hexdigest()}", data=body, headers=headers, timeout=10)
+    assert upload.status_code == 403
+    cli.ok("check", "--remote", "home", "--read-data")
+    assert restored(cli, src) == latest

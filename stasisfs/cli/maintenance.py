@@ -11,7 +11,7 @@ from ..repository import Repository
 from ..retention import Duration, Policy, plan
 from ..snapshot import Snapshot, resolve
 from .common import fs, global_options, human_size, info, open_repository, print_json, write_line
-from .remote import sync_after_backup
+from .remote import read_maintenance_token, sync_after_backup
 
 
 def _prune(repo: Repository, dry_run: bool, max_unused: float, json_output: bool) -> dict[str, object]:
@@ -49,11 +49,13 @@ def _prune(repo: Repository, dry_run: bool, max_unused: float, json_output: bool
 @click.option("--prune", "then_prune", is_flag=True, help="Prune afterwards, freeing the space of what was removed.")
 @click.option("--max-unused", default=5.0, show_default=True, metavar="PCT", help="With --prune: unused space left in partly used packs.")
 @click.option("--no-sync", is_flag=True, help="Do not apply the removals to the remotes now (the next sync does).")
+@click.option("--maintenance-token-file", type=click.Path(exists=True, dir_okay=False), metavar="F",
+              help="A token from `stasisfs-server user maintenance-token`: lets the removals through on an append-only remote.")
 @click.option("--json", "json_output", is_flag=True, help="Print JSON.")
 @global_options
 def forget(snapshot_refs: tuple[str, ...], keep_last: int, keep_hourly: int, keep_daily: int, keep_weekly: int, keep_monthly: int,
            keep_yearly: int, keep_within: str | None, keep_tags: tuple[str, ...], dry_run: bool, then_prune: bool, max_unused: float,
-           no_sync: bool, json_output: bool) -> None:
+           no_sync: bool, maintenance_token_file: str | None, json_output: bool) -> None:
     """Remove snapshots by a retention policy (restic's rules), or name them.
 
     \b
@@ -103,7 +105,7 @@ def forget(snapshot_refs: tuple[str, ...], keep_last: int, keep_hourly: int, kee
         forget_snapshots(repo, [s.id for s in removed])
         if then_prune:
             _prune(repo, False, max_unused, json_output)
-        failures = {} if no_sync else sync_after_backup(repo, json_output)
+        failures = {} if no_sync else sync_after_backup(repo, json_output, read_maintenance_token(maintenance_token_file))
     if failures:
         raise SystemExit(EXIT_INCOMPLETE)
 
@@ -113,20 +115,24 @@ def forget(snapshot_refs: tuple[str, ...], keep_last: int, keep_hourly: int, kee
 @click.option("--max-unused", default=5.0, show_default=True, metavar="PCT",
               help="Leave up to this much unused space (as a share of used space) in partly used packs instead of repacking them.")
 @click.option("--no-sync", is_flag=True, help="Do not apply the deletions to the remotes now (the next sync does).")
+@click.option("--maintenance-token-file", type=click.Path(exists=True, dir_okay=False), metavar="F",
+              help="A token from `stasisfs-server user maintenance-token`: lets the deletions through on an append-only remote.")
 @click.option("--json", "json_output", is_flag=True, help="Print a JSON summary.")
 @global_options
-def prune(dry_run: bool, max_unused: float, no_sync: bool, json_output: bool) -> None:
+def prune(dry_run: bool, max_unused: float, no_sync: bool, maintenance_token_file: str | None, json_output: bool) -> None:
     """Free the space of data no snapshot uses any more.
 
     Deletes packs nothing uses and repacks partly used ones. It holds the
     repository lock (a backup waits or exits 11) and is safe to kill at any
-    moment. Remotes delete the same objects at their next sync.
+    moment. Remotes delete the same objects at their next sync. An
+    append-only remote refuses: prune then cleans locally and says what the
+    remote needs, a maintenance token from its operator, used on a trusted host.
     """
     if not 0 <= max_unused <= 100:
         raise UsageError("--max-unused is a percentage between 0 and 100")
     with open_repository() as repo, RepositoryLock(repo, "prune"):
         summary = _prune(repo, dry_run, max_unused, json_output)
-        failures = {} if dry_run or no_sync else sync_after_backup(repo, json_output)
+        failures = {} if dry_run or no_sync else sync_after_backup(repo, json_output, read_maintenance_token(maintenance_token_file))
     if json_output:
         print_json({**summary, "sync_failed": failures})
     if failures:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import click
@@ -212,14 +213,23 @@ def devices_revoke(name: str, remote_name: str | None) -> None:
         info(f"device {name} revoked on {target.name}")
 
 
-def sync_after_backup(repo: Repository, json_output: bool) -> dict[str, str]:
-    """Backup's default: sync to every remote. Returns failures, which make backup exit 3."""
+def read_maintenance_token(path: str | None) -> str | None:
+    if path is None:
+        return None
+    try:
+        return Path(path).read_text().strip().splitlines()[-1]
+    except (OSError, IndexError) as exc:
+        raise UsageError(f"cannot read the maintenance token from {path}: {exc}") from None
+
+
+def sync_after_backup(repo: Repository, json_output: bool, maintenance_token: str | None = None) -> dict[str, str]:
+    """Sync to every remote (after backup, forget, prune). Returns failures, which make the command exit 3."""
     remotes = DeviceRemotes(repo.id)
     if not remotes.all():
         return {}
     from ..sync import sync_all
 
-    reports, failures = sync_all(repo, remotes, [])
+    reports, failures = sync_all(repo, remotes, [], maintenance_token=maintenance_token)
     if not json_output:
         report_sync(reports, failures)
     return failures
