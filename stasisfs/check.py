@@ -66,6 +66,7 @@ class Checker:
         self.report = CheckReport()
         self.chunks: dict[bytes, tuple[bytes, BlobEntry]] = {}
         self.pack_sizes: dict[bytes, int] = {}
+        self.damaged_packs: set[bytes] = set()
 
     def error(self, message: str) -> None:
         self.report.errors.append(message)
@@ -82,7 +83,18 @@ class Checker:
             self.say(f"reading {len(chosen)} of {len(packs)} packs")
             for pack_id in chosen:
                 self._read_pack(pack_id)
+        if self.damaged_packs:
+            self._report_affected_files()
         return self.report
+
+    def _report_affected_files(self) -> None:
+        from .repair import affected_files
+
+        lost = {chunk_id for chunk_id, (pack_id, _) in self.chunks.items() if pack_id in self.damaged_packs}
+        for line in sorted(affected_files(self.repo, lost)):
+            self.error(f"affected: {line}")
+        where = f"`stasisfs repair --remote {self.remote.name}`" if self.remote is not None else "`stasisfs repair` (from a remote's copy)"
+        self.report.notes.append(f"{len(self.damaged_packs)} damaged packs; {where} heals them if a good copy exists")
 
     def _check_local_index(self) -> None:
         state = self.repo.index_state()
@@ -196,6 +208,12 @@ class Checker:
         self.report.trees = len(seen_trees)
 
     def _read_pack(self, pack_id: bytes) -> None:
+        errors_before = len(self.report.errors)
+        self._verify_pack(pack_id)
+        if len(self.report.errors) > errors_before:
+            self.damaged_packs.add(pack_id)
+
+    def _verify_pack(self, pack_id: bytes) -> None:
         name = pack_id.hex()
         try:
             data = self._pack_bytes(pack_id)

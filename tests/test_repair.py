@@ -45,6 +45,7 @@ def test_bit_rot_in_a_local_pack_is_healed_from_the_server(cli: Cli, server: Ser
     flip(local_packs(cli)[0])
     found = cli.run("check", "--read-data")
     assert found.returncode == 1 and local_packs(cli)[0].name.encode() in found.stderr
+    assert b"affected: " in found.stderr and b"stasisfs repair" in found.stderr  # which files of which snapshots
     healed = cli.ok("repair")
     assert b"healed from home" in healed.stderr
     cli.ok("check", "--read-data")
