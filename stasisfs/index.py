@@ -194,6 +194,14 @@ class Index:
             tree_id = bytes(raw[32:])
             return tree_id if txn.get(tree_id, db=self._chunks) is not None else None
 
+    def clear_files_cache(self) -> None:
+        """Forget every file and directory record: the next backup reads and lists everything again.
+
+        Needed when blobs are declared lost: a directory record names a tree by id, and that tree
+        may still be stored while data it references is gone.
+        """
+        self._write(lambda txn: txn.drop(self._files, delete=False))
+
     def put_file_records(self, records: Iterable[tuple[bytes, bytes]]) -> None:
         """(keyed path hash, `FileRecord.encode()`) pairs."""
         records = list(records)

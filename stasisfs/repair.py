@@ -14,12 +14,13 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from .errors import StasisError
-from .pack import decode_index
+from .pack import BLOB_TREE, PackInfo, decode_index
+from .packer import BlobWriter
 from .remote import RemoteClient
 from .remotes import DeviceRemotes, Remote
 from .repository import Repository
-from .storage import write_atomic
-from .tree import DIR, FILE, decode_tree
+from .storage import fsync_dir, write_atomic
+from .tree import DIR, FILE, decode_tree, encode_tree
 
 
 @dataclass
@@ -142,3 +143,109 @@ def heal_remote(repo: Repository, remote: Remote, read_data: bool, say: Callable
     if lost_chunks:
         report.lost_files = sorted(affected_files(repo, lost_chunks))
     return report
+
+
+@dataclass
+class SnapshotRepair:
+    rewritten: list[tuple[str, str]] = field(default_factory=list)  # (old short id, new short id)
+    dropped_files: list[str] = field(default_factory=list)
+    packs_set_aside: int = 0
+
+
+def repair_snapshots(repo: Repository, forget_originals: bool, say: Callable[[str], None]) -> SnapshotRepair:
+    """Rewrite every snapshot that needs lost data, without what is lost (restic's `repair snapshots`).
+
+    Lost = in a pack that is missing or fails its hash here. Those packs are set
+    aside (renamed `*.damaged`) and dropped from the index first, so no later
+    backup can deduplicate against their blobs. Files that need a lost chunk are
+    dropped; a directory whose tree is lost becomes empty. Repaired snapshots
+    get the tag `repaired`; with `forget_originals` the originals are removed.
+    """
+    from .prune import forget_snapshots
+
+    result = SnapshotRepair()
+    packs = {}
+    for object_id in repo.list_objects("index"):
+        for pack in decode_index(repo.cipher, repo.read_object_raw("index", object_id)):
+            packs[pack.pack_id] = pack
+    bad = {p for p, info in packs.items() if not local_pack_ok(repo, p, info.size)}
+    if bad:
+        good = [PackInfo(p, info.size, info.blobs) for p, info in packs.items() if p not in bad]
+        old_index = repo.list_objects("index")
+        fresh = repo.write_index_object(good).hex() if good else None
+        repo.index.set_complete(False)
+        for object_id in old_index:
+            if object_id != fresh:
+                (repo.path / "index" / object_id).unlink(missing_ok=True)
+        fsync_dir(repo.path / "index")
+        for pack_id in bad:
+            path = repo.pack_path(pack_id)
+            if path.exists():
+                path.rename(path.with_name(path.name + ".damaged"))
+        repo.rebuild_index(from_packs=False)
+        repo.index.clear_files_cache()
+        result.packs_set_aside = len(bad)
+        say(f"set aside {len(bad)} damaged or missing packs")
+    present = repo.index.has_chunk
+    writer = BlobWriter(repo)
+    memo: dict[bytes, bytes | None] = {}
+
+    def rewrite(tree_id: bytes, path: bytes, snapshot_id: str) -> bytes | None:
+        """The id of the tree without lost data; None when the tree itself is lost."""
+        if not present(tree_id):
+            return None
+        if tree_id in memo:
+            return memo[tree_id] or tree_id
+        nodes, changed = [], False
+        for node in decode_tree(repo.load_blob(tree_id)):
+            child = path + b"/" + node.name
+            if node.type == FILE and not all(present(c) for c in node.content):
+                result.dropped_files.append(f"{snapshot_id}:{os.fsdecode(child)}")
+                changed = True
+                continue
+            if node.type == DIR and node.subtree is not None:
+                fixed = rewrite(node.subtree, child, snapshot_id)
+                if fixed is None:
+                    result.dropped_files.append(f"{snapshot_id}:{os.fsdecode(child)}/ (its listing is lost)")
+                    fixed = _empty_tree(writer, repo)
+                if fixed != node.subtree:
+                    node.subtree = fixed
+                    changed = True
+            nodes.append(node)
+        if not changed:
+            memo[tree_id] = None
+            return tree_id
+        data = encode_tree(nodes)
+        new_id = repo.master_keys.chunk_id_of(data)
+        writer.add(new_id, BLOB_TREE, data)
+        memo[tree_id] = new_id
+        return new_id
+
+    replaced = []
+    try:
+        for snapshot in repo.snapshots():
+            root = rewrite(snapshot.root, b"", snapshot.short_id)
+            if root == snapshot.root:
+                continue
+            writer.flush()
+            old_id = snapshot.id
+            snapshot.root = root if root is not None else _empty_tree(writer, repo)
+            snapshot.tags = sorted({*snapshot.tags, "repaired"})
+            writer.flush()
+            repo.save_snapshot(snapshot)
+            result.rewritten.append((old_id.hex()[:8], snapshot.short_id))
+            replaced.append(old_id)
+        writer.flush()
+    except BaseException:
+        writer.abort()
+        raise
+    if forget_originals and replaced:
+        forget_snapshots(repo, replaced)
+    return result
+
+
+def _empty_tree(writer: BlobWriter, repo: Repository) -> bytes:
+    data = encode_tree([])
+    tree_id = repo.master_keys.chunk_id_of(data)
+    writer.add(tree_id, BLOB_TREE, data)
+    return tree_id

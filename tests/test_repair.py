@@ -96,3 +96,28 @@ def test_scrub_cli_runs_without_a_server(tmp_path: Path) -> None:
     done = subprocess.run([sys.executable, "-m", "stasisfs_server", "--data", str(tmp_path / "d"), "scrub"], capture_output=True, text=True,
                           env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}, timeout=60)
     assert done.returncode == 0 and "0 objects checked" in done.stdout
+
+
+def test_repair_snapshots_keeps_what_is_left(cli: Cli, server: Server) -> None:
+    src = setup(cli, server)
+    victim = local_packs(cli)[0]
+    flip(victim)
+    next(p for p in server_packs(server) if p.name == victim.name).unlink()
+    assert cli.run("repair").returncode == 1
+    done = cli.ok("repair", "snapshots", "--forget")
+    assert b"repaired as" in done.stderr
+    [snapshot] = cli.snapshots()
+    assert "repaired" in snapshot["tags"]  # type: ignore[operator]
+    cli.ok("check", "--read-data")
+    out = cli.tmp / "out"
+    cli.ok("restore", "latest", "--target", out)
+    for p in (out / str(src).lstrip("/")).rglob("*") if (out / str(src).lstrip("/")).exists() else []:
+        if p.is_file():
+            assert p.read_bytes() == (src / p.name).read_bytes()  # what is left is exact
+    # the next backup stores the lost data again, and everything is whole
+    cli.backup(src)
+    cli.ok("check", "--read-data")
+    whole = cli.tmp / "whole"
+    cli.ok("restore", "latest", "--target", whole)
+    for p in src.iterdir():
+        assert (whole / str(src).lstrip("/") / p.name).read_bytes() == p.read_bytes()

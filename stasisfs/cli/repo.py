@@ -403,6 +403,28 @@ def repair(ctx: click.Context, remote_name: str | None, read_data: bool) -> None
                           "`stasisfs forget` the affected snapshots, or keep them for the files that remain")
 
 
+@repair.command("snapshots")
+@click.option("--forget", "forget_originals", is_flag=True, help="Remove the original snapshots once repaired copies are saved.")
+@global_options
+def repair_snapshots_command(forget_originals: bool) -> None:
+    """Rewrite snapshots that need lost data, keeping everything that is still there.
+
+    Run `stasisfs repair` first: it heals what any remote still holds. What
+    remains lost is dropped: files that need a lost chunk, and the contents of
+    directories whose listing is lost. Repaired snapshots are tagged `repaired`.
+    """
+    from ..repair import repair_snapshots
+
+    with open_repository() as repo, RepositoryLock(repo, "repair snapshots"):
+        result = repair_snapshots(repo, forget_originals, info)
+    for line in result.dropped_files:
+        write_line("dropped: ", line)
+    for old, new in result.rewritten:
+        info(f"snapshot {old} repaired as {new}" + (" (original removed)" if forget_originals else ""))
+    if not result.rewritten:
+        info("no snapshot needs lost data")
+
+
 @repair.command("index")
 @click.option("--read-all-packs", is_flag=True, help="Ignore index objects and read every pack header.")
 @global_options
