@@ -44,9 +44,10 @@ def _pid_alive(pid: int) -> bool:
 class RepositoryLock:
     """Exclusive writer lock. Use as a context manager."""
 
-    def __init__(self, repo: Repository, purpose: str) -> None:
+    def __init__(self, repo: Repository, purpose: str, wait: float = 0) -> None:
         self.repo = repo
         self.purpose = purpose
+        self.wait = wait  # seconds to wait for another run's lock before giving up
         self.name = secrets.token_hex(32)
         self.path = repo.path / "locks" / self.name
         self._stop = threading.Event()
@@ -92,7 +93,15 @@ class RepositoryLock:
             )
 
     def acquire(self) -> None:
-        self._check_others()
+        deadline = time.monotonic() + self.wait
+        while True:
+            try:
+                self._check_others()
+                break
+            except RepositoryLocked:
+                if time.monotonic() >= deadline:
+                    raise
+                time.sleep(min(1.0, max(0.05, deadline - time.monotonic())))
         write_atomic(self.path, self._record())
         try:
             self._check_others()  # someone raced us between the check and the write

@@ -15,6 +15,7 @@ from . import maintenance as maintenance_commands
 from . import mount as mount_commands
 from . import remote as remote_commands
 from . import repo as repo_commands
+from . import unattended as unattended_commands
 from .common import global_options
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
@@ -43,7 +44,8 @@ def cli() -> None:
 for command in (repo_commands.init, repo_commands.backup, repo_commands.snapshots, repo_commands.ls, repo_commands.find,
                 repo_commands.dump, repo_commands.diff, repo_commands.restore, repo_commands.check, repo_commands.repair,
                 key_commands.key, mount_commands.mount, mount_commands.umount, remote_commands.remote, remote_commands.sync,
-                remote_commands.recover, remote_commands.devices, maintenance_commands.forget, maintenance_commands.prune):
+                remote_commands.recover, remote_commands.devices, maintenance_commands.forget, maintenance_commands.prune,
+                unattended_commands.schedule, unattended_commands.status):
     cli.add_command(command)
 
 

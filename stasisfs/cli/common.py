@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 
 import click
 
+from ..config import Profile, get_profile
 from ..errors import StasisError, UsageError
 from ..keys import parse_machine_key
 from ..repository import Credential, Repository
@@ -29,7 +30,9 @@ GLOBAL_OPTIONS = (
     ("--password-file", "password_file", "Read the password from this file [env: STASISFS_PASSWORD_FILE]."),
     ("--password-command", "password_command", "Run this command and use its output as the password [env: STASISFS_PASSWORD_COMMAND]."),
     ("--key-file", "key_file", "Open with a machine key file instead of a password [env: STASISFS_KEY_FILE]."),
+    ("--profile", "profile", "Use this profile from ~/.config/stasisfs/config.toml [env: STASISFS_PROFILE]."),
 )
+PROFILE_SETTINGS = {"repo": "repository", "password_file": "password_file", "password_command": "password_command", "key_file": "key_file"}
 
 
 def _store(ctx: click.Context, param: click.Parameter, value: object) -> None:
@@ -39,14 +42,35 @@ def _store(ctx: click.Context, param: click.Parameter, value: object) -> None:
 
 def global_options(fn: F) -> F:
     for flag, name, help_text in reversed(GLOBAL_OPTIONS):
-        fn = click.option(flag, name, default=None, expose_value=False, callback=_store, help=help_text, metavar="PATH" if "command" not in name else "CMD")(fn)
+        metavar = "CMD" if "command" in name else ("NAME" if name == "profile" else "PATH")
+        fn = click.option(flag, name, default=None, expose_value=False, callback=_store, help=help_text, metavar=metavar)(fn)
     return fn
 
 
-def setting(name: str, env: str) -> str | None:
+def active_profile() -> Profile | None:
+    """The profile chosen with --profile or STASISFS_PROFILE, loaded (and validated) once."""
+    root = click.get_current_context().find_root()
+    name = root.meta.get("stasisfs.settings", {}).get("profile") or os.environ.get("STASISFS_PROFILE")
+    if not name:
+        return None
+    if "stasisfs.profile" not in root.meta:
+        root.meta["stasisfs.profile"] = get_profile(str(name))
+    profile: Profile = root.meta["stasisfs.profile"]
+    return profile
+
+
+def setting(name: str, env: str, from_profile: bool = True) -> str | None:
+    """Options, then the environment, then the profile."""
     settings = click.get_current_context().find_root().meta.get("stasisfs.settings", {})
+    profile = active_profile() if from_profile else None  # a chosen profile is validated even when options override it
     value = settings.get(name)
-    return str(value) if value is not None else os.environ.get(env) or None
+    if value is not None:
+        return str(value)
+    if os.environ.get(env):
+        return os.environ[env]
+    profile = profile if name in PROFILE_SETTINGS else None
+    found = getattr(profile, PROFILE_SETTINGS[name]) if profile is not None else None
+    return str(found) if found else None
 
 
 def repo_path() -> Path:
@@ -101,6 +125,11 @@ def read_password(purpose: str = "repository password", confirm: bool = False) -
         return _run_password_command(os.environ["STASISFS_PASSWORD_COMMAND"])
     if "STASISFS_PASSWORD" in os.environ:
         return os.environ["STASISFS_PASSWORD"]
+    profile = active_profile()
+    if profile is not None and profile.password_file:
+        return _read_password_file(profile.password_file)
+    if profile is not None and profile.password_command:
+        return _run_password_command(profile.password_command)
     if not _can_prompt():
         raise StasisError(
             "no password given and no terminal to ask on: use --password-file, --password-command, "
@@ -112,8 +141,16 @@ def read_password(purpose: str = "repository password", confirm: bool = False) -
     return password
 
 
+def _password_source_given() -> bool:
+    settings = click.get_current_context().find_root().meta.get("stasisfs.settings", {})
+    return bool(settings.get("password_file") or settings.get("password_command")) or any(
+        v in os.environ for v in ("STASISFS_PASSWORD", "STASISFS_PASSWORD_FILE", "STASISFS_PASSWORD_COMMAND"))
+
+
 def read_credential() -> Credential:
-    key_file = setting("key_file", "STASISFS_KEY_FILE")
+    key_file = setting("key_file", "STASISFS_KEY_FILE", from_profile=False)
+    if not key_file and not _password_source_given():
+        key_file = setting("key_file", "STASISFS_KEY_FILE")  # the profile's, unless a password was given
     if key_file:
         try:
             repo_id, slot, secret = parse_machine_key(Path(key_file).read_text())

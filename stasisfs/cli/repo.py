@@ -13,6 +13,7 @@ import click
 
 from ..backup import Backup, BackupOptions, count_tree
 from ..check import Checker
+from ..config import Profile
 from ..errors import EXIT_INCOMPLETE, StasisError, UsageError
 from ..keys import password_weakness
 from ..locking import RepositoryLock
@@ -24,6 +25,7 @@ from ..restore import OVERWRITE_MODES, RestoreOptions, Restorer
 from ..snapshot import Snapshot, resolve
 from ..tree import DIR, FILE, SYMLINK, Node
 from .common import (
+    active_profile,
     fs,
     global_options,
     human_size,
@@ -89,17 +91,72 @@ def init(device: str | None) -> None:
 @click.option("--json", "json_output", is_flag=True, help="JSON lines: progress, then a summary.")
 @click.option("--quiet", "-q", is_flag=True, help="Print only the snapshot id.")
 @click.option("--no-sync", is_flag=True, help="Do not sync to the remotes afterwards.")
+@click.option("--lock-wait", type=click.IntRange(min=0), default=0, metavar="SECONDS",
+              help="Wait this long for another run's lock before giving up with exit 11.")
+@click.option("--schedule", "schedule_name", metavar="NAME", help="Run as the schedule NAME: log to ~/.local/state/stasisfs/NAME.log.")
+@click.option("--every-missed", is_flag=True, help="With --schedule: only run when the schedule's last due time has no success yet.")
 @global_options
 def backup(paths: tuple[bytes, ...], excludes: tuple[str, ...], exclude_file: str | None, exclude_caches: bool,
            one_file_system: bool, tags: tuple[str, ...], when: str | None, from_stdin: bool, stdin_filename: str,
-           dry_run: bool, json_output: bool, quiet: bool, no_sync: bool) -> None:
+           dry_run: bool, json_output: bool, quiet: bool, no_sync: bool, lock_wait: int, schedule_name: str | None,
+           every_missed: bool) -> None:
     """Snapshot PATHS into the repository, then sync it to every remote.
 
     Unchanged files are not read again. The last line of output is the
     snapshot id. Exits 3 if some files could not be read (the snapshot is
     saved without them), or if a remote could not be synced (the local
     snapshot is kept; the next run catches up).
+
+    With --profile, the profile supplies the paths, excludes and tags, applies
+    its retention policy afterwards and runs its on-success/on-failure hooks.
     """
+    from .. import unattended
+
+    profile = active_profile()
+    run_key = f"schedule:{schedule_name}" if schedule_name else (f"profile:{profile.name}" if profile else f"repo:{repo_path().absolute()}")
+    if schedule_name:
+        unattended.log_to_rotating_file(schedule_name)
+        known = unattended.schedules().get(schedule_name)
+        if every_missed and known is not None and run_key and not unattended.missed(known, run_key):
+            info(f"schedule {schedule_name}: nothing missed since {known.previous_run().isoformat(timespec='minutes')}")
+            return
+    if profile is not None:
+        paths = paths or tuple(os.fsencode(p) for p in profile.paths)
+        excludes = (*excludes, *profile.exclude)
+        exclude_caches = exclude_caches or profile.exclude_caches
+        one_file_system = one_file_system or profile.one_file_system
+        tags = (*tags, *profile.tags)
+    started_at, started = unattended.now_iso(), unattended.monotonic()
+    try:
+        code, snapshot, reasons = _backup(paths, excludes, exclude_file, exclude_caches, one_file_system, tags, when, from_stdin,
+                                          stdin_filename, dry_run, json_output, quiet, no_sync, lock_wait)
+    except (StasisError, OSError) as exc:
+        reason = str(exc)
+        if run_key:
+            unattended.record_run(run_key, unattended.RunRecord(started_at, round(unattended.monotonic() - started, 2), "failed", reason))
+        if profile is not None:
+            _hook_warning(unattended.run_hook(profile.on_failure, "failed", reason, "", profile.name))
+        raise
+    result = "success" if code == 0 else "incomplete"
+    if run_key and not dry_run:
+        unattended.record_run(run_key, unattended.RunRecord(started_at, round(unattended.monotonic() - started, 2), result, "; ".join(reasons),
+                                                            snapshot.id.hex(), snapshot.summary.total_files, snapshot.summary.total_bytes))
+    if profile is not None and not dry_run:
+        hook = profile.on_success if code == 0 else profile.on_failure
+        _hook_warning(unattended.run_hook(hook, result, "; ".join(reasons), snapshot.id.hex(), profile.name))
+    if code:
+        sys.exit(code)
+
+
+def _hook_warning(message: str | None) -> None:
+    if message:
+        warn(message)
+
+
+def _backup(paths: tuple[bytes, ...], excludes: tuple[str, ...], exclude_file: str | None, exclude_caches: bool,
+            one_file_system: bool, tags: tuple[str, ...], when: str | None, from_stdin: bool, stdin_filename: str,
+            dry_run: bool, json_output: bool, quiet: bool, no_sync: bool, lock_wait: int) -> tuple[int, Snapshot, list[str]]:
+    """The backup itself; returns (exit code, snapshot, reasons it is incomplete)."""
     if not paths and not from_stdin:
         raise UsageError("nothing to back up: give one or more paths, or --stdin")
     if paths and from_stdin:
@@ -123,7 +180,8 @@ def backup(paths: tuple[bytes, ...], excludes: tuple[str, ...], exclude_file: st
                             one_file_system=one_file_system, tags=list(tags), time=moment, dry_run=dry_run)
     counters = Counters()
     mode = Reporter.choose(json_output, quiet)
-    with open_repository() as repo, RepositoryLock(repo, "backup"):
+    profile = active_profile()
+    with open_repository() as repo, RepositoryLock(repo, "backup", wait=lock_wait):
         repo.sweep()
         repo.index_orphan_packs()  # resume: chunks a killed run wrote are reused
         job = Backup(repo, options, counters, warn=None if json_output else warn)
@@ -133,6 +191,8 @@ def backup(paths: tuple[bytes, ...], excludes: tuple[str, ...], exclude_file: st
         with Reporter(counters, mode, "backup"):
             snapshot = job.run_stdin(sys.stdin.buffer, stdin_filename) if from_stdin else job.run()
         stop.set()
+        if profile is not None and profile.retention is not None and not dry_run:
+            _apply_retention(repo, profile, quiet or json_output)
         sync_failures = {} if dry_run or no_sync else sync_after_backup(repo, json_output)
     s = snapshot.summary
     if json_output:
@@ -148,12 +208,24 @@ def backup(paths: tuple[bytes, ...], excludes: tuple[str, ...], exclude_file: st
             info(f"snapshot {snapshot.short_id} saved")
     if not dry_run and not json_output:  # with --json the summary line carries the id
         click.echo(snapshot.id.hex())
-    if job.warnings:
-        if not json_output:
-            warn(f"the snapshot is incomplete: {len(job.warnings)} problems (listed above)")
-        sys.exit(EXIT_INCOMPLETE)
-    if sync_failures:
-        sys.exit(EXIT_INCOMPLETE)
+    reasons = [str(w) for w in job.warnings] + [f"remote {name}: {why}" for name, why in sync_failures.items()]
+    if job.warnings and not json_output:
+        warn(f"the snapshot is incomplete: {len(job.warnings)} problems (listed above)")
+    return (EXIT_INCOMPLETE if reasons else 0), snapshot, reasons
+
+
+def _apply_retention(repo: Repository, profile: Profile, quiet: bool) -> None:
+    from ..prune import execute, forget_snapshots, plan_prune
+    from ..retention import plan
+
+    assert profile.retention is not None
+    doomed = [d.snapshot.id for decisions in plan(repo.snapshots(), profile.retention).values() for d in decisions if not d.keep]
+    if doomed:
+        forget_snapshots(repo, doomed)
+        if not quiet:
+            info(f"retention of profile {profile.name}: removed {len(doomed)} snapshots")
+    if profile.prune and doomed:
+        execute(repo, plan_prune(repo, profile.max_unused), (lambda s: None) if quiet else info)
 
 
 @click.command()
