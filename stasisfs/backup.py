@@ -41,6 +41,8 @@ from .workers import FileResult, init_worker, open_for_backup, process_files, us
 CACHEDIR_SIGNATURE = b"Signature: 8a477f597d28d172789f06886806bc55"
 LARGE_FILE = 16 * 1024 * 1024  # larger files stream through a parent thread instead of a worker process
 # How far the walk runs ahead of the trees written: enough to keep workers fed, little enough to bound memory.
+CHECKPOINT_EVERY = 1.0  # seconds between saves of the files cache during a run,
+CHECKPOINT_BYTES = 32 << 20  # or this much file data, whichever comes first
 MAX_PENDING_ITEMS = 512
 MAX_PENDING_BYTES = 12 * 1024 * 1024
 MAX_PENDING_DIRS = 1024
@@ -90,6 +92,9 @@ class Backup:
         self.index = repo.index
         self._chunkers = threading.local()
         self._file_records: list[tuple[bytes, bytes]] = []  # encoded: written once the packs are safe
+        self._records_saved = 0  # how many of them a checkpoint already wrote
+        self._last_checkpoint = time.monotonic()
+        self._bytes_since_checkpoint = 0
         self._dir_records: list[tuple[bytes, bytes]] = []  # dir key -> signature | tree id, likewise
         self._options_fingerprint = repr((sorted(options.excludes), options.exclude_caches, options.one_file_system)).encode()
         self._hardlinks: dict[tuple[int, int], Future[Node | None] | PendingFile] = {}
@@ -167,8 +172,24 @@ class Backup:
         else:
             record = FileRecord(st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns, tuple(node.content))
             self._file_records.append((self.keys.path_key(path), record.encode()))
+            self._checkpoint(result.size)
         self.counters.add(files=1, nbytes=0 if counted else result.size)
         return node
+
+    def _checkpoint(self, nbytes: int) -> None:
+        """Save the files cache as the run goes, so a killed run's successor skips what it finished.
+
+        Safe before the packs are: a record counts only while all its chunks are in the index, and a
+        chunk enters the index only once its pack is durable (see `Index.unchanged_content`).
+        """
+        now = time.monotonic()
+        self._bytes_since_checkpoint += nbytes
+        if self.options.dry_run or (now - self._last_checkpoint < CHECKPOINT_EVERY and self._bytes_since_checkpoint < CHECKPOINT_BYTES):
+            return
+        self._last_checkpoint, self._bytes_since_checkpoint = now, 0
+        batch = self._file_records[self._records_saved :]
+        self._records_saved = len(self._file_records)
+        self.index.put_file_records(batch)
 
     # --- the walk ---
     def _excluded(self, path: bytes, is_dir: bool) -> bool:
@@ -399,7 +420,7 @@ class Backup:
     def _finish(self, root: bytes, paths: list[bytes], started: float) -> Snapshot:
         self.writer.flush()
         if not self.options.dry_run:
-            self.index.put_file_records(self._file_records)
+            self.index.put_file_records(self._file_records[self._records_saved :])
             if not self.warnings:  # a tree that left out an unreadable file must not be reused silently
                 self.index.put_file_records(self._dir_records)
         s = self.summary

@@ -67,3 +67,32 @@ def test_kill_during_backup_then_check_and_resume(cli: Cli, delay: float) -> Non
     restored = out / str(src).lstrip("/")
     for path in src.iterdir():
         assert (restored / path.name).read_bytes() == path.read_bytes()
+
+
+@pytest.mark.timeout(300)
+def test_a_backup_killed_late_resumes_from_its_checkpoints(cli: Cli) -> None:
+    """Killed at 80% or later: the next run reads again only what the killed one had not finished."""
+    import json
+
+    cli.init()
+    src = cli.tmp / "src"
+    src.mkdir()
+    total = 0
+    for i in range(40):
+        data = os.urandom(5_000_000)
+        (src / f"file{i:02}.bin").write_bytes(data)
+        total += len(data)
+    proc = subprocess.Popen([sys.executable, "-m", "stasisfs", "backup", str(src)], env=cli.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        if sum(p.stat().st_size for p in cli.repo.glob("data/*/*")) >= total * 0.8:
+            break
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    if proc.returncode == 0:
+        pytest.skip("the backup finished before it could be killed")
+    doc = json.loads(cli.ok("backup", src, "--json").stdout.decode().splitlines()[-1])
+    assert doc["files_unmodified"] >= 20, doc  # checkpointed files are not read again
+    assert doc["data_added"] < total * 0.3, doc
+    cli.ok("check", "--read-data")
