@@ -186,3 +186,22 @@ def test_concurrent_runs_end_0_or_11_and_leave_a_good_repository(cli: Cli) -> No
     waited = [subprocess.Popen([sys.executable, "-m", "stasisfs", "backup", "-q", "--lock-wait", "60", str(src)], env=cli.env,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE) for _ in range(2)]
     assert [p.wait(timeout=120) for p in waited] == [0, 0]  # with --lock-wait both succeed, one after the other
+
+
+def test_a_stale_lock_is_broken_under_cron(cli: Cli, crontab: None) -> None:
+    cli.init()
+    src = source(cli)
+    cli.ok("schedule", "add", "nightly", "--cron", "15 3 * * *", "--", str(src))
+    holder = subprocess.Popen(
+        [sys.executable, "-c",
+         "import time; from pathlib import Path; from stasisfs.repository import Repository, Credential;"
+         "from stasisfs.locking import RepositoryLock;"
+         f"r = Repository(Path({str(cli.repo)!r})); r.unlock(Credential(password={PASSWORD!r}));"
+         "l = RepositoryLock(r, 'a run that gets killed'); l.acquire(); print('held', flush=True); time.sleep(60)"],
+        env=cli.env, stdout=subprocess.PIPE)
+    assert holder.stdout is not None and holder.stdout.readline().strip() == b"held"
+    holder.kill()
+    holder.wait()
+    assert len(list((cli.repo / "locks").iterdir())) == 1
+    assert run_like_cron(cli, cron_command("nightly"))[0] == 0
+    assert len(cli.snapshots()) == 1 and list((cli.repo / "locks").iterdir()) == []
