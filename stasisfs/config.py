@@ -8,6 +8,7 @@
     exclude-caches = true
     one-file-system = false
     tags = ["auto"]
+    remotes = ["home"]                                   # sync after backup to these (default: every remote)
     on-success = "notify-send 'backup done'"
     on-failure = "mail -s 'backup failed' me@example.org"
 
@@ -34,7 +35,7 @@ from .remotes import config_root
 from .retention import Duration, Policy
 
 STRING_KEYS = {"repository", "password-file", "password-command", "key-file", "on-success", "on-failure"}
-LIST_KEYS = {"paths", "exclude", "tags"}
+LIST_KEYS = {"paths", "exclude", "tags", "remotes"}
 BOOL_KEYS = {"exclude-caches", "one-file-system"}
 RETENTION_INTS = {"keep-last", "keep-hourly", "keep-daily", "keep-weekly", "keep-monthly", "keep-yearly"}
 RETENTION_KEYS = RETENTION_INTS | {"keep-within", "keep-tag", "prune", "max-unused"}
@@ -50,6 +51,7 @@ class Profile:
     paths: list[str] = field(default_factory=list)
     exclude: list[str] = field(default_factory=list)
     tags: list[str] = field(default_factory=list)
+    remotes: list[str] = field(default_factory=list)  # which remotes a backup syncs to; empty: all
     exclude_caches: bool = False
     one_file_system: bool = False
     on_success: str | None = None

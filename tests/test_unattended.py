@@ -71,7 +71,7 @@ def test_cron_line_runs_in_crons_environment_without_secrets(cli: Cli, crontab: 
     before = current_crontab()
     cli.init()
     src = source(cli)
-    cli.ok("schedule", "add", "nightly", "--cron", "15 3 * * *", "--", str(src), "--exclude", "*.tmp")
+    cli.ok("schedule", "add", "nightly", "--cron", "15 3 * * *", "--", str(src), "--exclude", "*.tmp", "--tag", "100%")
     table = current_crontab()
     assert table.startswith(before) and PASSWORD not in table and "STASISFS_" not in table
     line = table.splitlines()[-1]
@@ -80,7 +80,8 @@ def test_cron_line_runs_in_crons_environment_without_secrets(cli: Cli, crontab: 
     assert code == 0
     assert any("backup" in a and "--schedule nightly" in a for a in argvs), "the watch saw the run"
     assert not any(PASSWORD in a for a in argvs)
-    assert len(cli.snapshots()) == 1
+    assert len(cli.snapshots()) == 1 and cli.snapshots()[0]["tags"] == ["100%"]  # % survived cron's escaping
+    assert "\\%" in line
     for path in (cli.tmp / "home").rglob("*"):
         if path.is_file():
             assert PASSWORD.encode() not in path.read_bytes(), path

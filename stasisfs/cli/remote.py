@@ -222,14 +222,15 @@ def read_maintenance_token(path: str | None) -> str | None:
         raise UsageError(f"cannot read the maintenance token from {path}: {exc}") from None
 
 
-def sync_after_backup(repo: Repository, json_output: bool, maintenance_token: str | None = None) -> dict[str, str]:
-    """Sync to every remote (after backup, forget, prune). Returns failures, which make the command exit 3."""
+def sync_after_backup(repo: Repository, json_output: bool, maintenance_token: str | None = None,
+                      names: list[str] | None = None) -> dict[str, str]:
+    """Sync to every remote, or to `names` (after backup, forget, prune). Returns failures, which make the command exit 3."""
     remotes = DeviceRemotes(repo.id)
     if not remotes.all():
         return {}
     from ..sync import sync_all
 
-    reports, failures = sync_all(repo, remotes, [], maintenance_token=maintenance_token)
+    reports, failures = sync_all(repo, remotes, names or [], maintenance_token=maintenance_token)
     if not json_output:
         report_sync(reports, failures)
     return failures

@@ -193,7 +193,7 @@ def _backup(paths: tuple[bytes, ...], excludes: tuple[str, ...], exclude_file: s
         stop.set()
         if profile is not None and profile.retention is not None and not dry_run:
             _apply_retention(repo, profile, quiet or json_output)
-        sync_failures = {} if dry_run or no_sync else sync_after_backup(repo, json_output)
+        sync_failures = {} if dry_run or no_sync else sync_after_backup(repo, json_output, names=profile.remotes if profile else None)
     s = snapshot.summary
     if json_output:
         print_json({"message_type": "summary", "snapshot_id": snapshot.id.hex() if not dry_run else None,
