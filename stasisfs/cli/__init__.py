@@ -35,6 +35,14 @@ def cli() -> None:
       stasisfs backup ~/                 # unchanged files are never re-read
       stasisfs snapshots
       stasisfs restore latest:/home/me/Documents --target ~/restored
+      stasisfs mount ~/backups           # browse every snapshot
+
+    \b
+    Redundancy, recovery, cron:
+      stasisfs remote add home https://host:8443 --user me --enrol-code CODE
+      stasisfs recover https://host:8443 --user me   # a new machine: URL, user, password
+      stasisfs schedule add nightly --cron '15 3 * * *' -- ~/
+      stasisfs forget --keep-daily 7 --keep-within 14d --prune
 
     Exit codes: 0 ok, 1 fatal, 2 usage, 3 snapshot incomplete, 10 no repository,
     11 locked, 12 wrong password or key, 130 interrupted.
