@@ -16,27 +16,29 @@ import click
 
 from .db import connect, default_db_url
 from .service import Refused, Service
-from .stores import open_store
+from .stores import open_stores
 from .stores.file import FileStore
 
 F = TypeVar("F", bound=Callable[..., Any])
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 GROUP_OPTIONS = (
-    ("--data", "data", "Server data directory [env: STASISFS_SERVER_DATA; default ./stasis-data]."),
-    ("--db", "db", "SQLAlchemy database URL [default: SQLite inside --data]."),
-    ("--store", "store", "Object store URL [default: file://<data>/objects]."),
+    ("--data", "data", "Server data directory [env: STASISFS_SERVER_DATA; default ./stasis-data].", False),
+    ("--db", "db", "SQLAlchemy database URL, e.g. postgresql://user@host/db [default: SQLite inside --data].", False),
+    ("--store", "store", "Object store URL: file:///PATH or s3://BUCKET/PREFIX [default: file://<data>/objects]. "
+                         "Repeat it to keep replicas: every object is written to each.", True),
 )
 
 
 def _remember(ctx: click.Context, param: click.Parameter, value: object) -> None:
-    if value is not None and param.name is not None:
-        ctx.find_root().meta.setdefault("server.settings", {})[param.name] = value
+    if value is not None and value != () and param.name is not None:
+        settings = ctx.find_root().meta.setdefault("server.settings", {})
+        settings[param.name] = (*settings.get(param.name, ()), *value) if isinstance(value, tuple) else value
 
 
 def group_options(fn: F) -> F:
     """Accepted before or after the subcommand, like the client's global options."""
-    for flag, name, help_text in reversed(GROUP_OPTIONS):
-        fn = click.option(flag, name, default=None, expose_value=False, callback=_remember, help=help_text)(fn)
+    for flag, name, help_text, multiple in reversed(GROUP_OPTIONS):
+        fn = click.option(flag, name, default=None, expose_value=False, callback=_remember, help=help_text, multiple=multiple)(fn)
     return fn
 
 
@@ -46,7 +48,7 @@ def open_service() -> Service:
     data.mkdir(parents=True, exist_ok=True, mode=0o700)
     try:
         engine = connect(settings.get("db") or default_db_url(data))
-        store = open_store(settings.get("store") or f"file://{data / 'objects'}", data)
+        store = open_stores(list(settings.get("store") or ()) or [f"file://{data / 'objects'}"], data)
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
     return Service(engine, store)
@@ -87,8 +89,9 @@ def serve(listen: str, tls_cert: str | None, tls_key: str | None, max_object_siz
     if bool(tls_cert) != bool(tls_key):
         raise click.UsageError("--tls-cert and --tls-key go together")
     service = open_service()
-    if isinstance(service.store, FileStore):
-        service.store.sweep_temp_files()
+    for store in getattr(service.store, "replicas", [service.store]):
+        if isinstance(store, FileStore):
+            store.sweep_temp_files()
     app = create_app(service, max_object_size)
     # Hypercorn reads 64 KiB per receive; packs are ~16 MiB, and each receive costs a trip through h11
     # and the ASGI queue. Bigger reads cut the server's CPU per uploaded byte by a third.
@@ -253,7 +256,8 @@ def scrub() -> None:
     `stasisfs repair --remote` uploads a good copy. Exits 1 if anything was found.
     """
     counts = open_service().scrub(lambda line: click.echo(line))
-    click.echo(f"scrub: {counts['checked']} objects checked, {counts['damaged']} damaged, {counts['missing']} missing")
+    click.echo(f"scrub: {counts['checked']} objects checked, {counts['damaged']} damaged, {counts['missing']} missing, "
+               f"{counts['recopied']} replicas re-copied")
     if counts["damaged"] or counts["missing"]:
         sys.exit(1)
 

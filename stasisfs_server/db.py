@@ -122,7 +122,38 @@ def default_db_url(data_dir: Path) -> str:
     return f"sqlite:///{data_dir.absolute() / 'stasis.db'}"
 
 
+SCHEMA_VERSION = 1
+# Forward migrations: MIGRATIONS[n] takes a database at version n to n + 1. Version 1 is what
+# create_all makes; a later release appends here, and every instance runs them at start.
+MIGRATIONS: list[Any] = [None]
+
+
+def migrate(engine: Engine) -> int:
+    """Bring the schema to SCHEMA_VERSION; refuse a database newer than this server."""
+    from sqlalchemy.orm import Session
+
+    with Session(engine) as s:
+        row = s.get(Meta, "schema_version")
+        version = int(row.value) if row is not None else SCHEMA_VERSION
+        if version > SCHEMA_VERSION:
+            raise RuntimeError(f"the database has schema version {version}; this server knows up to {SCHEMA_VERSION}: upgrade it")
+        while version < SCHEMA_VERSION:
+            MIGRATIONS[version](s)
+            version += 1
+        if row is None:
+            s.add(Meta(key="schema_version", value=str(version)))
+        else:
+            row.value = str(version)
+        try:
+            s.commit()
+        except Exception:  # another instance recorded it at the same moment
+            s.rollback()
+    return version
+
+
 def connect(url: str) -> Engine:
+    if url.startswith("postgresql://") or url.startswith("postgres://"):
+        url = "postgresql+psycopg://" + url.split("://", 1)[1]  # psycopg 3, the maintained driver
     if url.startswith("sqlite"):
         engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
 
@@ -134,6 +165,7 @@ def connect(url: str) -> Engine:
             cursor.execute("PRAGMA busy_timeout=30000")
             cursor.close()
     else:
-        engine = create_engine(url, pool_pre_ping=True)
+        engine = create_engine(url, pool_pre_ping=True, pool_size=10)
     Base.metadata.create_all(engine)
+    migrate(engine)
     return engine

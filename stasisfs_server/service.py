@@ -410,13 +410,22 @@ class Service:
         """Check every cataloged object's SHA-256 against its id. A damaged or missing one is quarantined:
         its bytes move aside (kept for forensics) and it leaves the catalog, so the device's next
         `sync` or `repair --remote` uploads a good copy."""
-        counts = {"checked": 0, "damaged": 0, "missing": 0}
+        from .stores.replicated import ReplicatedStore
+
+        counts = {"checked": 0, "damaged": 0, "missing": 0, "recopied": 0}
         with Session(self.engine) as s:
             rows = s.execute(select(StoredObject.device_id, Device.uid, StoredObject.kind, StoredObject.object_id)
                              .join(Device, Device.id == StoredObject.device_id)).all()
         for device_id, uid, kind, object_id in rows:
             key = object_key(uid, kind, object_id)
             counts["checked"] += 1
+            if isinstance(self.store, ReplicatedStore):
+                healthy, recopied = self.store.heal(key)
+                for url in recopied:
+                    counts["recopied"] += 1
+                    say(f"re-copied: device {uid} {kind}/{object_id} into {url}")
+                if healthy:
+                    continue
             try:
                 data = self.store.get(key)
             except ObjectNotFound:

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from server_fixture import Server, server  # noqa: F401 - a fixture for every test package
+from server_fixture import Server, postgres, s3_endpoint, server  # noqa: F401 - fixtures for every test package
 
 PASSWORD = "correct horse battery staple"
 

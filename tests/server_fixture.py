@@ -81,3 +81,95 @@ def server(tmp_path: Path) -> Iterator[Server]:
     srv.start()
     yield srv
     srv.stop()
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_for_port(port: int, proc: subprocess.Popen[bytes] | None = None, timeout: float = 60) -> None:
+    import socket
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"process exited with {proc.returncode} before listening on {port}")
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.1)
+    raise RuntimeError(f"nothing listens on port {port}")
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint() -> Iterator[dict[str, str]]:
+    """A real S3 HTTP endpoint: moto_server from moto[server], on loopback. Yields the AWS_* environment."""
+    import shutil as _shutil
+
+    binary = _shutil.which("moto_server", path=os.path.dirname(sys.executable)) or _shutil.which("moto_server")
+    assert binary, "moto[server] is a dev dependency (scripts/setup installs it)"
+    port = free_port()
+    proc = subprocess.Popen([binary, "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for_port(port, proc)
+        yield {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+               "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}"}
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def make_bucket(aws: dict[str, str], name: str) -> None:
+    import boto3
+
+    boto3.client("s3", endpoint_url=aws["AWS_ENDPOINT_URL"], aws_access_key_id=aws["AWS_ACCESS_KEY_ID"],
+                 aws_secret_access_key=aws["AWS_SECRET_ACCESS_KEY"], region_name=aws["AWS_DEFAULT_REGION"]).create_bucket(Bucket=name)
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[str]:
+    """A throwaway PostgreSQL cluster from Debian's binaries, run as the postgres user. Yields a URL base."""
+    import glob
+    import shutil as _shutil
+
+    bins = sorted(glob.glob("/usr/lib/postgresql/*/bin"))
+    assert bins, "Debian's postgresql is installed by scripts/setup"
+    bindir = bins[-1]
+    import tempfile
+
+    root = Path(tempfile.mkdtemp(prefix="stasisfs-pg-"))  # pytest's own temp dirs are closed to the postgres user
+    data = root / "data"
+    sockets = root / "sock"
+    sockets.mkdir()
+    _shutil.chown(root, "postgres")
+    _shutil.chown(sockets, "postgres")
+    port = free_port()
+
+    def as_postgres(*args: str) -> None:
+        subprocess.run(["runuser", "-u", "postgres", "--", *args], check=True, capture_output=True, timeout=120)
+
+    as_postgres(f"{bindir}/initdb", "-D", str(data), "-A", "trust", "-U", "postgres")
+    as_postgres(f"{bindir}/pg_ctl", "-D", str(data), "-l", str(root / "log"), "-w", "-o",
+                f"-p {port} -k {sockets} -c listen_addresses=127.0.0.1 -c max_connections=200", "start")
+    try:
+        yield f"postgresql://postgres@127.0.0.1:{port}"
+    finally:
+        subprocess.run(["runuser", "-u", "postgres", "--", f"{bindir}/pg_ctl", "-D", str(data), "-m", "immediate", "stop"],
+                       capture_output=True, timeout=60)
+        _shutil.rmtree(root, ignore_errors=True)
+
+
+def new_database(base_url: str) -> str:
+    """A fresh database in the cluster, so tests never share state."""
+    import uuid
+
+    import psycopg
+
+    name = "t" + uuid.uuid4().hex[:12]
+    with psycopg.connect(base_url + "/postgres", autocommit=True) as conn:
+        conn.execute(f"CREATE DATABASE {name}")
+    return f"{base_url}/{name}"

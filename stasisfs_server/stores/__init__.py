@@ -58,4 +58,21 @@ def open_store(url: str, data_dir: Path) -> ObjectStore:
         return FileStore(Path(url[len("file://") :]))
     if url.startswith("memory://"):
         return MemoryStore()
-    raise ValueError(f"unsupported store URL {url!r}: use file:///PATH or memory://")
+    if url.startswith("s3://"):
+        from .s3 import S3Store
+
+        bucket, _, prefix = url[len("s3://") :].partition("/")
+        if not bucket:
+            raise ValueError(f"store URL {url!r} names no bucket: use s3://BUCKET/PREFIX")
+        return S3Store(bucket, prefix)
+    raise ValueError(f"unsupported store URL {url!r}: use file:///PATH, s3://BUCKET/PREFIX or memory://")
+
+
+def open_stores(urls: list[str], data_dir: Path) -> ObjectStore:
+    """One store, or several kept as replicas of each other."""
+    stores = [open_store(url, data_dir) for url in urls]
+    if len(stores) == 1:
+        return stores[0]
+    from .replicated import ReplicatedStore
+
+    return ReplicatedStore(stores)

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from stasisfs_server.stores import ObjectNotFound, ObjectStore, object_key, open_store
+from server_fixture import make_bucket
+
+from stasisfs_server.stores import ObjectNotFound, ObjectStore, object_key, open_store, open_stores
 
 DEVICE = "0123456789abcdef0123456789abcdef"
 
@@ -17,10 +20,25 @@ def key(n: int, kind: str = "data") -> str:
     return object_key(DEVICE, kind, f"{n:064x}")
 
 
-@pytest.fixture(params=["memory", "file"])
-def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[ObjectStore]:
-    url = "memory://" if request.param == "memory" else f"file://{tmp_path / 'objects'}"
-    yield open_store(url, tmp_path)
+def real_key(data: bytes, kind: str = "data") -> str:
+    import hashlib
+
+    return object_key(DEVICE, kind, hashlib.sha256(data).hexdigest())
+
+
+@pytest.fixture(params=["memory", "file", "s3", "replicated"])
+def store(request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[ObjectStore]:
+    if request.param == "s3":
+        aws = request.getfixturevalue("s3_endpoint")
+        for name, value in aws.items():
+            monkeypatch.setenv(name, value)
+        bucket = f"conformance-{os.urandom(4).hex()}"
+        make_bucket(aws, bucket)
+        yield open_store(f"s3://{bucket}/some/prefix", tmp_path)
+    elif request.param == "replicated":
+        yield open_stores(["memory://", f"file://{tmp_path / 'replica'}"], tmp_path)
+    else:
+        yield open_store("memory://" if request.param == "memory" else f"file://{tmp_path / 'objects'}", tmp_path)
 
 
 def test_round_trip_and_ranges(store: ObjectStore) -> None:
@@ -108,3 +126,40 @@ def test_file_store_sweeps_only_old_temp_files(tmp_path: Path) -> None:
     os.utime(old, (1, 1))
     assert store.sweep_temp_files() == 1
     assert not old.exists() and fresh.exists() and store.get(key(1)) == b"kept"
+
+
+def test_s3_multipart_and_ranged_reads(tmp_path: Path, s3_endpoint: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> None:
+    from stasisfs_server.stores import s3
+
+    for name, value in s3_endpoint.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr(s3, "MULTIPART_ABOVE", 6 * 1024 * 1024)
+    make_bucket(s3_endpoint, "multipart")
+    store = open_store("s3://multipart", tmp_path)
+    data = os.urandom(12 * 1024 * 1024)
+    store.put(key(1), data)
+    assert store.size(key(1)) == len(data)
+    assert store.get(key(1), 9_000_000, 1000) == data[9_000_000:9_001_000]
+    assert store.get(key(1)) == data
+
+
+def test_replicas_survive_a_lost_or_damaged_copy_and_heal(tmp_path: Path) -> None:
+    from stasisfs_server.stores.replicated import ReplicatedStore
+
+    first, second = f"file://{tmp_path / 'a'}", f"file://{tmp_path / 'b'}"
+    store = open_stores([first, second], tmp_path)
+    assert isinstance(store, ReplicatedStore)
+    data = os.urandom(5000)
+    k = real_key(data)
+    store.put(k, data)
+    a, b = store.replicas
+    assert a.get(k) == b.get(k) == data  # written to both before put returns
+    a.delete(k)
+    assert store.get(k) == data  # falls back to the next replica
+    assert store.heal(k) == (True, [a.url])
+    assert a.get(k) == data
+    damaged = bytearray(data)
+    damaged[0] ^= 1
+    b.put(k, bytes(damaged))
+    assert store.get(k) == data  # a damaged copy is skipped
+    assert store.heal(k) == (True, [b.url]) and b.get(k) == data
