@@ -8,7 +8,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-
 from server_fixture import make_bucket
 
 from stasisfs_server.stores import ObjectNotFound, ObjectStore, object_key, open_store, open_stores
