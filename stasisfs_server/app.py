@@ -13,9 +13,9 @@ from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, Field
-from starlette.concurrency import run_in_threadpool
+from starlette.concurrency import iterate_in_threadpool, run_in_threadpool
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -223,8 +223,10 @@ def create_app(service: Service, max_object: int = MAX_OBJECT_BYTES) -> ASGIApp:
         if span is None:
             return Response(status_code=416, headers={"Content-Range": f"bytes */{size}"})
         offset, length = span
-        return Response(service.get_object(target, kind, object_id, offset, length), status_code=206, media_type="application/octet-stream",
-                        headers={"Content-Range": f"bytes {offset}-{offset + length - 1}/{size}", "Accept-Ranges": "bytes"})
+        pieces = service.stream_object(target, kind, object_id, offset, length)
+        return StreamingResponse(iterate_in_threadpool(pieces), status_code=206, media_type="application/octet-stream",
+                                 headers={"Content-Range": f"bytes {offset}-{offset + length - 1}/{size}", "Accept-Ranges": "bytes",
+                                          "Content-Length": str(length)})
 
     @app.delete("/v1/devices/{device}/objects/{kind}/{object_id}")
     def delete_object(who: Auth, device: str, kind: str, object_id: str) -> dict[str, str]:

@@ -38,6 +38,10 @@ class ObjectStore(ABC):
     def get(self, key: str, offset: int = 0, length: int | None = None) -> bytes:
         """The bytes [offset, offset+length) of the object; raises ObjectNotFound."""
 
+    def stream(self, key: str, offset: int, length: int) -> Iterator[bytes]:
+        """The range as pieces, for passing through to a client without holding it whole; stores that can stream override it."""
+        yield self.get(key, offset, length)
+
     @abstractmethod
     def size(self, key: str) -> int | None: ...
 

@@ -53,6 +53,13 @@ class S3Store(ObjectStore):
             raise
         return bytes(response["Body"].read())
 
+    def stream(self, key: str, offset: int, length: int) -> Iterator[bytes]:
+        try:
+            response = self.client.get_object(Bucket=self.bucket, Key=self._key(key), Range=f"bytes={offset}-{offset + length - 1}")
+        except self.client.exceptions.NoSuchKey:
+            raise ObjectNotFound(key) from None
+        yield from response["Body"].iter_chunks(1 << 20)
+
     def size(self, key: str) -> int | None:
         try:
             return int(self.client.head_object(Bucket=self.bucket, Key=self._key(key))["ContentLength"])
