@@ -192,3 +192,16 @@ def test_mount_errors_are_clear(cli: Cli, tmp_path: Path) -> None:
     assert done.returncode == 1 and b"not empty" in done.stderr
     (tmp_path / "m").mkdir()
     assert cli.run("mount", tmp_path / "m", env={"STASISFS_PASSWORD": "wrong password here"}).returncode == 12
+
+
+def test_readahead_is_widened_when_permitted(cli: Cli, mounted: Mounted) -> None:
+    small_backup(cli)
+    mounted.start()
+    device = os.stat(mounted.path).st_dev
+    setting = Path(f"/sys/class/bdi/{os.major(device)}:{os.minor(device)}/read_ahead_kb")
+    if os.geteuid() != 0 or not setting.exists():
+        pytest.skip("only root may change a mount's readahead")
+    deadline = time.monotonic() + 10
+    while setting.read_text().strip() != "1024" and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert setting.read_text().strip() == "1024"
