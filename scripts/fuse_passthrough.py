@@ -13,6 +13,7 @@ import signal
 import stat
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 import pyfuse3
 import trio
@@ -105,6 +106,9 @@ class Passthrough(pyfuse3.Operations):
 
 
 def main() -> None:
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from stasisfs.mount import widen_readahead
+
     source, mountpoint = os.fsencode(os.path.abspath(sys.argv[1])), sys.argv[2]
     pyfuse3.init(Passthrough(source), mountpoint, {"fsname=passthrough", "ro", "default_permissions"})
 
@@ -117,6 +121,12 @@ def main() -> None:
                         return
 
             nursery.start_soon(stop)
+
+            async def same_readahead_as_stasisfs() -> None:  # the floor gets the same kernel caching
+                await trio.sleep(0.5)
+                await trio.to_thread.run_sync(widen_readahead, Path(mountpoint).absolute())
+
+            nursery.start_soon(same_readahead_as_stasisfs)
             await pyfuse3.main()
             nursery.cancel_scope.cancel()
 
