@@ -43,6 +43,7 @@ LARGE_FILE = 16 * 1024 * 1024  # larger files stream through a parent thread ins
 # How far the walk runs ahead of the trees written: enough to keep workers fed, little enough to bound memory.
 CHECKPOINT_EVERY = 1.0  # seconds between saves of the files cache during a run,
 CHECKPOINT_BYTES = 32 << 20  # or this much file data, whichever comes first
+DIR_CHECKPOINT_EVERY = 2.0  # directory records too, less often: each one first makes the open packs durable
 MAX_PENDING_ITEMS = 512
 MAX_PENDING_BYTES = 12 * 1024 * 1024
 MAX_PENDING_DIRS = 1024
@@ -96,6 +97,8 @@ class Backup:
         self._last_checkpoint = time.monotonic()
         self._bytes_since_checkpoint = 0
         self._dir_records: list[tuple[bytes, bytes]] = []  # dir key -> signature | tree id, likewise
+        self._dirs_saved = 0
+        self._last_dir_checkpoint = time.monotonic()
         self._options_fingerprint = repr((sorted(options.excludes), options.exclude_caches, options.one_file_system)).encode()
         self._hardlinks: dict[tuple[int, int], Future[Node | None] | PendingFile] = {}
         self._jobs: deque[DirJob] = deque()
@@ -190,6 +193,14 @@ class Backup:
         batch = self._file_records[self._records_saved :]
         self._records_saved = len(self._file_records)
         self.index.put_file_records(batch)
+        if now - self._last_dir_checkpoint >= DIR_CHECKPOINT_EVERY and not self.warnings and len(self._dir_records) > self._dirs_saved:
+            # A directory record names a tree whose whole subtree must be stored: make every blob written
+            # so far durable first (closing the open packs early), then the records are safe to keep.
+            self._last_dir_checkpoint = now
+            self.writer.flush()
+            dirs = self._dir_records[self._dirs_saved :]
+            self._dirs_saved = len(self._dir_records)
+            self.index.put_file_records(dirs)
 
     # --- the walk ---
     def _excluded(self, path: bytes, is_dir: bool) -> bool:
@@ -422,7 +433,7 @@ class Backup:
         if not self.options.dry_run:
             self.index.put_file_records(self._file_records[self._records_saved :])
             if not self.warnings:  # a tree that left out an unreadable file must not be reused silently
-                self.index.put_file_records(self._dir_records)
+                self.index.put_file_records(self._dir_records[self._dirs_saved :])
         s = self.summary
         s.total_files = self.counters.files_done
         s.total_bytes = self.counters.bytes_done
