@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import random
 import secrets
 import threading
 import time
@@ -96,20 +97,24 @@ class RepositoryLock:
         deadline = time.monotonic() + self.wait
         while True:
             try:
-                self._check_others()
+                self._try_acquire()
                 break
             except RepositoryLocked:
                 if time.monotonic() >= deadline:
                     raise
-                time.sleep(min(1.0, max(0.05, deadline - time.monotonic())))
+                # Two waiters that raced each other both back off; a random pause lets one win next time.
+                time.sleep(max(0.0, min(deadline - time.monotonic(), random.uniform(0.2, 1.0))))
+        self._thread = threading.Thread(target=self._refresh, name="lock-refresh", daemon=True)
+        self._thread.start()
+
+    def _try_acquire(self) -> None:
+        self._check_others()
         write_atomic(self.path, self._record())
         try:
             self._check_others()  # someone raced us between the check and the write
         except RepositoryLocked:
             self.path.unlink(missing_ok=True)
             raise
-        self._thread = threading.Thread(target=self._refresh, name="lock-refresh", daemon=True)
-        self._thread.start()
 
     def _refresh(self) -> None:
         while not self._stop.wait(REFRESH_EVERY):
