@@ -15,7 +15,7 @@ from pathlib import Path
 
 from . import keys as keyslots
 from .errors import StasisError, UsageError, WrongKey
-from .remote import RemoteClient, RemoteError
+from .remote import PerThread, RemoteClient, RemoteError
 from .remotes import DeviceRemotes, Remote
 from .repository import Repository
 from .storage import storage_id, write_atomic
@@ -116,14 +116,11 @@ def fetch_metadata(client: RemoteClient, device: str, repo: Repository) -> int:
     have = {kind: set(repo.list_objects(kind)) for kind in ("index", "snapshots")}
     wanted = [(kind, object_id) for kind in ("index", "snapshots") for object_id, _ in client.list_objects(device, kind)
               if object_id not in have[kind]]
-    local = threading.local()
+    clients = PerThread(lambda: RemoteClient(client.url, client.token, client.cacert, client.name))
 
     def fetch(item: tuple[str, str]) -> None:
         kind, object_id = item
-        mine = getattr(local, "client", None)
-        if mine is None:
-            mine = local.client = RemoteClient(client.url, client.token, client.cacert, client.name)
-        data = mine.get_object(device, kind, object_id)
+        data = clients().get_object(device, kind, object_id)
         write_atomic(repo.path / kind / storage_id(data), data, sync=False)
 
     with ThreadPoolExecutor(8) as pool:

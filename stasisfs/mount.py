@@ -184,14 +184,11 @@ def widen_readahead(mountpoint: Path) -> None:
     """
     # Never stat the mountpoint here: that would ask this very process, which is not serving yet.
     target = str(mountpoint)
-    try:
-        with open("/proc/self/mountinfo") as f:
-            for line in f:
-                fields = line.split()
-                if fields[4].encode().decode("unicode_escape") == target:
-                    Path(f"/sys/class/bdi/{fields[2]}/read_ahead_kb").write_text(f"{READAHEAD_KB}\n")
-    except (OSError, IndexError):
-        pass
+    with contextlib.suppress(OSError, IndexError), open("/proc/self/mountinfo") as f:  # not root: readahead stays as it was
+        for line in f:
+            fields = line.split()
+            if fields[4].encode().decode("unicode_escape") == target:
+                Path(f"/sys/class/bdi/{fields[2]}/read_ahead_kb").write_text(f"{READAHEAD_KB}\n")
 
 
 def mount_detached(repo: Repository, mountpoint: Path, cache_bytes: int, others: list[Repository] | None = None) -> None:

@@ -15,7 +15,7 @@ import os
 import threading
 from pathlib import Path
 
-from .remote import RemoteAuthError, RemoteClient
+from .remote import PerThread, RemoteAuthError
 from .remotes import Remote
 from .storage import write_atomic
 
@@ -29,15 +29,9 @@ class RemotePacks:
         self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.remote = remote
         self.cap = cap
-        self._local = threading.local()
+        self._client = PerThread(remote.client)
         self._lock = threading.Lock()
         self._cached_bytes: int | None = None
-
-    def _client(self) -> RemoteClient:
-        client = getattr(self._local, "client", None)
-        if client is None:
-            client = self._local.client = self.remote.client()
-        return client
 
     def _block_path(self, pack_id: bytes, block: int) -> Path:
         return self.root / pack_id.hex() / str(block)

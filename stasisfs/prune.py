@@ -22,11 +22,12 @@ after uploading the new packs and index.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from .errors import IntegrityError
-from .pack import BlobEntry, PackInfo, decode_index, open_blob
+from .pack import BlobEntry, PackInfo, open_blob
 from .packer import BlobWriter
 from .remotes import DeviceRemotes
 from .repository import Repository
@@ -94,10 +95,7 @@ def used_blobs(repo: Repository, say: Callable[[str], None] = lambda s: None) ->
 def plan_prune(repo: Repository, max_unused_percent: float, say: Callable[[str], None] = lambda s: None) -> PrunePlan:
     used = used_blobs(repo, say)
     index_objects = repo.list_objects("index")
-    packs: dict[bytes, PackInfo] = {}
-    for object_id in index_objects:
-        for pack in decode_index(repo.cipher, repo.read_object_raw("index", object_id)):
-            packs[pack.pack_id] = pack
+    packs = repo.indexed_packs(index_objects)
     plan = PrunePlan(used, packs, index_objects)
     served: set[bytes] = set()
     unused_of: dict[bytes, int] = {}
@@ -174,11 +172,9 @@ def execute(repo: Repository, plan: PrunePlan, say: Callable[[str], None] = lamb
         if number == len(doomed) // 2:
             crash_point("prune-deleting-packs")
         path = repo.pack_path(pack_id)
-        try:
+        with contextlib.suppress(FileNotFoundError):  # already gone: a killed prune got this far before
             report.bytes_freed += path.stat().st_size
             path.unlink()
-        except FileNotFoundError:
-            pass
     for fan in {repo.pack_path(p).parent for p in doomed}:
         fsync_dir(fan)
     crash_point("prune-packs-deleted")

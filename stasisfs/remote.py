@@ -9,7 +9,8 @@ so no caller ever handles unverified bytes.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
 from typing import Any
 from urllib.parse import quote
 
@@ -27,11 +28,11 @@ class RemoteError(StasisError):
 
 
 class RemoteUnavailable(RemoteError):
-    pass
+    """Connection refused, timed out, TLS failed, or a 502/503/504: worth trying again later."""
 
 
 class QuotaExceeded(RemoteError):
-    pass
+    """HTTP 507: the account is full."""
 
 
 class RemoteAuthError(RemoteError):
@@ -165,6 +166,20 @@ class RemoteClient:
             doc = self._request("POST", f"/devices/{_seg(device)}/objects/{kind}/missing", json={"ids": ids[start : start + 5000]}).json()
             result.update(doc["missing"])
         return result
+
+
+class PerThread:
+    """A RemoteClient per thread (requests sessions are not thread-safe), made on first use."""
+
+    def __init__(self, make: Callable[[], RemoteClient]) -> None:
+        self._make = make
+        self._local = threading.local()
+
+    def __call__(self) -> RemoteClient:
+        client: RemoteClient | None = getattr(self._local, "client", None)
+        if client is None:
+            client = self._local.client = self._make()
+        return client
 
 
 def _seg(name: str) -> str:

@@ -10,14 +10,13 @@ the repository directory (which may travel on a USB disk), in 0600 files:
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .errors import UsageError
-from .storage import write_atomic
+from .storage import read_json_file, write_atomic, write_json_file
 
 if TYPE_CHECKING:
     from .remote import RemoteClient
@@ -49,19 +48,10 @@ class DeviceRemotes:
         self._doc = self._read("remotes.json", {"remotes": [], "thin": None})
 
     def _read(self, name: str, default: dict[str, Any]) -> dict[str, Any]:
-        try:
-            return dict(json.loads((self.dir / name).read_text()))
-        except FileNotFoundError:
-            return default
-        except (OSError, ValueError) as exc:
-            raise UsageError(f"{self.dir / name} is unreadable ({exc}); fix or remove it") from None
-
-    def _write(self, name: str, data: bytes) -> None:
-        self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        write_atomic(self.dir / name, data, mode=0o600)
+        return read_json_file(self.dir / name, default)
 
     def save(self) -> None:
-        self._write("remotes.json", json.dumps(self._doc, indent=1).encode())
+        write_json_file(self.dir / "remotes.json", self._doc)
 
     # --- remotes ---
     def all(self) -> list[Remote]:
@@ -112,7 +102,7 @@ class DeviceRemotes:
     def set_state(self, name: str, state: dict[str, Any]) -> None:
         doc = self._read("state.json", {})
         doc[name] = state
-        self._write("state.json", json.dumps(doc).encode())
+        write_json_file(self.dir / "state.json", doc)
 
     # --- deletions this device made, for every remote to apply at its next sync ---
     def add_tombstones(self, kind: str, ids: list[str]) -> None:
@@ -123,7 +113,7 @@ class DeviceRemotes:
             state = doc.setdefault(remote.name, {})
             pending = state.setdefault("delete", {}).setdefault(kind, [])
             pending.extend(i for i in ids if i not in pending)
-        self._write("state.json", json.dumps(doc).encode())
+        write_json_file(self.dir / "state.json", doc)
 
     # --- the escrowed key ---
     def escrow(self) -> bytes | None:
@@ -133,4 +123,5 @@ class DeviceRemotes:
             return None
 
     def set_escrow(self, blob: bytes) -> None:
-        self._write("escrow.key", blob)
+        self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        write_atomic(self.dir / "escrow.key", blob, mode=0o600)

@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from .errors import StasisError
-from .pack import BLOB_TREE, PackInfo, decode_index
+from .pack import BLOB_TREE, PackInfo
 from .packer import BlobWriter
 from .remote import RemoteClient
 from .remotes import DeviceRemotes, Remote
@@ -29,15 +29,6 @@ class HealReport:
     healed: list[str] = field(default_factory=list)
     lost: list[str] = field(default_factory=list)  # pack ids no copy could heal
     lost_files: list[str] = field(default_factory=list)
-
-
-def indexed_packs(repo: Repository) -> dict[bytes, tuple[int, list[bytes]]]:
-    """pack id -> (size, chunk ids) from the index objects."""
-    packs: dict[bytes, tuple[int, list[bytes]]] = {}
-    for object_id in repo.list_objects("index"):
-        for pack in decode_index(repo.cipher, repo.read_object_raw("index", object_id)):
-            packs[pack.pack_id] = (pack.size, [e.chunk_id for e in pack.blobs])
-    return packs
 
 
 def local_pack_ok(repo: Repository, pack_id: bytes, size: int) -> bool:
@@ -78,9 +69,10 @@ def affected_files(repo: Repository, lost_chunks: set[bytes]) -> Iterator[str]:
 def heal_local(repo: Repository, say: Callable[[str], None]) -> HealReport:
     report = HealReport()
     remotes = DeviceRemotes(repo.id).all()
-    packs = indexed_packs(repo)
+    packs = repo.indexed_packs()
     lost_chunks: set[bytes] = set()
-    for pack_id, (size, chunks) in sorted(packs.items()):
+    for pack_id, pack in sorted(packs.items()):
+        size, chunks = pack.size, [e.chunk_id for e in pack.blobs]
         report.checked += 1
         if local_pack_ok(repo, pack_id, size):
             continue
@@ -115,10 +107,11 @@ def heal_remote(repo: Repository, remote: Remote, read_data: bool, say: Callable
     """Re-upload what `remote` lacks or holds damaged, from good local copies."""
     report = HealReport()
     client: RemoteClient = remote.client()
-    packs = indexed_packs(repo)
+    packs = repo.indexed_packs()
     held = {bytes.fromhex(i): n for i, n in client.list_objects(remote.device, "data")}
     lost_chunks: set[bytes] = set()
-    for pack_id, (size, chunks) in sorted(packs.items()):
+    for pack_id, pack in sorted(packs.items()):
+        size, chunks = pack.size, [e.chunk_id for e in pack.blobs]
         report.checked += 1
         bad = held.get(pack_id) != size
         if not bad and read_data:
@@ -164,10 +157,7 @@ def repair_snapshots(repo: Repository, forget_originals: bool, say: Callable[[st
     from .prune import forget_snapshots
 
     result = SnapshotRepair()
-    packs = {}
-    for object_id in repo.list_objects("index"):
-        for pack in decode_index(repo.cipher, repo.read_object_raw("index", object_id)):
-            packs[pack.pack_id] = pack
+    packs = repo.indexed_packs()
     bad = {p for p, info in packs.items() if not local_pack_ok(repo, p, info.size)}
     if bad:
         good = [PackInfo(p, info.size, info.blobs) for p, info in packs.items() if p not in bad]

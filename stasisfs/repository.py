@@ -315,6 +315,14 @@ class Repository:
         for snapshot_id in cached.keys() - present:
             index.remove_snapshot(snapshot_id)
 
+    def indexed_packs(self, object_ids: list[str] | None = None) -> dict[bytes, PackInfo]:
+        """Every pack the index objects (all, or these) describe; read from the repository, not the cache."""
+        packs: dict[bytes, PackInfo] = {}
+        for object_id in self.list_objects("index") if object_ids is None else object_ids:
+            for pack in decode_index(self.cipher, self.read_object_raw("index", object_id)):
+                packs[pack.pack_id] = pack
+        return packs
+
     def index_orphan_packs(self) -> int:
         """Packs on disk that no index object covers (a run was killed): read their headers and index them."""
         known = self.index.packs()

@@ -10,10 +10,12 @@ from __future__ import annotations
 import contextlib
 import errno
 import hashlib
+import json
 import os
 from pathlib import Path
+from typing import Any
 
-from .errors import IntegrityError, StasisError
+from .errors import IntegrityError, StasisError, UsageError
 
 TEMP_PREFIX = ".tmp-"
 
@@ -48,6 +50,22 @@ def write_atomic(path: Path, data: bytes | memoryview | list[bytes], mode: int =
         if exc.errno == errno.ENOSPC:
             raise StasisError(f"no space left on the device holding {path.parent}; nothing was lost, free some space and run again") from None
         raise StasisError(f"cannot write {path}: {exc.strerror}") from None
+
+
+def read_json_file(path: Path, default: dict[str, Any]) -> dict[str, Any]:
+    """A small JSON settings file; `default` when it does not exist yet, a clear error when it is unreadable."""
+    try:
+        return dict(json.loads(path.read_text()))
+    except FileNotFoundError:
+        return default
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"{path} is unreadable ({exc}); fix or remove it") from None
+
+
+def write_json_file(path: Path, doc: dict[str, Any]) -> None:
+    """Atomically, mode 0600 in a 0700 directory: these files hold tokens and device state."""
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    write_atomic(path, json.dumps(doc, indent=1).encode(), mode=0o600)
 
 
 def storage_id(data: bytes | memoryview) -> str:

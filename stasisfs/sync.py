@@ -20,7 +20,7 @@ from typing import Any
 
 from .errors import IntegrityError, StasisError
 from .progress import Counters
-from .remote import RemoteClient, RemoteError
+from .remote import PerThread, RemoteClient, RemoteError
 from .remotes import DeviceRemotes, Remote
 from .repository import Repository
 from .storage import write_atomic
@@ -121,12 +121,10 @@ class Syncer:
             self.counters.total_files += len(ids)
             self.counters.total_bytes += sum(sizes.values())
             self.counters.total_known = True
-        local = threading.local()
+        clients = PerThread(remote.client)
 
         def one(object_id: str) -> None:
-            client = getattr(local, "client", None)
-            if client is None:
-                client = local.client = remote.client()
+            client = clients()
             data = object_path(self.repo, kind, object_id).read_bytes()
             self.limit.take(len(data))
             try:
@@ -188,18 +186,15 @@ class Syncer:
                 self.counters.total_files += len(wanted)
                 self.counters.total_bytes += sum(size for _, size in wanted)
                 self.counters.total_known = True
-            clients = threading.local()
+            clients = PerThread(remote.client)
             with ThreadPoolExecutor(UPLOAD_THREADS, thread_name_prefix=f"pull-{kind}") as pool:
                 for future in [pool.submit(self._fetch_one, remote, clients, kind, i) for i, _ in wanted]:
                     future.result()
             fetched += len(wanted)
         return fetched
 
-    def _fetch_one(self, remote: Remote, clients: threading.local, kind: str, object_id: str) -> None:
-        client = getattr(clients, "client", None)
-        if client is None:
-            client = clients.client = remote.client()
-        data = client.get_object(remote.device, kind, object_id)  # verified against its id
+    def _fetch_one(self, remote: Remote, clients: PerThread, kind: str, object_id: str) -> None:
+        data = clients().get_object(remote.device, kind, object_id)  # verified against its id
         write_atomic(object_path(self.repo, kind, object_id), data)
         self.counters.add(1, len(data))
 

@@ -11,12 +11,10 @@ our marker are ever touched.
 
 from __future__ import annotations
 
-import json
 import os
 import shlex
 import subprocess
 import sys
-import time
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -24,7 +22,7 @@ from typing import Any
 
 from .errors import StasisError, UsageError
 from .remotes import config_root
-from .storage import write_atomic
+from .storage import read_json_file, write_json_file
 
 MARKER = "# stasisfs-schedule:"
 EVERY_MISSED_CRON = "*/15 * * * *"
@@ -38,20 +36,6 @@ def state_root() -> Path:
     path = Path(base) / "stasisfs"
     path.mkdir(parents=True, exist_ok=True, mode=0o700)
     return path
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        return dict(json.loads(path.read_text()))
-    except FileNotFoundError:
-        return {}
-    except (OSError, ValueError) as exc:
-        raise UsageError(f"{path} is unreadable ({exc}); fix or remove it") from None
-
-
-def _write_json(path: Path, doc: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    write_atomic(path, json.dumps(doc, indent=1).encode(), mode=0o600)
 
 
 # --- run records --------------------------------------------------------------------------------
@@ -69,16 +53,16 @@ class RunRecord:
 
 def record_run(key: str, record: RunRecord) -> None:
     path = state_root() / "runs.json"
-    doc = _read_json(path)
+    doc = read_json_file(path, {})
     entry = doc.setdefault(key, {})
     entry["last"] = asdict(record)
     if record.result == "success":
         entry["last_success"] = asdict(record)
-    _write_json(path, doc)
+    write_json_file(path, doc)
 
 
 def runs() -> dict[str, dict[str, Any]]:
-    return _read_json(state_root() / "runs.json")
+    return read_json_file(state_root() / "runs.json", {})
 
 
 def last_success(key: str) -> datetime | None:
@@ -174,21 +158,21 @@ def validate_cron(expression: str) -> None:
 
 
 def schedules() -> dict[str, Schedule]:
-    return {name: Schedule(**doc) for name, doc in _read_json(config_root() / "schedules.json").items()}
+    return {name: Schedule(**doc) for name, doc in read_json_file(config_root() / "schedules.json", {}).items()}
 
 
 def save_schedule(schedule: Schedule) -> None:
-    doc = _read_json(config_root() / "schedules.json")
+    doc = read_json_file(config_root() / "schedules.json", {})
     doc[schedule.name] = asdict(schedule)
-    _write_json(config_root() / "schedules.json", doc)
+    write_json_file(config_root() / "schedules.json", doc)
 
 
 def forget_schedule(name: str) -> Schedule:
-    doc = _read_json(config_root() / "schedules.json")
+    doc = read_json_file(config_root() / "schedules.json", {})
     if name not in doc:
         raise UsageError(f"no schedule named {name!r}; see `stasisfs schedule list`")
     schedule = Schedule(**doc.pop(name))
-    _write_json(config_root() / "schedules.json", doc)
+    write_json_file(config_root() / "schedules.json", doc)
     return schedule
 
 
@@ -235,7 +219,3 @@ def missed(schedule: Schedule, key: str) -> bool:
 
 def now_iso() -> str:
     return datetime.now(UTC).astimezone().isoformat(timespec="seconds")
-
-
-def monotonic() -> float:
-    return time.monotonic()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -40,6 +41,16 @@ class Cli:
 
     def backup(self, *args: str | bytes | Path) -> str:
         return self.ok("backup", *args).stdout.decode().strip().splitlines()[-1]
+
+    def add_remote(self, on: Server, *user_options: str, user: str = "alice") -> None:
+        """`remote add home` as the first device of a new user on server `on`, with its enrolment code."""
+        code = on.add_user(user, *user_options)
+        self.ok("remote", "add", "home", on.url, "--user", user, "--enrol-code", code)
+
+    def wipe_device(self) -> None:
+        """The device is lost: its repository, cache and configuration are gone."""
+        for part in (self.repo, self.tmp / "cache", self.tmp / "home" / ".config"):
+            shutil.rmtree(part, ignore_errors=True)
 
     def snapshots(self) -> list[dict[str, object]]:
         return json.loads(self.ok("snapshots", "--json").stdout)  # type: ignore[no-any-return]

@@ -83,6 +83,29 @@ def server(tmp_path: Path) -> Iterator[Server]:
     srv.stop()
 
 
+def enrol_concurrently(url: str, user: str, code: str, attempts: int) -> list[int]:
+    """The HTTP statuses of `attempts` enrolments with one code, all sent at the same moment."""
+    import threading
+
+    import requests
+
+    statuses: list[int] = []
+    start = threading.Barrier(attempts)
+
+    def attempt(n: int) -> None:
+        start.wait()
+        answer = requests.post(f"{url}/v1/enrol", json={"user": user, "code": code, "verifier": "22" * 32, "kdf": {}, "device": f"dev{n}"},
+                               timeout=60)
+        statuses.append(answer.status_code)
+
+    threads = [threading.Thread(target=attempt, args=(n,)) for n in range(attempts)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return statuses
+
+
 def free_port() -> int:
     import socket
 

@@ -98,8 +98,7 @@ def test_prune_killed_at_any_point_loses_nothing(cli: Cli, point: str) -> None:
 
 def test_prune_propagates_to_remotes(cli: Cli, server: Server) -> None:
     src, latest = history(cli)
-    code = server.add_user("alice")
-    cli.ok("remote", "add", "home", server.url, "--user", "alice", "--enrol-code", code)
+    cli.add_remote(server)
     cli.ok("sync")
     on_server = sum(p.stat().st_size for p in (server.data / "objects").rglob("*") if p.is_file())
     done = cli.ok("forget", "--keep-last", "1", "--prune")
@@ -114,8 +113,7 @@ def test_prune_propagates_to_remotes(cli: Cli, server: Server) -> None:
 
 def test_append_only_remote_keeps_everything(cli: Cli, server: Server) -> None:
     src, latest = history(cli)
-    code = server.add_user("alice", "--append-only")
-    cli.ok("remote", "add", "home", server.url, "--user", "alice", "--enrol-code", code)
+    cli.add_remote(server, "--append-only")
     cli.ok("sync")
     before = {p.name for p in (server.data / "objects").rglob("*") if p.is_file()}
     done = cli.ok("forget", "--keep-last", "1", "--prune")
@@ -127,8 +125,7 @@ def test_append_only_remote_keeps_everything(cli: Cli, server: Server) -> None:
 
 def test_a_maintenance_token_lets_prune_clean_an_append_only_remote(cli: Cli, server: Server) -> None:
     src, latest = history(cli)
-    code = server.add_user("alice", "--append-only")
-    cli.ok("remote", "add", "home", server.url, "--user", "alice", "--enrol-code", code)
+    cli.add_remote(server, "--append-only")
     cli.ok("sync")
     cli.ok("forget", "--keep-last", "1", "--prune")  # cleans locally; the remote keeps everything
     token = server.admin("user", "maintenance-token", "alice", "--expires", "10m").stdout.strip().splitlines()[-1]

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -19,20 +18,14 @@ pytestmark = pytest.mark.timeout(240)
 
 
 def enrolled(cli: Cli, server: Server, user: str = "alice", device: str = "laptop") -> None:
-    code = server.add_user(user)
     cli.ok("init", "--device", device)
-    cli.ok("remote", "add", "home", server.url, "--user", user, "--enrol-code", code)
+    cli.add_remote(server, user=user)
 
 
 def random_tree(root: Path, files: int, size: int) -> None:
     root.mkdir(parents=True)
     for n in range(files):
         (root / f"file{n:03d}").write_bytes(os.urandom(size))
-
-
-def wipe_device(cli: Cli) -> None:
-    for part in (cli.repo, cli.tmp / "cache", cli.tmp / "home" / ".config"):
-        shutil.rmtree(part, ignore_errors=True)
 
 
 def test_backup_syncs_and_a_blank_machine_recovers(cli: Cli, server: Server) -> None:
@@ -43,7 +36,7 @@ def test_backup_syncs_and_a_blank_machine_recovers(cli: Cli, server: Server) -> 
     done = cli.ok("backup", src)
     snapshot_id = done.stdout.decode().split()[-1]
     assert b"synced to home" in done.stderr
-    wipe_device(cli)
+    cli.wipe_device()
     cli.ok("recover", server.url, "--user", "alice")
     assert [s["id"] for s in cli.snapshots()] == [snapshot_id]
     thin = sum(p.stat().st_size for p in cli.repo.rglob("*") if p.is_file())
@@ -168,9 +161,8 @@ def test_interrupted_sync_resumes_without_resending(cli: Cli, server: Server) ->
 
 
 def test_quota_gives_a_clear_error(cli: Cli, server: Server) -> None:
-    code = server.add_user("alice", "--quota", "2000000")
     cli.ok("init", "--device", "laptop")
-    cli.ok("remote", "add", "home", server.url, "--user", "alice", "--enrol-code", code)
+    cli.add_remote(server, "--quota", "2000000")
     src = cli.tmp / "src"
     random_tree(src, 2, 3_000_000)
     done = cli.run("backup", src)
@@ -198,7 +190,7 @@ def test_pull_completes_a_thin_repository(cli: Cli, server: Server) -> None:
     src = cli.tmp / "src"
     random_tree(src, 2, 2_000_000)
     cli.backup(src)
-    wipe_device(cli)
+    cli.wipe_device()
     cli.ok("recover", server.url, "--user", "alice")
     cli.ok("check", "--read-data")  # thin: packs are checked on the remote
     cli.ok("sync", "--pull")
@@ -244,7 +236,7 @@ def test_recover_with_the_recovery_key(cli: Cli, server: Server) -> None:
     random_tree(src, 1, 5000)
     snapshot_id = cli.backup(src)
     paper = cli.ok("key", "export", "--paper").stdout
-    wipe_device(cli)
+    cli.wipe_device()
     cli.ok("recover", server.url, "--user", "alice", "--recovery-key", input=paper)
     assert [s["id"] for s in cli.snapshots()] == [snapshot_id]
     other = Cli(cli.env | {"STASISFS_REPO": str(cli.tmp / "other"), "XDG_CACHE_HOME": str(cli.tmp / "oc"), "XDG_CONFIG_HOME": str(cli.tmp / "og")},

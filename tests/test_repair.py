@@ -15,9 +15,8 @@ pytestmark = pytest.mark.timeout(300)
 
 
 def setup(cli: Cli, server: Server) -> Path:
-    code = server.add_user("alice")
     cli.ok("init", "--device", "laptop")
-    cli.ok("remote", "add", "home", server.url, "--user", "alice", "--enrol-code", code)
+    cli.add_remote(server)
     src = cli.tmp / "src"
     src.mkdir()
     for n in range(3):

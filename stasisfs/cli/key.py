@@ -15,6 +15,18 @@ from ..storage import write_atomic
 from .common import global_options, info, open_repository, print_json, prompt_password, read_password, repo_path, warn, write_line
 
 
+def add_machine_key(repo: Repository, key_file: Path, label: str) -> keyslots.KeySlot:
+    """A random machine key slot, its key written to `key_file` (0600): what cron uses instead of the password."""
+    if key_file.exists():
+        raise UsageError(f"{key_file} already exists; choose a new file name")
+    secret = os.urandom(32)
+    slot = keyslots.wrap(repo.master_keys.master, repo.id, secret, keyslots.SLOT_MACHINE, {"name": "none"}, label)
+    key_file.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    write_atomic(key_file, keyslots.format_machine_key(repo.id, slot.id, secret).encode(), mode=0o600)
+    repo.add_slot(slot)
+    return slot
+
+
 def _new_password(repo: Repository) -> str:
     password = read_password("new password", confirm=True)
     reason = keyslots.password_weakness(password, [repo.device, "stasisfs"])
@@ -53,13 +65,7 @@ def key_add(machine_file: Path | None, label: str) -> None:
     with open_repository() as repo:
         master = repo.master_keys.master
         if machine_file is not None:
-            if machine_file.exists():
-                raise UsageError(f"{machine_file} already exists; choose a new file name")
-            secret = os.urandom(32)
-            slot = keyslots.wrap(master, repo.id, secret, keyslots.SLOT_MACHINE, {"name": "none"}, label or "machine")
-            machine_file.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-            write_atomic(machine_file, keyslots.format_machine_key(repo.id, slot.id, secret).encode(), mode=0o600)
-            repo.add_slot(slot)
+            slot = add_machine_key(repo, machine_file, label or "machine")
             info(f"added machine key slot {slot.id}; key written to {machine_file} (mode 0600)")
         else:
             click.echo("Enter the password for the new slot.", err=True)

@@ -7,6 +7,7 @@ import os
 import socket
 import sys
 import threading
+import time
 from datetime import datetime
 
 import click
@@ -126,20 +127,20 @@ def backup(paths: tuple[bytes, ...], excludes: tuple[str, ...], exclude_file: st
         exclude_caches = exclude_caches or profile.exclude_caches
         one_file_system = one_file_system or profile.one_file_system
         tags = (*tags, *profile.tags)
-    started_at, started = unattended.now_iso(), unattended.monotonic()
+    started_at, started = unattended.now_iso(), time.monotonic()
     try:
         code, snapshot, reasons = _backup(paths, excludes, exclude_file, exclude_caches, one_file_system, tags, when, from_stdin,
                                           stdin_filename, dry_run, json_output, quiet, no_sync, lock_wait)
     except (StasisError, OSError) as exc:
         reason = str(exc)
         if run_key:
-            unattended.record_run(run_key, unattended.RunRecord(started_at, round(unattended.monotonic() - started, 2), "failed", reason))
+            unattended.record_run(run_key, unattended.RunRecord(started_at, round(time.monotonic() - started, 2), "failed", reason))
         if profile is not None:
             _hook_warning(unattended.run_hook(profile.on_failure, "failed", reason, "", profile.name))
         raise
     result = "success" if code == 0 else "incomplete"
     if run_key and not dry_run:
-        unattended.record_run(run_key, unattended.RunRecord(started_at, round(unattended.monotonic() - started, 2), result, "; ".join(reasons),
+        unattended.record_run(run_key, unattended.RunRecord(started_at, round(time.monotonic() - started, 2), result, "; ".join(reasons),
                                                             snapshot.id.hex(), snapshot.summary.total_files, snapshot.summary.total_bytes))
     if profile is not None and not dry_run:
         hook = profile.on_success if code == 0 else profile.on_failure

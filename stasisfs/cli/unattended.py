@@ -19,6 +19,7 @@ from ..remotes import DeviceRemotes, config_root
 from ..repository import Repository
 from ..retention import Duration
 from .common import global_options, info, open_repository, print_json, setting, warn, write_line
+from .key import add_machine_key
 
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
@@ -54,16 +55,8 @@ def schedule_add(name: str, backup_args: tuple[str, ...], cron: str, every_misse
         raise UsageError(f"a schedule named {name!r} exists; remove it first")
     profile = click.get_current_context().find_root().meta.get("stasisfs.settings", {}).get("profile") or os.environ.get("STASISFS_PROFILE")
     key_file = config_root() / "keys" / f"{name}.key"
-    if key_file.exists():
-        raise UsageError(f"{key_file} already exists; remove it or choose another schedule name")
     with open_repository() as repo:
-        secret = os.urandom(32)
-        slot = keyslots.wrap(repo.master_keys.master, repo.id, secret, keyslots.SLOT_MACHINE, {"name": "none"}, f"schedule {name}")
-        repo.add_slot(slot)
-        key_file.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        from ..storage import write_atomic
-
-        write_atomic(key_file, keyslots.format_machine_key(repo.id, slot.id, secret).encode(), mode=0o600)
+        add_machine_key(repo, key_file, f"schedule {name}")
         entry = unattended.Schedule(name, cron, str(repo.path), str(key_file), str(profile) if profile else None, every_missed, list(backup_args))
     line = entry.line(unattended.executable())
     try:
@@ -139,8 +132,9 @@ def _remote_states(repo: str | None) -> dict[str, Any]:
         return {}
     try:
         remotes = DeviceRemotes(opened.id)
-        return {r.name: {"last_sync": remotes.state(r.name).get("last_sync"),
-                         "pending_deletes": sum(len(v) for v in remotes.state(r.name).get("delete", {}).values())} for r in remotes.all()}
+        states = {r.name: remotes.state(r.name) for r in remotes.all()}
+        return {name: {"last_sync": state.get("last_sync"), "pending_deletes": sum(len(v) for v in state.get("delete", {}).values())}
+                for name, state in states.items()}
     finally:
         opened.close()
 

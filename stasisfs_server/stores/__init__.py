@@ -15,7 +15,7 @@ _KEY = re.compile(r"^[0-9a-f]{32}/[a-z]{1,16}/[0-9a-f]{64}$")
 
 
 class ObjectNotFound(Exception):
-    pass
+    """The store holds no object under this key."""
 
 
 def object_key(device_uid: str, kind: str, object_id: str) -> str:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import shutil
 from pathlib import Path
 
 import pytest
@@ -17,9 +16,8 @@ pytestmark = pytest.mark.timeout(300)
 
 
 def test_full_loss_drill(cli: Cli, server: Server, mounted: Mounted) -> None:
-    code = server.add_user("alice")
     cli.ok("init", "--device", "laptop")
-    cli.ok("remote", "add", "home", server.url, "--user", "alice", "--enrol-code", code)
+    cli.add_remote(server)
     src = cli.tmp / "src"
     build_hostile_tree(src)
     (src / "bulk").write_bytes(os.urandom(12_000_000))
@@ -27,8 +25,7 @@ def test_full_loss_drill(cli: Cli, server: Server, mounted: Mounted) -> None:
     cli.backup(src)
 
     # the laptop is gone: repository, cache and configuration
-    for part in (cli.repo, cli.tmp / "cache", cli.tmp / "home" / ".config"):
-        shutil.rmtree(part)
+    cli.wipe_device()
     cli.ok("recover", server.url, "--user", "alice")
     stored = sum(p.stat().st_size for p in (server.data / "objects").rglob("*") if p.is_file())
     local = sum(p.stat().st_size for p in cli.repo.rglob("*") if p.is_file())

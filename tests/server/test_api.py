@@ -5,12 +5,11 @@ from __future__ import annotations
 import hashlib
 import os
 import secrets
-import threading
 from pathlib import Path
 
 import pytest
 import requests
-from server_fixture import Server
+from server_fixture import Server, enrol_concurrently
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -65,19 +64,7 @@ def test_enrolment_code_works_once(server: Server) -> None:
 
 def test_concurrent_enrolment_with_one_code_succeeds_once(server: Server) -> None:
     code = server.add_user("alice")
-    results: list[int] = []
-
-    def attempt(n: int) -> None:
-        answer = requests.post(f"{server.url}/v1/enrol", json={"user": "alice", "code": code, "verifier": "11" * 32,
-                                                                "kdf": {}, "device": f"dev{n}"}, timeout=30)
-        results.append(answer.status_code)
-
-    threads = [threading.Thread(target=attempt, args=(n,)) for n in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert sorted(results) == [200] + [401] * 7
+    assert sorted(enrol_concurrently(server.url, "alice", code, 8)) == [200] + [401] * 7
 
 
 def test_objects_round_trip_with_ranges_listing_and_missing(server: Server) -> None:

@@ -4,14 +4,11 @@ from __future__ import annotations
 
 import hashlib
 import os
-import shutil
-import threading
 from pathlib import Path
 
 import pytest
-import requests
 from conftest import Cli
-from server_fixture import Server, make_bucket, new_database
+from server_fixture import Server, enrol_concurrently, make_bucket, new_database
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -30,19 +27,7 @@ def test_concurrent_enrolment_on_postgres_succeeds_once(tmp_path: Path, postgres
     srv.start()
     try:
         code = srv.add_user("alice")
-        results: list[int] = []
-
-        def attempt(n: int) -> None:
-            answer = requests.post(f"{srv.url}/v1/enrol", json={"user": "alice", "code": code, "verifier": "22" * 32, "kdf": {},
-                                                                 "device": f"dev{n}"}, timeout=60)
-            results.append(answer.status_code)
-
-        threads = [threading.Thread(target=attempt, args=(n,)) for n in range(12)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        assert sorted(results) == [200] + [401] * 11
+        assert sorted(enrol_concurrently(srv.url, "alice", code, 12)) == [200] + [401] * 11
     finally:
         srv.stop()
 
@@ -58,14 +43,12 @@ def test_sync_through_one_instance_and_recover_through_another(cli: Cli, tmp_pat
     a.start()
     b.start()
     try:
-        code = a.add_user("alice")
         cli.ok("init", "--device", "laptop")
-        cli.ok("remote", "add", "home", a.url, "--user", "alice", "--enrol-code", code)
+        cli.add_remote(a)
         src = cli.tmp / "src"
         files = tree(src)
         cli.backup(src)
-        for part in (cli.repo, cli.tmp / "cache", cli.tmp / "home" / ".config"):
-            shutil.rmtree(part)
+        cli.wipe_device()
         cli.ok("recover", b.url, "--user", "alice")  # the other instance
         cli.ok("restore", "latest", "--target", cli.tmp / "out")
         restored = cli.tmp / "out" / str(src).lstrip("/")
@@ -83,9 +66,8 @@ def test_replicated_stores_keep_serving_and_scrub_restores_the_replica(cli: Cli,
     srv = Server(tmp_path / "srv", extra_args=["--store", f"file://{first}", "--store", f"file://{second}"])
     srv.start()
     try:
-        code = srv.add_user("alice")
         cli.ok("init", "--device", "laptop")
-        cli.ok("remote", "add", "home", srv.url, "--user", "alice", "--enrol-code", code)
+        cli.add_remote(srv)
         src = cli.tmp / "src"
         files = tree(src)
         cli.backup(src)
@@ -97,8 +79,7 @@ def test_replicated_stores_keep_serving_and_scrub_restores_the_replica(cli: Cli,
         damaged[10] ^= 1
         packs_2[-1].write_bytes(bytes(damaged))  # rotten in the second
         cli.ok("check", "--remote", "home", "--read-data")  # reads fall back to the good replica
-        for part in (cli.repo, cli.tmp / "cache", cli.tmp / "home" / ".config"):
-            shutil.rmtree(part)
+        cli.wipe_device()
         cli.ok("recover", srv.url, "--user", "alice")
         cli.ok("restore", "latest", "--target", cli.tmp / "out")
         assert {p.name: p.read_bytes() for p in (cli.tmp / "out" / str(src).lstrip("/")).iterdir()} == files
