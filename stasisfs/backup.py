@@ -35,15 +35,17 @@ from .pools import worker_pool
 from .progress import Counters
 from .repository import Repository, cache_root
 from .snapshot import Snapshot, Summary
+from .testing import crash_point
 from .tree import DIR, FILE, Node, encode_tree, split_path
 from .workers import FileResult, init_worker, open_for_backup, process_files, use_index_in_threads
 
 CACHEDIR_SIGNATURE = b"Signature: 8a477f597d28d172789f06886806bc55"
 LARGE_FILE = 16 * 1024 * 1024  # larger files stream through a parent thread instead of a worker process
 # How far the walk runs ahead of the trees written: enough to keep workers fed, little enough to bound memory.
-CHECKPOINT_EVERY = 1.0  # seconds between saves of the files cache during a run,
+CHECKPOINT_EVERY = 0.5  # seconds between saves of the files cache (and the open packs' journals) during a run,
 CHECKPOINT_BYTES = 32 << 20  # or this much file data, whichever comes first
 DIR_CHECKPOINT_EVERY = 2.0  # directory records too, less often: each one first makes the open packs durable
+SEAL_AHEAD = 6  # chunks of one large file hashed, compressed and sealed at once (threads: those release the GIL)
 MAX_PENDING_ITEMS = 512
 MAX_PENDING_BYTES = 12 * 1024 * 1024
 MAX_PENDING_DIRS = 1024
@@ -104,8 +106,11 @@ class Backup:
         self._jobs: deque[DirJob] = deque()
         self._batch = BatchQueue(self)
         self._procs: Executor | None = None
+        self._sealers = ThreadPoolExecutor(options.workers, thread_name_prefix="backup-seal")  # threads start on first use
         self._pending_items = 0
         self._pending_bytes = 0
+        self._reverse_walk = False  # set by `run` after a killed run, see `Index.start_backup_run`
+        self._procs_lock = threading.Lock()
         self._spec = pathspec.GitIgnoreSpec.from_lines(options.excludes) if options.excludes else None
         self._skip_inodes = set()
         for path in (repo.path, cache_root()):
@@ -135,11 +140,17 @@ class Backup:
         return chunk_id
 
     def store_stream(self, readinto: ReadInto) -> tuple[list[bytes], int]:
-        content, size = [], 0
+        """Cut a stream in order; its chunks are sealed on several threads, a bounded number at a time."""
+        content: list[bytes] = []
+        size = 0
+        sealing: deque[Future[bytes]] = deque()
         for data in self._chunker().cut(readinto):
-            content.append(self._store_chunk(data))
+            sealing.append(self._sealers.submit(self._store_chunk, bytes(data)))  # the cutter reuses its window
             size += len(data)
             self.counters.add(nbytes=len(data))
+            if len(sealing) >= SEAL_AHEAD:
+                content.append(sealing.popleft().result())
+        content.extend(future.result() for future in sealing)
         return content, size
 
     def _read_file(self, path: bytes, node: Node, st: os.stat_result) -> Node | None:
@@ -183,7 +194,8 @@ class Backup:
         """Save the files cache as the run goes, so a killed run's successor skips what it finished.
 
         Safe before the packs are: a record counts only while all its chunks are in the index, and a
-        chunk enters the index only once its pack is durable (see `Index.unchanged_content`).
+        chunk enters the index only once its pack is durable (see `Index.unchanged_content`), or once
+        the next run salvaged it from this run's open packs (`salvage_open_packs`).
         """
         now = time.monotonic()
         self._bytes_since_checkpoint += nbytes
@@ -192,7 +204,9 @@ class Backup:
         self._last_checkpoint, self._bytes_since_checkpoint = now, 0
         batch = self._file_records[self._records_saved :]
         self._records_saved = len(self._file_records)
+        self.writer.journal()  # the blobs behind these records become salvageable
         self.index.put_file_records(batch)
+        crash_point("backup-checkpointed")
         if now - self._last_dir_checkpoint >= DIR_CHECKPOINT_EVERY and not self.warnings and len(self._dir_records) > self._dirs_saved:
             # A directory record names a tree whose whole subtree must be stored: make every blob written
             # so far durable first (closing the open packs early), then the records are safe to keep.
@@ -255,7 +269,9 @@ class Backup:
         with the directory's last tree, that tree is reused without building a node.
         """
         try:
-            entries = list(os.scandir(path))  # trees are sorted when encoded
+            entries = list(os.scandir(path))  # trees are sorted when encoded, so the walk's order is free
+            if self._reverse_walk:
+                entries.reverse()
         except OSError as exc:
             self.warn(f"cannot list {os.fsdecode(path)}: {exc.strerror}; saved as empty")
             entries = []
@@ -395,6 +411,10 @@ class Backup:
         started = time.monotonic()
         sys.setrecursionlimit(max(sys.getrecursionlimit(), 20000))
         paths = normalize_paths(self.options.paths)
+        if not self.options.dry_run:
+            resuming, self._reverse_walk = self.index.start_backup_run()
+            if resuming:  # the unfinished files come first: have the workers ready for them
+                threading.Thread(target=lambda: self.procs, name="backup-start-workers", daemon=True).start()
         try:
             with ThreadPoolExecutor(1, thread_name_prefix="backup-large") as pool:
                 root = self._build_root(pool, paths)
@@ -403,15 +423,21 @@ class Backup:
             self.writer.abort()
             raise
         finally:
+            self._shutdown()
+
+    def _shutdown(self) -> None:
+        self._sealers.shutdown(cancel_futures=True)
+        with self._procs_lock:  # waits for a pool still starting
             if self._procs is not None:
                 self._procs.shutdown(cancel_futures=True)
 
     @property
     def procs(self) -> Executor:
         """The chunking workers, started on first use: a run with nothing changed starts none."""
-        if self._procs is None:
-            self._procs = self._workers()
-        return self._procs
+        with self._procs_lock:
+            if self._procs is None:
+                self._procs = self._workers()
+            return self._procs
 
     def _workers(self) -> Executor:
         """Worker processes (own GILs); threads when processes cannot be started here."""
@@ -421,7 +447,10 @@ class Backup:
     def run_stdin(self, stream: BinaryIO, filename: str) -> Snapshot:
         started = time.monotonic()
         name = os.fsencode(filename.strip("/")) or b"stdin"
-        content, size = self.store_stream(fill_from(stream))
+        try:
+            content, size = self.store_stream(fill_from(stream))
+        finally:
+            self._shutdown()
         now = time.time_ns()
         node = Node(name=name, type=FILE, mode=0o644, uid=os.getuid(), gid=os.getgid(), mtime_ns=now, size=size, content=content)
         self.summary.files_new = 1
@@ -449,6 +478,7 @@ class Backup:
         )
         if not self.options.dry_run:
             self.repo.save_snapshot(snapshot)
+            self.index.end_backup_run()
         return snapshot
 
 

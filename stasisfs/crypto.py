@@ -35,6 +35,7 @@ KEY_LEN = 32
 KIND_CHUNK = b"chunk"
 KIND_PACK_HEADER = b"pack-header"
 KIND_PACK_TRAILER = b"pack-trailer"
+KIND_PACK_JOURNAL = b"pack-journal"
 KIND_INDEX = b"index"
 KIND_SNAPSHOT = b"snapshot"
 KIND_LOCK = b"lock"

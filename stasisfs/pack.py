@@ -17,13 +17,13 @@ import hashlib
 import os
 import struct
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
 import zstandard
 
-from .crypto import BOX_OVERHEAD, KIND_CHUNK, KIND_INDEX, KIND_PACK_HEADER, KIND_PACK_TRAILER, Cipher, padded_size
+from .crypto import BOX_OVERHEAD, KIND_CHUNK, KIND_INDEX, KIND_PACK_HEADER, KIND_PACK_JOURNAL, KIND_PACK_TRAILER, Cipher, padded_size
 from .errors import IntegrityError
 
 BLOB_DATA = 0
@@ -40,6 +40,7 @@ HEADER_ENTRY = struct.Struct(">32sBIII")  # chunk id, blob kind, offset, box len
 TRAILER = struct.Struct(">QI")  # header offset, header length
 TRAILER_BOX_LEN = BOX_OVERHEAD + TRAILER.size
 
+JOURNAL_RECORD = struct.Struct(">I")  # length of the sealed batch of entries that follows
 INDEX_MAGIC = b"SIX1"
 INDEX_PACK = struct.Struct(">32sQI")  # pack id, pack size, entry count
 
@@ -58,6 +59,14 @@ class PackInfo:
     pack_id: bytes
     size: int
     blobs: tuple[BlobEntry, ...]
+
+
+def encode_entries(entries: Iterable[BlobEntry]) -> bytes:
+    return b"".join(HEADER_ENTRY.pack(e.chunk_id, e.kind, e.offset, e.length, e.raw_length) for e in entries)
+
+
+def decode_entries(view: bytes | memoryview) -> list[BlobEntry]:
+    return [BlobEntry(*fields) for fields in HEADER_ENTRY.iter_unpack(view)]
 
 
 def encode_blob_payload(data: bytes | memoryview, compressed: bytes | None) -> bytes:
@@ -122,6 +131,7 @@ class PackBuilder:
         self.sink = sink
         self.size = 0
         self.entries: list[BlobEntry] = []
+        self.journaled = 0  # how many entries the open pack's journal already lists
         self._digest = hashlib.sha256()
 
     def __len__(self) -> int:
@@ -138,10 +148,7 @@ class PackBuilder:
 
     def finish(self, cipher: Cipher, floor: int = PACK_PAD_FLOOR) -> PackInfo:
         """Append header, padding and trailer; the pack id is the SHA-256 of everything written."""
-        header = HEADER_MAGIC + b"".join(
-            HEADER_ENTRY.pack(e.chunk_id, e.kind, e.offset, e.length, e.raw_length) for e in self.entries
-        )
-        header_box = cipher.seal(header, KIND_PACK_HEADER)
+        header_box = cipher.seal(HEADER_MAGIC + encode_entries(self.entries), KIND_PACK_HEADER)
         header_offset = self.size
         content = self.size + len(header_box) + TRAILER_BOX_LEN
         padding = os.urandom(padded_size(content, floor) - content)
@@ -149,6 +156,30 @@ class PackBuilder:
         for part in (header_box, padding, trailer_box):
             self._emit(part)
         return PackInfo(self._digest.digest(), self.size, tuple(self.entries))
+
+
+def encode_journal_record(cipher: Cipher, entries: Sequence[BlobEntry]) -> bytes:
+    """One appended batch of an open pack's journal: the entries of blobs it holds so far, sealed."""
+    box = cipher.seal(encode_entries(entries), KIND_PACK_JOURNAL)
+    return JOURNAL_RECORD.pack(len(box)) + box
+
+
+def decode_journal(cipher: Cipher, data: bytes) -> list[BlobEntry]:
+    """The entries a journal vouches for, up to its first torn or unreadable record."""
+    entries: list[BlobEntry] = []
+    pos = 0
+    while pos + JOURNAL_RECORD.size <= len(data):
+        (length,) = JOURNAL_RECORD.unpack_from(data, pos)
+        box = data[pos + JOURNAL_RECORD.size : pos + JOURNAL_RECORD.size + length]
+        try:
+            plain = cipher.open(box, KIND_PACK_JOURNAL)
+        except IntegrityError:
+            break  # the writer was killed mid-record
+        if len(plain) % HEADER_ENTRY.size:
+            break
+        entries.extend(decode_entries(plain))
+        pos += JOURNAL_RECORD.size + length
+    return entries
 
 
 def read_trailer(cipher: Cipher, trailer_box: bytes, pack_size: int) -> tuple[int, int]:
@@ -162,7 +193,7 @@ def parse_header(cipher: Cipher, header_box: bytes) -> list[BlobEntry]:
     header = cipher.open(header_box, KIND_PACK_HEADER)
     if header[:4] != HEADER_MAGIC or (len(header) - 4) % HEADER_ENTRY.size:
         raise IntegrityError("malformed pack header")
-    return [BlobEntry(*fields) for fields in HEADER_ENTRY.iter_unpack(memoryview(header)[4:])]
+    return decode_entries(memoryview(header)[4:])
 
 
 def parse_pack(cipher: Cipher, data: bytes) -> list[BlobEntry]:
@@ -175,7 +206,7 @@ def encode_index(cipher: Cipher, packs: Iterable[PackInfo]) -> bytes:
     parts = [INDEX_MAGIC]
     for pack in packs:
         parts.append(INDEX_PACK.pack(pack.pack_id, pack.size, len(pack.blobs)))
-        parts.extend(HEADER_ENTRY.pack(e.chunk_id, e.kind, e.offset, e.length, e.raw_length) for e in pack.blobs)
+        parts.append(encode_entries(pack.blobs))
     return cipher.seal(zstandard.ZstdCompressor(level=3).compress(b"".join(parts)), KIND_INDEX)
 
 
@@ -191,7 +222,7 @@ def decode_index(cipher: Cipher, data: bytes) -> Iterator[PackInfo]:
         end = pos + count * HEADER_ENTRY.size
         if end > len(plain):
             raise IntegrityError("truncated index object")
-        blobs = tuple(BlobEntry(*fields) for fields in HEADER_ENTRY.iter_unpack(view[pos:end]))
+        blobs = tuple(decode_entries(view[pos:end]))
         pos = end
         yield PackInfo(pack_id, size, blobs)
 

@@ -8,9 +8,6 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from rich.console import Console
-from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
-
 
 @dataclass
 class Counters:
@@ -63,6 +60,10 @@ class Reporter:
             while not self._stop.wait(1.0):
                 self._emit_json()
             return
+        # Imported here: runs under cron or with -q never draw a bar, and rich takes a while to load.
+        from rich.console import Console
+        from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
+
         c = self.counters
         with Progress(
             TextColumn(f"[bold]{self.label}"),

@@ -44,7 +44,7 @@ from .snapshot import Snapshot
 
 if TYPE_CHECKING:
     from .packcache import RemotePacks
-from .storage import TEMP_PREFIX, fsync_dir, is_object_name, read_verified, storage_id, sweep_temp_files, write_atomic
+from .storage import TEMP_PREFIX, fsync_dir, is_object_name, read_verified, storage_id, sweep_temp_files, write_atomic, writer_alive
 
 FORMAT_VERSION = 1
 SMALL_OBJECT_FLOOR = 1024
@@ -515,23 +515,45 @@ class Repository:
 
 
 class PackFile:
-    """An open pack spooled to a temp file in `data/`; renamed to its id once sealed."""
+    """An open pack spooled to a temp file in `data/`; renamed to its id once sealed.
+
+    Beside it, a journal of sealed entry batches (`BlobWriter.journal`) lets the next run
+    salvage what a killed run had packed (`salvage_open_packs`).
+    """
 
     def __init__(self, repo: Repository) -> None:
         self.repo = repo
-        self.tmp = repo.path / "data" / f"{TEMP_PREFIX}pack-{secrets.token_hex(8)}.{os.getpid()}"
+        token = secrets.token_hex(8)
+        self.tmp = repo.path / "data" / f"{TEMP_PREFIX}pack-{token}.{os.getpid()}"
+        self.journal_path = journal_path_of(self.tmp)
         self.fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        self._journal_fd: int | None = None
 
-    def write(self, data: bytes) -> None:
+    def _write_all(self, fd: int, data: bytes) -> None:
         view = memoryview(data)
         try:
             while view:
-                view = view[os.write(self.fd, view) :]
+                view = view[os.write(fd, view) :]
         except OSError as exc:
             self.discard()
             if exc.errno == errno.ENOSPC:
                 raise StasisError(f"no space left on the device holding {self.repo.path}; nothing was lost, free some space and run again") from None
             raise
+
+    def write(self, data: bytes) -> None:
+        self._write_all(self.fd, data)
+
+    def journal(self, record: bytes) -> None:
+        if self._journal_fd is None:
+            self._journal_fd = os.open(self.journal_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND | os.O_CLOEXEC, 0o600)
+        self._write_all(self._journal_fd, record)
+
+    def _drop_journal(self) -> None:
+        if self._journal_fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(self._journal_fd)
+            self._journal_fd = None
+            self.journal_path.unlink(missing_ok=True)
 
     def commit(self, pack_id: bytes) -> None:
         os.fsync(self.fd)
@@ -539,11 +561,29 @@ class PackFile:
         final = self.repo.pack_path(pack_id)
         os.replace(self.tmp, final)
         fsync_dir(final.parent)
+        self._drop_journal()  # only now: a journal whose temp pack is gone is swept as junk
 
     def discard(self) -> None:
         with contextlib.suppress(OSError):
             os.close(self.fd)
         self.tmp.unlink(missing_ok=True)
+        self._drop_journal()
+
+
+def journal_path_of(pack_tmp: Path) -> Path:
+    return pack_tmp.with_name(pack_tmp.name.replace("pack-", "journal-", 1))
+
+
+def abandoned_open_packs(repo: Repository) -> list[tuple[Path, Path]]:
+    """(temp pack, its journal) pairs left by killed runs."""
+    found = []
+    for entry in os.scandir(repo.path / "data"):
+        if entry.name.startswith(f"{TEMP_PREFIX}pack-") and not writer_alive(entry.name):
+            tmp = Path(entry.path)
+            journal = journal_path_of(tmp)
+            if journal.exists():
+                found.append((tmp, journal))
+    return found
 
 
 MEMORY_FILESYSTEMS = {"tmpfs", "ramfs"}

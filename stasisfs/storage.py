@@ -83,7 +83,7 @@ def is_object_name(name: str) -> bool:
     return len(name) == 64 and all(c in "0123456789abcdef" for c in name)
 
 
-def _writer_alive(temp_name: str) -> bool:
+def writer_alive(temp_name: str) -> bool:
     """Temp files end in the writer's pid: is that process still running?"""
     try:
         pid = int(temp_name.rsplit(".", 1)[1])
@@ -101,6 +101,6 @@ def _writer_alive(temp_name: str) -> bool:
 def sweep_temp_files(directory: Path) -> None:
     """Remove temp files a killed writer left behind."""
     for entry in os.scandir(directory):
-        if entry.name.startswith(TEMP_PREFIX) and not _writer_alive(entry.name):
+        if entry.name.startswith(TEMP_PREFIX) and not writer_alive(entry.name):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(entry.path)

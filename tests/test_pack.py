@@ -9,9 +9,12 @@ from stasisfs.pack import (
     BLOB_TREE,
     MemorySink,
     PackBuilder,
+    BlobEntry,
     decode_index,
+    decode_journal,
     encode_blob_payload,
     encode_index,
+    encode_journal_record,
     open_blob,
     parse_pack,
 )
@@ -71,3 +74,18 @@ def test_index_object_roundtrip(cipher: Cipher) -> None:
 def test_compression_kept_only_when_smaller() -> None:
     assert encode_blob_payload(b"abc", b"longer-than-input")[0] == 0
     assert encode_blob_payload(b"a" * 100, b"short")[0] == 1
+
+
+def test_journal_yields_entries_up_to_the_first_torn_record(cipher: Cipher) -> None:
+    first = [BlobEntry(os.urandom(32), BLOB_DATA, 0, 100, 80), BlobEntry(os.urandom(32), BLOB_TREE, 100, 50, 40)]
+    second = [BlobEntry(os.urandom(32), BLOB_DATA, 150, 70, 70)]
+    third = [BlobEntry(os.urandom(32), BLOB_DATA, 220, 30, 10)]
+    records = [encode_journal_record(cipher, batch) for batch in (first, second, third)]
+    assert decode_journal(cipher, b"".join(records)) == first + second + third
+    assert decode_journal(cipher, b"".join(records)[:-5]) == first + second  # killed mid-write
+    damaged = bytearray(b"".join(records))
+    damaged[len(records[0]) + 20] ^= 1
+    assert decode_journal(cipher, bytes(damaged)) == first  # nothing after an unreadable record is trusted
+    assert decode_journal(cipher, b"") == []
+    other = Cipher(MasterKeys(os.urandom(32), os.urandom(32)))
+    assert decode_journal(other, b"".join(records)) == []  # another repository's journal vouches for nothing

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import importlib
 import os
 import sys
 
@@ -10,18 +11,35 @@ import click
 
 from .. import __version__
 from ..errors import EXIT_FATAL, EXIT_INTERRUPTED, EXIT_USAGE, StasisError
-from . import key as key_commands
-from . import maintenance as maintenance_commands
-from . import mount as mount_commands
-from . import remote as remote_commands
-from . import repo as repo_commands
-from . import unattended as unattended_commands
 from .common import global_options
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
+# command -> the module defining it; loaded on use, so `backup` under cron does not import the mount or the server client
+COMMANDS = {
+    "init": "repo", "backup": "repo", "snapshots": "repo", "ls": "repo", "find": "repo", "dump": "repo", "diff": "repo",
+    "restore": "repo", "check": "repo", "repair": "repo", "key": "key", "mount": "mount", "umount": "mount",
+    "remote": "remote", "sync": "remote", "recover": "remote", "devices": "remote", "forget": "maintenance",
+    "prune": "maintenance", "schedule": "unattended", "status": "unattended",
+}
 
-@click.group(context_settings=CONTEXT)
+
+class LazyGroup(click.Group):
+    """Imports a command's module only when that command runs (or help lists it)."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(COMMANDS)
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        module = COMMANDS.get(cmd_name)
+        if module is None:
+            return None
+        command = getattr(importlib.import_module(f"{__name__}.{module}"), cmd_name)
+        assert isinstance(command, click.Command)
+        return command
+
+
+@click.group(cls=LazyGroup, context_settings=CONTEXT)
 @click.version_option(__version__, prog_name="stasisfs")
 @global_options
 def cli() -> None:
@@ -47,14 +65,6 @@ def cli() -> None:
     Exit codes: 0 ok, 1 fatal, 2 usage, 3 snapshot incomplete, 10 no repository,
     11 locked, 12 wrong password or key, 130 interrupted.
     """
-
-
-for command in (repo_commands.init, repo_commands.backup, repo_commands.snapshots, repo_commands.ls, repo_commands.find,
-                repo_commands.dump, repo_commands.diff, repo_commands.restore, repo_commands.check, repo_commands.repair,
-                key_commands.key, mount_commands.mount, mount_commands.umount, remote_commands.remote, remote_commands.sync,
-                remote_commands.recover, remote_commands.devices, maintenance_commands.forget, maintenance_commands.prune,
-                unattended_commands.schedule, unattended_commands.status):
-    cli.add_command(command)
 
 
 def main() -> None:

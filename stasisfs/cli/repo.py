@@ -18,6 +18,7 @@ from ..config import Profile
 from ..errors import EXIT_INCOMPLETE, StasisError, UsageError
 from ..keys import password_weakness
 from ..locking import RepositoryLock
+from ..packer import salvage_open_packs
 from ..progress import Counters, Reporter
 from ..reader import TreeReader
 from ..remotes import DeviceRemotes
@@ -183,8 +184,9 @@ def _backup(paths: tuple[bytes, ...], excludes: tuple[str, ...], exclude_file: s
     mode = Reporter.choose(json_output, quiet)
     profile = active_profile()
     with open_repository() as repo, RepositoryLock(repo, "backup", wait=lock_wait):
+        salvage_open_packs(repo)  # resume: chunks a killed run packed are reused, even from its open packs
         repo.sweep()
-        repo.index_orphan_packs()  # resume: chunks a killed run wrote are reused
+        repo.index_orphan_packs()
         job = Backup(repo, options, counters, warn=None if json_output else warn)
         stop = threading.Event()
         if mode == "bar" and not from_stdin:

@@ -1,0 +1,95 @@
+"""A killed backup's successor: it salvages the open packs and walks the unfinished part first."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from conftest import Cli
+
+from stasisfs.index import Index
+from stasisfs.testing import CRASH_ENV
+
+
+def compressible_tree(root: Path, files: int) -> None:
+    """Unique but compressible 1 MB files: 32 MiB of them (a checkpoint) still fit in the open packs."""
+    root.mkdir()
+    for i in range(files):
+        (root / f"doc{i:03}.txt").write_bytes(b"".join(b"file %d line %d of a compressible document\n" % (i, j) for j in range(22_000)))
+
+
+def crash_at_first_checkpoint(cli: Cli, src: Path) -> None:
+    killed = cli.run("backup", src, env={**cli.env, CRASH_ENV: "backup-checkpointed"})
+    assert killed.returncode == -9, killed.stderr
+
+
+def open_packs_left(cli: Cli) -> list[Path]:
+    return sorted(cli.repo.glob("data/.tmp-pack-*"))
+
+
+def test_open_packs_of_a_killed_run_are_salvaged(cli: Cli) -> None:
+    cli.init()
+    src = cli.tmp / "src"
+    compressible_tree(src, 45)
+    crash_at_first_checkpoint(cli, src)
+    assert open_packs_left(cli), "the killed run should have left open packs behind"
+    assert sorted(cli.repo.glob("data/.tmp-journal-*")), "with journals listing their blobs"
+    assert not list(cli.repo.glob("data/*/*")), "no pack was complete at the first checkpoint"
+    doc = json.loads(cli.ok("backup", src, "--json").stdout.decode().splitlines()[-1])
+    assert doc["files_unmodified"] >= 25, doc  # recorded before the kill, content salvaged from the open packs
+    assert doc["files_changed"] == 0, doc  # nothing recorded had to be read again
+    assert doc["files_unmodified"] + doc["files_new"] == 45
+    assert not list(cli.repo.glob("data/.tmp-*")), "salvaged temp files are removed"
+    cli.ok("check", "--read-data")
+    out = cli.tmp / "out"
+    cli.ok("restore", "latest", "--target", out, "--verify")
+    for path in src.iterdir():
+        assert (out / str(src).lstrip("/") / path.name).read_bytes() == path.read_bytes()
+
+
+def test_a_torn_open_pack_is_salvaged_only_as_far_as_it_authenticates(cli: Cli) -> None:
+    cli.init()
+    src = cli.tmp / "src"
+    compressible_tree(src, 45)
+    crash_at_first_checkpoint(cli, src)
+    for tmp in open_packs_left(cli):  # as if the disk lost the end of each file
+        os.truncate(tmp, tmp.stat().st_size // 2)
+    doc = json.loads(cli.ok("backup", src, "--json").stdout.decode().splitlines()[-1])
+    assert doc["files_changed"] > 0, doc  # files whose chunks were lost are read again
+    assert doc["files_unmodified"] > 0, doc  # and those in the surviving halves are not
+    cli.ok("check", "--read-data")
+    out = cli.tmp / "out"
+    cli.ok("restore", "latest", "--target", out, "--verify")
+    for path in src.iterdir():
+        assert (out / str(src).lstrip("/") / path.name).read_bytes() == path.read_bytes()
+
+
+def test_a_run_after_a_killed_one_walks_in_the_other_order(tmp_path: Path) -> None:
+    index = Index(tmp_path / "index")
+    try:
+        assert index.start_backup_run() == (False, False)
+        index.end_backup_run()
+        assert index.start_backup_run() == (False, False)  # the last run finished
+        assert index.start_backup_run() == (True, True)  # it was killed: reverse
+        assert index.start_backup_run() == (True, False)  # killed again: forward once more
+        index.end_backup_run()
+        assert index.start_backup_run() == (False, False)
+    finally:
+        index.close()
+
+
+def test_a_resumed_run_snapshot_matches_the_tree(cli: Cli) -> None:
+    """Walking in reverse changes nothing in what is stored: same trees as a forward walk."""
+    cli.init()
+    src = cli.tmp / "src"
+    compressible_tree(src, 45)
+    (src / "sub").mkdir()
+    for i in range(30):
+        (src / "sub" / f"n{i}").write_text(str(i))
+    crash_at_first_checkpoint(cli, src)
+    resumed = cli.backup(src)
+    fresh = cli.backup(src)  # forward, everything cached
+    listing = [cli.ok("ls", snap, "--json").stdout for snap in (resumed, fresh)]
+    assert listing[0] == listing[1]
+    assert json.loads(cli.ok("diff", resumed, fresh, "--json").stdout)["changes"] == []
