@@ -109,7 +109,6 @@ class Backup:
         self._sealers = ThreadPoolExecutor(options.workers, thread_name_prefix="backup-seal")  # threads start on first use
         self._pending_items = 0
         self._pending_bytes = 0
-        self._reverse_walk = False  # set by `run` after a killed run, see `Index.start_backup_run`
         self._procs_lock = threading.Lock()
         self._spec = pathspec.GitIgnoreSpec.from_lines(options.excludes) if options.excludes else None
         self._skip_inodes = set()
@@ -269,9 +268,7 @@ class Backup:
         with the directory's last tree, that tree is reused without building a node.
         """
         try:
-            entries = list(os.scandir(path))  # trees are sorted when encoded, so the walk's order is free
-            if self._reverse_walk:
-                entries.reverse()
+            entries = list(os.scandir(path))  # trees are sorted when encoded
         except OSError as exc:
             self.warn(f"cannot list {os.fsdecode(path)}: {exc.strerror}; saved as empty")
             entries = []
@@ -411,10 +408,9 @@ class Backup:
         started = time.monotonic()
         sys.setrecursionlimit(max(sys.getrecursionlimit(), 20000))
         paths = normalize_paths(self.options.paths)
-        if not self.options.dry_run:
-            resuming, self._reverse_walk = self.index.start_backup_run()
-            if resuming:  # the unfinished files come first: have the workers ready for them
-                threading.Thread(target=lambda: self.procs, name="backup-start-workers", daemon=True).start()
+        if not self.options.dry_run and self.index.start_backup_run():
+            # The last run was killed: its finished part is crossed quickly, so have the workers ready.
+            threading.Thread(target=lambda: self.procs, name="backup-start-workers", daemon=True).start()
         try:
             with ThreadPoolExecutor(1, thread_name_prefix="backup-large") as pool:
                 root = self._build_root(pool, paths)

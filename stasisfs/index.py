@@ -109,17 +109,12 @@ class Index:
     def set_complete(self, value: bool) -> None:
         self._write(lambda txn: txn.put(b"complete", b"1" if value else b"0", db=self._meta))
 
-    def start_backup_run(self) -> tuple[bool, bool]:
-        """Note that a backup runs. Returns (the last one was killed, walk in reverse).
-
-        A run that follows a killed one walks in the other order, so it meets first the
-        files its predecessor never reached.
-        """
+    def start_backup_run(self) -> bool:
+        """Note that a backup runs; True when the last one never finished (it was killed)."""
         with self.env.begin() as txn:
-            killed_order = txn.get(b"backup-running", db=self._meta)
-        reverse = killed_order == b"forward"
-        self._write(lambda txn: txn.put(b"backup-running", b"reverse" if reverse else b"forward", db=self._meta))
-        return killed_order is not None, reverse
+            killed = txn.get(b"backup-running", db=self._meta) is not None
+        self._write(lambda txn: txn.put(b"backup-running", b"1", db=self._meta))
+        return killed
 
     def end_backup_run(self) -> None:
         self._write(lambda txn: txn.delete(b"backup-running", db=self._meta))

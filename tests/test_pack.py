@@ -7,9 +7,9 @@ from stasisfs.errors import IntegrityError
 from stasisfs.pack import (
     BLOB_DATA,
     BLOB_TREE,
+    BlobEntry,
     MemorySink,
     PackBuilder,
-    BlobEntry,
     decode_index,
     decode_journal,
     encode_blob_payload,
