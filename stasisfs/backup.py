@@ -42,7 +42,7 @@ from .workers import FileResult, init_worker, open_for_backup, process_files, us
 CACHEDIR_SIGNATURE = b"Signature: 8a477f597d28d172789f06886806bc55"
 LARGE_FILE = 16 * 1024 * 1024  # larger files stream through a parent thread instead of a worker process
 # How far the walk runs ahead of the trees written: enough to keep workers fed, little enough to bound memory.
-CHECKPOINT_EVERY = 0.5  # seconds between saves of the files cache (and the open packs' journals) during a run,
+CHECKPOINT_EVERY = 0.25  # seconds between saves of the files cache (and the open packs' journals) during a run,
 CHECKPOINT_BYTES = 32 << 20  # or this much file data, whichever comes first
 DIR_CHECKPOINT_EVERY = 2.0  # directory records too, less often: each one first makes the open packs durable
 SEAL_AHEAD = 6  # chunks of one large file hashed, compressed and sealed at once (threads: those release the GIL)
@@ -272,27 +272,29 @@ class Backup:
         except OSError as exc:
             self.warn(f"cannot list {os.fsdecode(path)}: {exc.strerror}; saved as empty")
             entries = []
-        signature = blake3.blake3(self._options_fingerprint)
+        signed = [self._options_fingerprint]  # hashed at once: the same digest as hashing piece by piece
         walked: list[tuple[os.DirEntry[bytes], os.stat_result, Node | None]] = []
+        spec, pack_stat = self._spec, STAT_SIGNATURE.pack
         for entry in entries:
             try:
                 st = entry.stat(follow_symlinks=False)
                 is_dir = stat.S_ISDIR(st.st_mode)
-                if self._excluded(entry.path, is_dir):
+                if spec is not None and self._excluded(entry.path, is_dir):
                     continue
                 dir_entry_node = node_from_stat(entry.name, entry.path, st) if is_dir else None
             except OSError as exc:
                 self.warn(f"cannot read {os.fsdecode(entry.path)}: {exc.strerror}; skipped")
                 continue
-            signature.update(STAT_SIGNATURE.pack(len(entry.name), st.st_mode, st.st_uid, st.st_gid, st.st_size, st.st_mtime_ns,
-                                                 st.st_ctime_ns, st.st_ino, st.st_dev, st.st_nlink, st.st_rdev) + entry.name)
+            signed.append(pack_stat(len(entry.name), st.st_mode, st.st_uid, st.st_gid, st.st_size, st.st_mtime_ns,
+                                    st.st_ctime_ns, st.st_ino, st.st_dev, st.st_nlink, st.st_rdev))
+            signed.append(entry.name)
             if dir_entry_node is not None:
                 child_signature = self._subdir(pool, entry.path, dir_entry_node, st, root_dev)
                 if child_signature is None:
-                    continue
-                signature.update(child_signature)
+                    continue  # its stat stays signed: a CACHEDIR.TAG appearing or going changes it
+                signed.append(child_signature)
             walked.append((entry, st, dir_entry_node))
-        digest = signature.digest()
+        digest = blake3.blake3(b"".join(signed)).digest()
         dir_key = self.keys.path_key(b"dir\0" + path)
         cached = self.index.cached_tree(dir_key, digest)
         if cached is not None:
