@@ -205,7 +205,7 @@ class Backup:
         self._records_saved = len(self._file_records)
         self.writer.journal()  # the blobs behind these records become salvageable
         self.index.put_file_records(batch)
-        crash_point("backup-checkpointed")
+        crash_point("backup-checkpointed", self._records_saved)
         if now - self._last_dir_checkpoint >= DIR_CHECKPOINT_EVERY and not self.warnings and len(self._dir_records) > self._dirs_saved:
             # A directory record names a tree whose whole subtree must be stored: make every blob written
             # so far durable first (closing the open packs early), then the records are safe to keep.

@@ -1,4 +1,5 @@
-"""Crash injection for the test suite: `STASISFS_TEST_CRASH_AT=<point>` makes the process SIGKILL itself there.
+"""Crash injection for the test suite: `STASISFS_TEST_CRASH_AT=<point>[@<n>]` makes the process SIGKILL itself there
+(once the point's progress count reaches n, when given).
 
 Off unless that variable is set; the points mark the steps whose ordering crash safety rests on.
 """
@@ -11,6 +12,7 @@ import signal
 CRASH_ENV = "STASISFS_TEST_CRASH_AT"
 
 
-def crash_point(name: str) -> None:
-    if os.environ.get(CRASH_ENV) == name:
+def crash_point(name: str, progress: int = 0) -> None:
+    wanted, _, at_least = os.environ.get(CRASH_ENV, "").partition("@")
+    if wanted == name and progress >= int(at_least or 0):
         os.kill(os.getpid(), signal.SIGKILL)

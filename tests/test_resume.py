@@ -19,8 +19,9 @@ def compressible_tree(root: Path, files: int) -> None:
         (root / f"doc{i:03}.txt").write_bytes(b"".join(b"file %d line %d of a compressible document\n" % (i, j) for j in range(22_000)))
 
 
-def crash_at_first_checkpoint(cli: Cli, src: Path) -> None:
-    killed = cli.run("backup", src, env={**cli.env, CRASH_ENV: "backup-checkpointed"})
+def crash_after_30_files(cli: Cli, src: Path) -> None:
+    """Killed at the first checkpoint that has recorded 30 files (32 MiB would close no pack yet)."""
+    killed = cli.run("backup", src, env={**cli.env, CRASH_ENV: "backup-checkpointed@30"})
     assert killed.returncode == -9, killed.stderr
 
 
@@ -32,12 +33,12 @@ def test_open_packs_of_a_killed_run_are_salvaged(cli: Cli) -> None:
     cli.init()
     src = cli.tmp / "src"
     compressible_tree(src, 45)
-    crash_at_first_checkpoint(cli, src)
+    crash_after_30_files(cli, src)
     assert open_packs_left(cli), "the killed run should have left open packs behind"
     assert sorted(cli.repo.glob("data/.tmp-journal-*")), "with journals listing their blobs"
-    assert not list(cli.repo.glob("data/*/*")), "no pack was complete at the first checkpoint"
+    assert not list(cli.repo.glob("data/*/*")), "no pack was complete yet"
     doc = json.loads(cli.ok("backup", src, "--json").stdout.decode().splitlines()[-1])
-    assert doc["files_unmodified"] >= 25, doc  # recorded before the kill, content salvaged from the open packs
+    assert doc["files_unmodified"] >= 30, doc  # recorded before the kill, content salvaged from the open packs
     assert doc["files_changed"] == 0, doc  # nothing recorded had to be read again
     assert doc["files_unmodified"] + doc["files_new"] == 45
     assert not list(cli.repo.glob("data/.tmp-*")), "salvaged temp files are removed"
@@ -52,7 +53,7 @@ def test_a_torn_open_pack_is_salvaged_only_as_far_as_it_authenticates(cli: Cli) 
     cli.init()
     src = cli.tmp / "src"
     compressible_tree(src, 45)
-    crash_at_first_checkpoint(cli, src)
+    crash_after_30_files(cli, src)
     for tmp in open_packs_left(cli):  # as if the disk lost the end of each file
         os.truncate(tmp, tmp.stat().st_size // 2)
     doc = json.loads(cli.ok("backup", src, "--json").stdout.decode().splitlines()[-1])
@@ -86,7 +87,7 @@ def test_a_resumed_run_snapshot_matches_the_tree(cli: Cli) -> None:
     (src / "sub").mkdir()
     for i in range(30):
         (src / "sub" / f"n{i}").write_text(str(i))
-    crash_at_first_checkpoint(cli, src)
+    crash_after_30_files(cli, src)
     resumed = cli.backup(src)
     fresh = cli.backup(src)  # forward, everything cached
     listing = [cli.ok("ls", snap, "--json").stdout for snap in (resumed, fresh)]
