@@ -25,6 +25,15 @@ def crash_after_30_files(cli: Cli, src: Path) -> None:
     assert killed.returncode == -9, killed.stderr
 
 
+def check_and_restore(cli: Cli, src: Path) -> None:
+    """The repository checks clean and its latest snapshot restores to exactly `src`."""
+    cli.ok("check", "--read-data")
+    out = cli.tmp / "out"
+    cli.ok("restore", "latest", "--target", out, "--verify")
+    for path in src.iterdir():
+        assert (out / str(src).lstrip("/") / path.name).read_bytes() == path.read_bytes()
+
+
 def open_packs_left(cli: Cli) -> list[Path]:
     return sorted(cli.repo.glob("data/.tmp-pack-*"))
 
@@ -42,11 +51,7 @@ def test_open_packs_of_a_killed_run_are_salvaged(cli: Cli) -> None:
     assert doc["files_changed"] == 0, doc  # nothing recorded had to be read again
     assert doc["files_unmodified"] + doc["files_new"] == 45
     assert not list(cli.repo.glob("data/.tmp-*")), "salvaged temp files are removed"
-    cli.ok("check", "--read-data")
-    out = cli.tmp / "out"
-    cli.ok("restore", "latest", "--target", out, "--verify")
-    for path in src.iterdir():
-        assert (out / str(src).lstrip("/") / path.name).read_bytes() == path.read_bytes()
+    check_and_restore(cli, src)
 
 
 def test_a_torn_open_pack_is_salvaged_only_as_far_as_it_authenticates(cli: Cli) -> None:
@@ -59,11 +64,7 @@ def test_a_torn_open_pack_is_salvaged_only_as_far_as_it_authenticates(cli: Cli) 
     doc = json.loads(cli.ok("backup", src, "--json").stdout.decode().splitlines()[-1])
     assert doc["files_changed"] > 0, doc  # files whose chunks were lost are read again
     assert doc["files_unmodified"] > 0, doc  # and those in the surviving halves are not
-    cli.ok("check", "--read-data")
-    out = cli.tmp / "out"
-    cli.ok("restore", "latest", "--target", out, "--verify")
-    for path in src.iterdir():
-        assert (out / str(src).lstrip("/") / path.name).read_bytes() == path.read_bytes()
+    check_and_restore(cli, src)
 
 
 def test_a_run_knows_when_the_last_one_was_killed(tmp_path: Path) -> None:
