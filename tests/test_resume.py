@@ -11,6 +11,8 @@ from conftest import Cli
 from stasisfs.index import Index
 from stasisfs.testing import CRASH_ENV
 
+FILES = 70  # 40 files after the 30th record: more than the 32 MiB between two checkpoints, so one always comes
+
 
 def compressible_tree(root: Path, files: int) -> None:
     """Unique but compressible 1 MB files: 32 MiB of them (a checkpoint) still fit in the open packs."""
@@ -20,7 +22,7 @@ def compressible_tree(root: Path, files: int) -> None:
 
 
 def crash_after_30_files(cli: Cli, src: Path) -> None:
-    """Killed at the first checkpoint that has recorded 30 files (32 MiB would close no pack yet)."""
+    """Killed at the first checkpoint that has recorded 30 files; compressed, all of them still fit in the open packs."""
     killed = cli.run("backup", src, env={**cli.env, CRASH_ENV: "backup-checkpointed@30"})
     assert killed.returncode == -9, killed.stderr
 
@@ -41,7 +43,7 @@ def open_packs_left(cli: Cli) -> list[Path]:
 def test_open_packs_of_a_killed_run_are_salvaged(cli: Cli) -> None:
     cli.init()
     src = cli.tmp / "src"
-    compressible_tree(src, 45)
+    compressible_tree(src, FILES)
     crash_after_30_files(cli, src)
     assert open_packs_left(cli), "the killed run should have left open packs behind"
     assert sorted(cli.repo.glob("data/.tmp-journal-*")), "with journals listing their blobs"
@@ -49,7 +51,7 @@ def test_open_packs_of_a_killed_run_are_salvaged(cli: Cli) -> None:
     doc = json.loads(cli.ok("backup", src, "--json").stdout.decode().splitlines()[-1])
     assert doc["files_unmodified"] >= 30, doc  # recorded before the kill, content salvaged from the open packs
     assert doc["files_changed"] == 0, doc  # nothing recorded had to be read again
-    assert doc["files_unmodified"] + doc["files_new"] == 45
+    assert doc["files_unmodified"] + doc["files_new"] == FILES
     assert not list(cli.repo.glob("data/.tmp-*")), "salvaged temp files are removed"
     check_and_restore(cli, src)
 
@@ -57,7 +59,7 @@ def test_open_packs_of_a_killed_run_are_salvaged(cli: Cli) -> None:
 def test_a_torn_open_pack_is_salvaged_only_as_far_as_it_authenticates(cli: Cli) -> None:
     cli.init()
     src = cli.tmp / "src"
-    compressible_tree(src, 45)
+    compressible_tree(src, FILES)
     crash_after_30_files(cli, src)
     for tmp in open_packs_left(cli):  # as if the disk lost the end of each file
         os.truncate(tmp, tmp.stat().st_size // 2)
@@ -84,7 +86,7 @@ def test_a_resumed_run_snapshot_matches_the_tree(cli: Cli) -> None:
     """Salvaged blobs make the same snapshot as a run that reads everything."""
     cli.init()
     src = cli.tmp / "src"
-    compressible_tree(src, 45)
+    compressible_tree(src, FILES)
     (src / "sub").mkdir()
     for i in range(30):
         (src / "sub" / f"n{i}").write_text(str(i))
