@@ -110,7 +110,7 @@ class Index:
         self._write(lambda txn: txn.put(b"complete", b"1" if value else b"0", db=self._meta))
 
     def start_backup_run(self) -> bool:
-        """Note that a backup runs; True when the last one never finished (it was killed)."""
+        """Note that a backup runs; True when the last one never finished (killed, or failed)."""
         with self.env.begin() as txn:
             killed = txn.get(b"backup-running", db=self._meta) is not None
         self._write(lambda txn: txn.put(b"backup-running", b"1", db=self._meta))
