@@ -134,6 +134,16 @@ class PackBuilder:
         self.journaled = 0  # how many entries the open pack's journal already lists
         self._digest = hashlib.sha256()
 
+    @classmethod
+    def resume(cls, sink: PackSink, entries: list[BlobEntry], written: bytes | memoryview) -> PackBuilder:
+        """A builder for a pack whose first bytes (`written`, holding `entries`) are already in `sink`."""
+        builder = cls(sink)
+        builder.entries = list(entries)
+        builder.journaled = len(entries)
+        builder.size = len(written)
+        builder._digest.update(written)
+        return builder
+
     def __len__(self) -> int:
         return self.size
 
@@ -233,3 +243,20 @@ def open_blob(cipher: Cipher, entry: BlobEntry, box: bytes | memoryview, verify:
     if len(data) != entry.raw_length or (verify and cipher.keys.chunk_id_of(data) != entry.chunk_id):
         raise IntegrityError(f"chunk {entry.chunk_id.hex()[:16]} does not match its id")
     return data
+
+
+def authentic_prefix(cipher: Cipher, entries: list[BlobEntry], content: bytes) -> list[BlobEntry]:
+    """The journal's entries up to the first whose box is not where it says, whole and authentic."""
+    view = memoryview(content)
+    kept: list[BlobEntry] = []
+    end = 0
+    for entry in entries:
+        if entry.offset != end or entry.offset + entry.length > len(content):
+            break
+        try:
+            cipher.open(view[entry.offset : entry.offset + entry.length], KIND_CHUNK, entry.chunk_id)
+        except IntegrityError:
+            break  # the rest was never written whole
+        kept.append(entry)
+        end = entry.offset + entry.length
+    return kept

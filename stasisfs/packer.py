@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import random
 import threading
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import zstandard
 
 from .crypto import KIND_CHUNK, Cipher
 from .errors import IntegrityError
-from .pack import PACK_TARGET_SIZE, NullSink, PackBuilder, PackInfo, decode_journal, encode_blob_payload, encode_journal_record
+from .pack import PACK_TARGET_SIZE, NullSink, PackBuilder, PackInfo, authentic_prefix, decode_journal, encode_blob_payload, encode_journal_record
 from .repository import PackFile, Repository, abandoned_open_packs
 
 INDEX_OBJECT_EVERY = 32  # packs; bounds what a killed run leaves to header scanning
@@ -158,30 +160,33 @@ class BlobWriter:
 
 
 def salvage_open_packs(repo: Repository) -> int:
-    """Pack and index again the blobs a killed run's journals vouch for; returns how many were taken in.
+    """Seal in place the open packs a killed run left, as far as their journals vouch for them; returns the blobs kept.
 
-    Each box must still authenticate under its chunk id, so a torn tail is simply left out.
-    The temp files go only after the salvaged blobs are in durable packs.
+    Each listed box must still authenticate under its chunk id, so a torn tail is cut off.
+    Sealing in place costs one hash of the kept bytes: nothing is copied. A pack with nothing
+    to keep is deleted with its journal.
     """
-    abandoned = abandoned_open_packs(repo)
-    if not abandoned:
-        return 0
     writer = BlobWriter(repo)
-    for tmp, journal in abandoned:
+
+    def seal(tmp: Path, journal: Path) -> int:
         try:
             entries = decode_journal(repo.cipher, journal.read_bytes())
             content = tmp.read_bytes()
         except FileNotFoundError:
-            continue
-        for entry in entries:
-            box = content[entry.offset : entry.offset + entry.length]
-            try:
-                repo.cipher.open(box, KIND_CHUNK, entry.chunk_id)
-            except IntegrityError:
-                break  # the rest was never written whole
-            writer.add_sealed(entry.chunk_id, entry.kind, box, entry.raw_length)
-    writer.flush()
-    for tmp, journal in abandoned:
-        tmp.unlink(missing_ok=True)
+            return 0
+        kept = authentic_prefix(repo.cipher, entries, content)
+        if kept:
+            end = kept[-1].offset + kept[-1].length
+            writer._write_pack(PackBuilder.resume(PackFile.adopt(repo, tmp, end), kept, memoryview(content)[:end]))
+        else:
+            tmp.unlink(missing_ok=True)
         journal.unlink(missing_ok=True)
-    return writer.blobs_added
+        return len(kept)
+
+    abandoned = abandoned_open_packs(repo)
+    if not abandoned:
+        return 0
+    with ThreadPoolExecutor(min(len(abandoned), 4), thread_name_prefix="salvage") as pool:  # hashing releases the GIL
+        kept_blobs = sum(pool.map(lambda pair: seal(*pair), abandoned))
+    writer.flush()  # an index object for the sealed packs
+    return kept_blobs

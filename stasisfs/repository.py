@@ -102,6 +102,8 @@ class Repository:
         self._fds: OrderedDict[bytes, int] = OrderedDict()
         self._memory_backed: bool | None = None
         self._fd_lock = threading.Lock()
+        self._index_lock = threading.RLock()
+        self._index_opening = False
         self._remote_packs: RemotePacks | bool | None = False  # False: not looked up yet
 
     # --- creation and unlocking ---
@@ -242,13 +244,21 @@ class Repository:
 
     @property
     def index(self) -> Index:
-        if self._index is None:
-            self._index = Index(self.cache_dir / "index")
-            if not self._index.complete:
-                self.rebuild_index(from_packs=False)
-            else:
-                self.sync_index()
-        return self._index
+        index = self._index
+        if index is not None and not self._index_opening:
+            return index
+        with self._index_lock:  # threads may ask at once, and an LMDB environment opens once per process
+            if self._index is None:
+                self._index_opening = True  # until synced: other threads wait here rather than read a stale index
+                try:
+                    self._index = Index(self.cache_dir / "index")
+                    if not self._index.complete:
+                        self.rebuild_index(from_packs=False)
+                    else:
+                        self.sync_index()
+                finally:
+                    self._index_opening = False
+            return self._index
 
     def index_state(self) -> str:
         """`ok`, `missing` or a damage description, without repairing anything."""
@@ -528,6 +538,16 @@ class PackFile:
         self.journal_path = journal_path_of(self.tmp)
         self.fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         self._journal_fd: int | None = None
+
+    @classmethod
+    def adopt(cls, repo: Repository, tmp: Path, length: int) -> PackFile:
+        """Take over a dead writer's temp pack, cut to its first `length` bytes, to finish and commit it."""
+        pack = cls.__new__(cls)
+        pack.repo, pack.tmp, pack.journal_path, pack._journal_fd = repo, tmp, journal_path_of(tmp), None
+        pack.fd = os.open(tmp, os.O_WRONLY | os.O_CLOEXEC)
+        os.ftruncate(pack.fd, length)
+        os.lseek(pack.fd, length, os.SEEK_SET)
+        return pack
 
     def _write_all(self, fd: int, data: bytes) -> None:
         view = memoryview(data)

@@ -1,3 +1,4 @@
+import hashlib
 import os
 
 import pytest
@@ -10,6 +11,7 @@ from stasisfs.pack import (
     BlobEntry,
     MemorySink,
     PackBuilder,
+    authentic_prefix,
     decode_index,
     decode_journal,
     encode_blob_payload,
@@ -89,3 +91,41 @@ def test_journal_yields_entries_up_to_the_first_torn_record(cipher: Cipher) -> N
     assert decode_journal(cipher, b"") == []
     other = Cipher(MasterKeys(os.urandom(32), os.urandom(32)))
     assert decode_journal(other, b"".join(records)) == []  # another repository's journal vouches for nothing
+
+
+def sealed_blobs(cipher: Cipher, sizes: list[int]) -> tuple[list[BlobEntry], bytes]:
+    """Boxes laid end to end as an open pack holds them, with their header entries."""
+    entries, parts, offset = [], [], 0
+    for size in sizes:
+        data = os.urandom(size)
+        chunk_id = cipher.keys.chunk_id_of(data)
+        box = cipher.seal(encode_blob_payload(data, None), KIND_CHUNK, chunk_id)
+        entries.append(BlobEntry(chunk_id, BLOB_DATA, offset, len(box), size))
+        parts.append(box)
+        offset += len(box)
+    return entries, b"".join(parts)
+
+
+def test_an_open_pack_is_kept_up_to_its_first_damaged_or_missing_box(cipher: Cipher) -> None:
+    entries, content = sealed_blobs(cipher, [100, 2000, 300, 50])
+    assert authentic_prefix(cipher, entries, content) == entries
+    assert authentic_prefix(cipher, entries, content[:-1]) == entries[:3]  # the last box was torn
+    damaged = bytearray(content)
+    damaged[entries[1].offset + 40] ^= 1
+    assert authentic_prefix(cipher, entries, bytes(damaged)) == entries[:1]  # nothing after a bad box is trusted
+    swapped = [entries[0], entries[2], entries[1], entries[3]]
+    assert authentic_prefix(cipher, swapped, content) == entries[:1]  # entries must tile the pack from its start
+    other = Cipher(MasterKeys(os.urandom(32), os.urandom(32)))
+    assert authentic_prefix(other, entries, content) == []
+
+
+def test_a_pack_resumed_from_its_written_part_equals_one_built_at_once(cipher: Cipher) -> None:
+    entries, content = sealed_blobs(cipher, [100, 2000, 300])
+    resumed_sink = MemorySink()
+    resumed_sink.write(content)
+    resumed = PackBuilder.resume(resumed_sink, entries, memoryview(content))
+    info = resumed.finish(cipher)
+    data = resumed_sink.data
+    assert info.pack_id == hashlib.sha256(data).digest() and info.size == len(data)
+    assert list(info.blobs) == entries
+    assert parse_pack(cipher, data) == entries
