@@ -24,7 +24,6 @@ from functools import partial
 from typing import BinaryIO
 
 import blake3
-import pathspec
 
 from .chunker import Chunker, ReadInto
 from .fsmeta import node_from_stat
@@ -33,10 +32,11 @@ from .pack import BLOB_DATA, BLOB_TREE
 from .packer import BlobWriter
 from .pools import worker_pool
 from .progress import Counters
-from .repository import Repository, cache_root
+from .repository import Repository
 from .snapshot import Snapshot, Summary
 from .testing import crash_point
 from .tree import DIR, FILE, Node, encode_tree, split_path
+from .walk import ListingAhead, WalkRules
 from .workers import FileResult, init_worker, open_for_backup, process_files, use_index_in_threads
 
 CACHEDIR_SIGNATURE = b"Signature: 8a477f597d28d172789f06886806bc55"
@@ -64,25 +64,9 @@ class BackupOptions:
     workers: int = max(2, min(4, os.cpu_count() or 2))
 
 
-def stasisfs_mountpoints() -> set[bytes]:
-    """Mounted stasisfs filesystems: never descend into them (or stat a dead one)."""
-    result = set()
-    try:
-        with open("/proc/self/mountinfo", "rb") as f:
-            for line in f:
-                left, _, right = line.partition(b" - ")
-                fstype, source = ([*right.split(), b"", b""])[:2]
-                if fstype.startswith(b"fuse") and (b"stasisfs" in fstype or source.startswith(b"stasisfs")):
-                    mountpoint = left.split()[4].decode("unicode_escape").encode("latin-1")
-                    result.add(mountpoint)
-    except OSError:
-        return result  # no /proc: nothing is known to be mounted
-    return result
-
-
 class Backup:
     def __init__(self, repo: Repository, options: BackupOptions, counters: Counters | None = None,
-                 warn: Callable[[str], None] | None = None) -> None:
+                 warn: Callable[[str], None] | None = None, listed: ListingAhead | None = None) -> None:
         self.repo = repo
         self.options = options
         self.counters = counters or Counters()
@@ -110,13 +94,8 @@ class Backup:
         self._pending_items = 0
         self._pending_bytes = 0
         self._procs_lock = threading.Lock()
-        self._spec = pathspec.GitIgnoreSpec.from_lines(options.excludes) if options.excludes else None
-        self._skip_inodes = set()
-        for path in (repo.path, cache_root()):
-            with contextlib.suppress(OSError):  # a cache that does not exist yet holds nothing to skip
-                st = os.stat(path)
-                self._skip_inodes.add((st.st_dev, st.st_ino))
-        self._skip_paths = stasisfs_mountpoints()
+        self.rules = WalkRules(options.excludes, options.one_file_system, repo.path)  # now that the cache exists
+        self._listed = listed
 
     # --- reporting ---
     def warn(self, message: str) -> None:
@@ -216,13 +195,7 @@ class Backup:
             self.index.put_file_records(dirs)
 
     # --- the walk ---
-    def _excluded(self, path: bytes, is_dir: bool) -> bool:
-        if self._spec is None:
-            return False
-        rel = os.fsdecode(path.lstrip(b"/")) + ("/" if is_dir else "")
-        return self._spec.match_file(rel)
-
-    def _file_node(self, pool: ThreadPoolExecutor, path: bytes, node: Node, st: os.stat_result) -> PendingItem:
+    def _file_node(self, pool: ThreadPoolExecutor, path: bytes, node: Node, st: os.stat_result, listed_ahead: bool = False) -> PendingItem:
         known, content = self.index.unchanged_content(self.keys.path_key(path), st)
         if content is not None:
             node.content = content
@@ -230,6 +203,11 @@ class Backup:
                 self.summary.files_unmodified += 1
             self.counters.add(files=1, nbytes=st.st_size)
             return node
+        if listed_ahead:  # about to be read: take its stat as it is now, not as it was when listed
+            with contextlib.suppress(OSError):  # gone since: reading it reports that
+                fresh = os.lstat(path)
+                if stat.S_ISREG(fresh.st_mode) and (fresh.st_ino, fresh.st_ctime_ns, fresh.st_mtime_ns) != (st.st_ino, st.st_ctime_ns, st.st_mtime_ns):
+                    node, st = node_from_stat(node.name, path, fresh), fresh
         with self._summary_lock:
             if known:
                 self.summary.files_changed += 1
@@ -267,19 +245,20 @@ class Backup:
         xattr change) and the subdirectories' signatures. When it matches the one recorded
         with the directory's last tree, that tree is reused without building a node.
         """
+        listed = self._listed.take(path) if self._listed is not None else None
         try:
-            entries = list(os.scandir(path))  # trees are sorted when encoded
+            entries = listed if listed is not None else list(os.scandir(path))  # trees are sorted when encoded
         except OSError as exc:
             self.warn(f"cannot list {os.fsdecode(path)}: {exc.strerror}; saved as empty")
             entries = []
         signed = [self._options_fingerprint]  # hashed at once: the same digest as hashing piece by piece
         walked: list[tuple[os.DirEntry[bytes], os.stat_result, Node | None]] = []
-        spec, pack_stat = self._spec, STAT_SIGNATURE.pack
+        spec, pack_stat = self.rules.spec, STAT_SIGNATURE.pack
         for entry in entries:
             try:
                 st = entry.stat(follow_symlinks=False)
                 is_dir = stat.S_ISDIR(st.st_mode)
-                if spec is not None and self._excluded(entry.path, is_dir):
+                if spec is not None and self.rules.excluded(entry.path, is_dir):
                     continue
                 dir_entry_node = node_from_stat(entry.name, entry.path, st) if is_dir else None
             except OSError as exc:
@@ -317,7 +296,7 @@ class Backup:
                 self.warn(f"cannot read {os.fsdecode(entry.path)}: {exc.strerror}; skipped")
                 continue
             if node.type == FILE:
-                item = self._file_node(pool, entry.path, node, st)
+                item = self._file_node(pool, entry.path, node, st, listed is not None)
                 if not isinstance(item, Node):
                     queued_bytes += st.st_size
                 pending.append(item)
@@ -352,7 +331,7 @@ class Backup:
 
     def _subdir(self, pool: ThreadPoolExecutor, path: bytes, node: Node, st: os.stat_result, root_dev: int) -> bytes | None:
         """Descend into a directory and return its signature; None to leave it out of the snapshot entirely."""
-        if (st.st_dev, st.st_ino) in self._skip_inodes or path in self._skip_paths:
+        if self.rules.skipped(path, st):
             return None
         if self.options.exclude_caches and self._is_cache_dir(path):
             return None
@@ -410,6 +389,8 @@ class Backup:
         started = time.monotonic()
         sys.setrecursionlimit(max(sys.getrecursionlimit(), 20000))
         paths = normalize_paths(self.options.paths)
+        if self._listed is not None:
+            self._listed.stop()  # the walk takes over: two threads walking only contend for the GIL
         if not self.options.dry_run and self.index.start_backup_run():
             # The last run was killed: its finished part is crossed quickly, so have the workers ready.
             threading.Thread(target=lambda: self.procs, name="backup-start-workers", daemon=True).start()

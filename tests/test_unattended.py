@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import re
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,14 +23,16 @@ pytestmark = pytest.mark.timeout(240)
 
 @pytest.fixture
 def crontab() -> Iterator[None]:
-    """Tests touch the real crontab: save it first and put it back."""
+    """Tests touch the real crontab: save it first and put it back, one test at a time across xdist workers."""
     assert shutil.which("crontab"), "cron is installed by scripts/setup"
-    saved = subprocess.run(["crontab", "-l"], capture_output=True, text=True)
-    yield
-    if saved.returncode == 0:
-        subprocess.run(["crontab", "-"], input=saved.stdout, text=True, check=True)
-    else:
-        subprocess.run(["crontab", "-r"], capture_output=True)
+    with open(os.path.join(tempfile.gettempdir(), "stasisfs-tests-crontab.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        saved = subprocess.run(["crontab", "-l"], capture_output=True, text=True)
+        yield
+        if saved.returncode == 0:
+            subprocess.run(["crontab", "-"], input=saved.stdout, text=True, check=True)
+        else:
+            subprocess.run(["crontab", "-r"], capture_output=True)
 
 
 def current_crontab() -> str:

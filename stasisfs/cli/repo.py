@@ -12,7 +12,7 @@ from datetime import datetime
 
 import click
 
-from ..backup import Backup, BackupOptions, count_tree
+from ..backup import Backup, BackupOptions, count_tree, normalize_paths
 from ..check import Checker
 from ..config import Profile
 from ..errors import EXIT_INCOMPLETE, StasisError, UsageError
@@ -26,6 +26,7 @@ from ..repository import Repository
 from ..restore import OVERWRITE_MODES, RestoreOptions, Restorer
 from ..snapshot import Snapshot, resolve
 from ..tree import DIR, FILE, SYMLINK, Node
+from ..walk import ListingAhead, WalkRules
 from .common import (
     active_profile,
     fs,
@@ -183,11 +184,14 @@ def _backup(paths: tuple[bytes, ...], excludes: tuple[str, ...], exclude_file: s
     counters = Counters()
     mode = Reporter.choose(json_output, quiet)
     profile = active_profile()
-    with open_repository() as repo, RepositoryLock(repo, "backup", wait=lock_wait):
+    rules = WalkRules(patterns, one_file_system, repo_path())
+    # Lists the first directories while the key is derived (that releases the GIL) and open packs are salvaged.
+    with ListingAhead(normalize_paths(options.paths), rules) as listed, open_repository() as repo, \
+            RepositoryLock(repo, "backup", wait=lock_wait):
         salvage_open_packs(repo)  # resume: chunks a killed run packed are reused, even from its open packs
         repo.sweep()
         repo.index_orphan_packs()
-        job = Backup(repo, options, counters, warn=None if json_output else warn)
+        job = Backup(repo, options, counters, warn=None if json_output else warn, listed=None if from_stdin else listed)
         stop = threading.Event()
         if mode == "bar" and not from_stdin:
             threading.Thread(target=count_tree, args=(job.options.paths, counters, stop), daemon=True).start()
