@@ -22,6 +22,7 @@ import pyfuse3
 import trio
 
 from .errors import IntegrityError
+from .pagepush import MAX_PUSH_FILE, PagePusher
 from .vfs import Attr, Entry, NoSuchAttribute, NotADirectory, NotFound, Vfs
 
 log = logging.getLogger("stasisfs.mount")
@@ -35,6 +36,7 @@ READ_AHEAD_CHUNKS = 2
 PREFETCH_FILES = 32  # files after the one opened, for readers that go through a directory in order
 PREFETCH_BYTES = 16 << 20
 PRELOAD_DIRS = 64
+PUSH_AHEAD_FILES = 16
 # Boxes up to this size are read inline when their bytes are in the page cache (RWF_NOWAIT):
 # decrypting them costs less than the ~100 us of a thread hop. Anything that could block goes to a thread.
 INLINE_CHUNK_LIMIT = 256 * 1024  # subdirectories whose trees are read as soon as their parent is opened
@@ -66,6 +68,12 @@ def errors_mapped(fn: Callable[P, Coroutine[Any, Any, T]]) -> Callable[P, Corout
     return wrapper
 
 
+def pushable(entry: Entry) -> bool:
+    """A regular file of modest size, which the kernel knows (it listed it)."""
+    node = entry.node
+    return node is not None and stat.S_ISREG(entry.attr.mode) and 0 < node.size <= MAX_PUSH_FILE and entry.lookups > 0
+
+
 class SnapshotFs(pyfuse3.Operations):
     supports_dot_lookup = False
 
@@ -75,6 +83,9 @@ class SnapshotFs(pyfuse3.Operations):
         self.total_bytes = total_bytes
         self.limiter = trio.CapacityLimiter(threads)
         self._prefetch_from: dict[int, int] = {}  # directory -> position advised up to
+        self._last_opened: dict[int, int] = {}  # directory -> position of the file opened last in it
+        self._pushed_to: dict[int, int] = {}  # directory -> position pushed up to
+        self.pusher: PagePusher | None = None
         self._inflight: dict[bytes, trio.Event] = {}
         self._last_refresh = time.monotonic()
         self._nursery: trio.Nursery | None = None
@@ -168,7 +179,24 @@ class SnapshotFs(pyfuse3.Operations):
             # A sequential reader opens the next files in this directory next: start reading them from storage.
             self._prefetch_from[entry.parent] = entry.position + PREFETCH_FILES
             self.vfs.advise_files(self.vfs.following(inode, PREFETCH_FILES), PREFETCH_BYTES)
+        self._push_ahead(entry)
         return pyfuse3.FileInfo(fh=inode, keep_cache=True)  # immutable content: keep the page cache
+
+    def _push_ahead(self, entry: Entry) -> None:
+        """For a reader going through a directory in order (tar, cp -r): have the next small files pushed into the page cache.
+
+        Their reads are then answered by the kernel, without a request or decryption here.
+        """
+        previous = self._last_opened.get(entry.parent)
+        self._last_opened[entry.parent] = entry.position
+        if self.pusher is None or previous != entry.position - 1:
+            return
+        horizon = self._pushed_to.get(entry.parent, entry.position)
+        if horizon - entry.position > PUSH_AHEAD_FILES // 2:
+            return  # the files up to the horizon are on their way already
+        ahead = self.vfs.following(entry.ino, PUSH_AHEAD_FILES)
+        self._pushed_to[entry.parent] = entry.position + len(ahead)
+        self.pusher.push([(e.ino, e.node.content) for e in ahead if e.position > horizon and e.node is not None and pushable(e)])
 
     async def flush(self, fh: int) -> None:
         # ENOSYS once makes the kernel stop sending flush for this mount: one request less per close.

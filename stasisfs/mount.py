@@ -22,6 +22,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from .errors import IntegrityError, StasisError
+from .pagepush import PagePusher, fuse_device_fd
 from .reader import TreeReader
 from .repository import Repository
 from .snapshot import Snapshot
@@ -146,6 +147,7 @@ def serve(repo: Repository, mountpoint: Path, cache_bytes: int, on_ready: Callab
         pyfuse3.init(ops, str(mountpoint), set(MOUNT_OPTIONS))
     except RuntimeError as exc:
         raise StasisError(f"cannot mount on {mountpoint}: {exc}") from None
+    ops.pusher = start_page_pusher(repo) if not others else None  # other devices: reads as usual
 
     async def main() -> None:
         async with trio.open_nursery() as nursery:
@@ -171,7 +173,21 @@ def serve(repo: Repository, mountpoint: Path, cache_bytes: int, on_ready: Callab
     try:
         trio.run(main)
     finally:
+        if ops.pusher is not None:
+            logging.getLogger("stasisfs.mount").info("read-ahead helper: %s", ops.pusher.close())
         pyfuse3.close(unmount=True)
+
+
+def start_page_pusher(repo: Repository) -> PagePusher | None:
+    """The helper that pushes small files into the page cache for sequential readers (local packs only)."""
+    fuse_fd = fuse_device_fd()
+    if fuse_fd is None or repo.remote_packs is not None:
+        return None
+    try:
+        return PagePusher(repo.path, repo.master_keys.master, fuse_fd)
+    except OSError as exc:
+        logging.getLogger("stasisfs.mount").warning("no read-ahead helper (%s); reads are served one by one", exc)
+        return None
 
 
 READAHEAD_KB = 1024

@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -207,3 +208,31 @@ def test_readahead_is_widened_when_permitted(cli: Cli, mounted: Mounted) -> None
     while setting.read_text().strip() != "1024" and time.monotonic() < deadline:
         time.sleep(0.1)
     assert setting.read_text().strip() == "1024"
+
+
+def test_a_sequential_reader_is_served_from_pushed_pages(cli: Cli, mounted: Mounted) -> None:
+    cli.init()
+    src = cli.tmp / "src"
+    src.mkdir()
+    rng = random.Random(7)
+    for i in range(120):
+        (src / f"f{i:03d}").write_bytes(rng.randbytes(rng.randrange(1, 60_000)))
+    (src / "multi").write_bytes(rng.randbytes(900_000))  # several chunks, pushed one after another
+    cli.backup(src)
+    mounted.start()
+    helpers = subprocess.run(["pgrep", "-f", "stasisfs.pagepush"], capture_output=True, text=True).stdout.split()
+    assert helpers, "the mount starts its read-ahead helper"
+    view = in_snapshot(mounted, src)
+    out = cli.tmp / "out"
+    out.mkdir()
+    subprocess.run(f"tar cf - -C {view} . | tar xf - -C {out}", shell=True, check=True, timeout=120)
+    for path in src.iterdir():
+        assert (out / path.name).read_bytes() == path.read_bytes(), path.name
+    cli.ok("umount", mounted.path)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and any(os.path.exists(f"/proc/{pid}") for pid in helpers):
+        time.sleep(0.1)
+    assert not any(os.path.exists(f"/proc/{pid}") for pid in helpers), "the helper goes with the mount"
+    log = (cli.tmp / "home" / ".local" / "state" / "stasisfs" / "mount.log").read_text()
+    pushed = re.search(r"read-ahead helper: pushed (\d+) files", log)
+    assert pushed and int(pushed.group(1)) > 50, log[-2000:]
