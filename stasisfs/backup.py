@@ -95,6 +95,7 @@ class Backup:
         self._pending_bytes = 0
         self._procs_lock = threading.Lock()
         self.rules = WalkRules(options.excludes, options.one_file_system, repo.path)  # now that the cache exists
+        self._begun = False
         self._listed = listed
 
     # --- reporting ---
@@ -385,15 +386,25 @@ class Backup:
         self._drain(0)
         return self._save_tree(top)
 
+    def begin(self) -> None:
+        """Mark the run as started in the index; after a killed run, start the workers at once (once).
+
+        Called before a resume's salvage, so the workers start while it runs; `run` calls it otherwise.
+        """
+        if self._begun or self.options.dry_run:
+            return
+        self._begun = True
+        if self.index.start_backup_run():
+            # The last run was killed: its finished part is crossed quickly, so have the workers ready.
+            threading.Thread(target=lambda: self.procs, name="backup-start-workers", daemon=True).start()
+
     def run(self) -> Snapshot:
         started = time.monotonic()
         sys.setrecursionlimit(max(sys.getrecursionlimit(), 20000))
         paths = normalize_paths(self.options.paths)
         if self._listed is not None:
             self._listed.stop()  # the walk takes over: two threads walking only contend for the GIL
-        if not self.options.dry_run and self.index.start_backup_run():
-            # The last run was killed: its finished part is crossed quickly, so have the workers ready.
-            threading.Thread(target=lambda: self.procs, name="backup-start-workers", daemon=True).start()
+        self.begin()
         try:
             with ThreadPoolExecutor(1, thread_name_prefix="backup-large") as pool:
                 root = self._build_root(pool, paths)

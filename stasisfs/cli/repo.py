@@ -188,10 +188,11 @@ def _backup(paths: tuple[bytes, ...], excludes: tuple[str, ...], exclude_file: s
     # Lists the first directories while the key is derived (that releases the GIL) and open packs are salvaged.
     with ListingAhead(normalize_paths(options.paths), rules) as listed, open_repository() as repo, \
             RepositoryLock(repo, "backup", wait=lock_wait):
+        job = Backup(repo, options, counters, warn=None if json_output else warn, listed=None if from_stdin else listed)
+        job.begin()  # after a killed run its workers start now, while the salvage below runs
         salvage_open_packs(repo)  # resume: chunks a killed run packed are reused, even from its open packs
         repo.sweep()
         repo.index_orphan_packs()
-        job = Backup(repo, options, counters, warn=None if json_output else warn, listed=None if from_stdin else listed)
         stop = threading.Event()
         if mode == "bar" and not from_stdin:
             threading.Thread(target=count_tree, args=(job.options.paths, counters, stop), daemon=True).start()
