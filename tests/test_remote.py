@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import cast
 
 import pytest
 from conftest import PASSWORD, Cli
@@ -153,7 +154,7 @@ def test_interrupted_sync_resumes_without_resending(cli: Cli, server: Server) ->
     server.start(f"127.0.0.1:{port}")
     result = sync_json(cli)
     assert result["code"] == 0
-    [report] = result["synced"]  # type: ignore[misc]
+    [report] = cast(list[dict[str, int]], result["synced"])
     assert report["already_there"] >= arrived  # what arrived before is not sent again
     assert report["uploaded"] + report["already_there"] >= packs + 2
     assert packs_on(server) == packs

@@ -99,7 +99,8 @@ def restic_timeline(end: datetime) -> list[datetime]:
 
     All in the past: restic treats snapshots from the future specially.
     """
-    times, t, step = [], end, timedelta(hours=5)
+    times: list[datetime] = []
+    t, step = end, timedelta(hours=5)
     while len(times) < 70:
         times.append(t)
         t -= step

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import stat
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import pytest
 
@@ -41,7 +42,7 @@ class MemorySource:
         data = self.chunks[chunk_id]
         return data if len(data) <= max_length else None
 
-    def file(self, name: bytes, *parts: bytes, **kw: int) -> Node:
+    def file(self, name: bytes, *parts: bytes, **kw: Any) -> Node:
         content = []
         for part in parts:
             chunk_id = os.urandom(32)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 import secrets
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -83,7 +84,7 @@ def test_objects_round_trip_with_ranges_listing_and_missing(server: Server) -> N
     ids = sorted(hashlib.sha256(b).hexdigest() for b in blobs)
     listed, after = [], ""
     while True:
-        page = requests.get(f"{server.url}/v1/devices/laptop/objects/data/", params={"after": after, "limit": 3}, headers=auth(token), timeout=10).json()
+        page = requests.get(f"{server.url}/v1/devices/laptop/objects/data/", params={"after": after, "limit": "3"}, headers=auth(token), timeout=10).json()
         listed += [o["id"] for o in page["objects"]]
         if not page["next"]:
             break
@@ -159,7 +160,7 @@ def test_body_limit_without_declared_length(tmp_path: Path) -> None:
     try:
         token = enrol(srv, "alice")
 
-        def chunks():  # type: ignore[no-untyped-def]
+        def chunks() -> Iterator[bytes]:
             for _ in range(200):
                 yield b"x" * 4096
 
