@@ -68,10 +68,12 @@ def errors_mapped(fn: Callable[P, Coroutine[Any, Any, T]]) -> Callable[P, Corout
     return wrapper
 
 
-def pushable(entry: Entry) -> bool:
-    """A regular file of modest size, which the kernel knows (it listed it)."""
+def pushable_content(entry: Entry) -> list[bytes] | None:
+    """The chunks of a regular file of modest size that the kernel knows (it listed it); None for anything else."""
     node = entry.node
-    return node is not None and stat.S_ISREG(entry.attr.mode) and 0 < node.size <= MAX_PUSH_FILE and entry.lookups > 0
+    if node is None or not stat.S_ISREG(entry.attr.mode) or not 0 < node.size <= MAX_PUSH_FILE or entry.lookups == 0:
+        return None
+    return node.content
 
 
 class SnapshotFs(pyfuse3.Operations):
@@ -196,7 +198,8 @@ class SnapshotFs(pyfuse3.Operations):
             return  # the files up to the horizon are on their way already
         ahead = self.vfs.following(entry.ino, PUSH_AHEAD_FILES)
         self._pushed_to[entry.parent] = entry.position + len(ahead)
-        self.pusher.push([(e.ino, e.node.content) for e in ahead if e.position > horizon and e.node is not None and pushable(e)])
+        files = [(e.ino, content) for e in ahead if e.position > horizon and (content := pushable_content(e)) is not None]
+        self.pusher.push(files)
 
     async def flush(self, fh: int) -> None:
         # ENOSYS once makes the kernel stop sending flush for this mount: one request less per close.

@@ -102,12 +102,13 @@ class BlobWriter:
             if len(builder) >= PACK_TARGET_SIZE:
                 full, self._open[slot] = builder, self._new_pack()
         if full is not None:
-            self._write_pack(full)
+            self.write_pack(full)
 
     def _new_pack(self) -> PackBuilder:
         return PackBuilder(NullSink() if self.dry_run else self.repo.new_pack_file())
 
-    def _write_pack(self, builder: PackBuilder) -> None:
+    def write_pack(self, builder: PackBuilder) -> None:
+        """Seal the pack, make it durable, index it; an index object follows every INDEX_OBJECT_EVERY packs."""
         info = builder.finish(self.cipher)
         if self.dry_run:
             return
@@ -150,7 +151,7 @@ class BlobWriter:
             builders, self._open = self._open, []
         for builder in builders:
             if len(builder):
-                self._write_pack(builder)
+                self.write_pack(builder)
             elif isinstance(builder.sink, PackFile):
                 builder.sink.discard()
         with self._lock:
@@ -177,7 +178,7 @@ def salvage_open_packs(repo: Repository) -> int:
         kept = authentic_prefix(repo.cipher, entries, content)
         if kept:
             end = kept[-1].offset + kept[-1].length
-            writer._write_pack(PackBuilder.resume(PackFile.adopt(repo, tmp, end), kept, memoryview(content)[:end]))
+            writer.write_pack(PackBuilder.resume(PackFile.adopt(repo, tmp, end), kept, memoryview(content)[:end]))
         else:
             tmp.unlink(missing_ok=True)
         journal.unlink(missing_ok=True)

@@ -531,23 +531,23 @@ class PackFile:
     salvage what a killed run had packed (`salvage_open_packs`).
     """
 
-    def __init__(self, repo: Repository) -> None:
+    def __init__(self, repo: Repository, tmp: Path | None = None, fd: int | None = None) -> None:
+        """A new temp pack; or, given both, one already open (see `adopt`)."""
         self.repo = repo
-        token = secrets.token_hex(8)
-        self.tmp = repo.path / "data" / f"{TEMP_PREFIX}pack-{token}.{os.getpid()}"
-        self.journal_path = journal_path_of(self.tmp)
-        self.fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        if tmp is None or fd is None:
+            tmp = repo.path / "data" / f"{TEMP_PREFIX}pack-{secrets.token_hex(8)}.{os.getpid()}"
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        self.tmp, self.fd = tmp, fd
+        self.journal_path = journal_path_of(tmp)
         self._journal_fd: int | None = None
 
     @classmethod
     def adopt(cls, repo: Repository, tmp: Path, length: int) -> PackFile:
         """Take over a dead writer's temp pack, cut to its first `length` bytes, to finish and commit it."""
-        pack = cls.__new__(cls)
-        pack.repo, pack.tmp, pack.journal_path, pack._journal_fd = repo, tmp, journal_path_of(tmp), None
-        pack.fd = os.open(tmp, os.O_WRONLY | os.O_CLOEXEC)
-        os.ftruncate(pack.fd, length)
-        os.lseek(pack.fd, length, os.SEEK_SET)
-        return pack
+        fd = os.open(tmp, os.O_WRONLY | os.O_CLOEXEC)
+        os.ftruncate(fd, length)
+        os.lseek(fd, length, os.SEEK_SET)
+        return cls(repo, tmp, fd)
 
     def _write_all(self, fd: int, data: bytes) -> None:
         view = memoryview(data)
