@@ -6,9 +6,9 @@ import errno
 import os
 import stat
 
-from .tree import BLOCKDEV, CHARDEV, DIR, FIFO, FILE, SOCKET, SYMLINK, Node
+from .tree import BLOCKDEV, CHARDEV, DIR, FIFO, FILE, SOCKET, SYMLINK, Node, NodeType
 
-_TYPES = {
+_TYPES: dict[int, NodeType] = {
     stat.S_IFREG: FILE,
     stat.S_IFDIR: DIR,
     stat.S_IFLNK: SYMLINK,
@@ -20,7 +20,7 @@ _TYPES = {
 _IGNORED_XATTR_ERRORS = (errno.ENOTSUP, errno.ENODATA, errno.EPERM, errno.EACCES)
 
 
-def node_type(st: os.stat_result) -> str:
+def node_type(st: os.stat_result) -> NodeType:
     return _TYPES[stat.S_IFMT(st.st_mode)]
 
 

@@ -22,6 +22,44 @@ def test_encoding_is_canonical() -> None:
     assert encode_tree(a) == encode_tree(list(reversed(a)))
 
 
+def test_xattr_order_does_not_change_the_encoding() -> None:
+    one = Node(name=b"f", type=FILE, xattrs={b"user.a": b"1", b"user.b": b"2"})
+    other = Node(name=b"f", type=FILE, xattrs={b"user.b": b"2", b"user.a": b"1"})
+    assert encode_tree([one]) == encode_tree([other])
+    assert list(other.xattrs) == [b"user.b", b"user.a"]  # the caller's node is left alone
+
+
+def test_format_1_json_trees_still_decode() -> None:
+    """Repositories written before tree format 2 hold JSON trees; they must stay readable."""
+    legacy = (
+        b'{"nodes":[{"name":"\\udcff-x","type":"file","mode":420,"uid":1,"gid":2,"mtime":-5,"size":3,'
+        b'"content":["' + b"01" * 32 + b'"],"links":2,"inode":7,"dev":9,"xattrs":{"user.k":"AP8="}},'
+        b'{"name":"d","type":"dir","mode":493,"uid":0,"gid":0,"mtime":1,"subtree":"' + b"02" * 32 + b'"},'
+        b'{"name":"l","type":"symlink","mode":511,"uid":0,"gid":0,"mtime":1,"target":"/t"}]}'
+    )
+    nodes = decode_tree(legacy)
+    assert nodes == [
+        Node(name=b"\xff-x", type=FILE, mode=0o644, uid=1, gid=2, mtime_ns=-5, size=3, content=[b"\x01" * 32],
+             links=2, inode=7, device=9, xattrs={b"user.k": b"\x00\xff"}),
+        Node(name=b"d", type=DIR, mode=0o755, mtime_ns=1, subtree=b"\x02" * 32),
+        Node(name=b"l", type=SYMLINK, mode=0o777, mtime_ns=1, target=b"/t"),
+    ]
+
+
+@pytest.mark.parametrize("blob", [
+    b"",
+    b"\x92\x03\x90",  # an unknown format version
+    b"\x92\x02\x91\x92\xa1a\xa4file",  # a node cut short
+    b"\x92\x02\x91\x93\xc4\x01a\xa4disk\x00",  # an unknown node type
+    b"\x92\x02\x91\x93\xc4\x01a\xa4file\xa1x",  # a mode that is not an integer
+    b'{"nodes": 1}',
+    b'{"nodes": [{"name": "a", "type": "file", "mode": "x", "uid": 0, "gid": 0, "mtime": 0}]}',
+])
+def test_malformed_trees_are_refused_with_value_error(blob: bytes) -> None:
+    with pytest.raises(ValueError, match="malformed"):
+        decode_tree(blob)
+
+
 def snap(id_hex: str, second: int) -> Snapshot:
     return Snapshot(time=datetime(2026, 1, 1, 0, 0, second, tzinfo=UTC), device="d", paths=[b"/x"], root=b"",
                     id=bytes.fromhex(id_hex))

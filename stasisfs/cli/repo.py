@@ -11,6 +11,7 @@ import time
 from datetime import datetime
 
 import click
+import msgspec
 
 from ..backup import Backup, BackupOptions, count_tree, normalize_paths
 from ..check import Checker
@@ -352,12 +353,12 @@ def diff_trees(reader: TreeReader, a: bytes | None, b: bytes | None, path: bytes
         elif old.type != new.type:
             out.append(("T", child))
         elif new.type == DIR:
-            if old.to_dict() | {"subtree": ""} != new.to_dict() | {"subtree": ""}:
+            if msgspec.structs.replace(old, subtree=None) != msgspec.structs.replace(new, subtree=None):
                 out.append(("U", child + b"/"))
             diff_trees(reader, old.subtree, new.subtree, child, out)
         elif old.content != new.content or old.target != new.target:
             out.append(("M", child))
-        elif old.to_dict() != new.to_dict():
+        elif old != new:
             out.append(("U", child))
 
 
