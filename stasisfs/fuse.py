@@ -37,6 +37,7 @@ PREFETCH_FILES = 32  # files after the one opened, for readers that go through a
 PREFETCH_BYTES = 16 << 20
 PRELOAD_DIRS = 64
 PUSH_AHEAD_FILES = 16
+STREAMING_SECONDS = 1.0
 # Boxes up to this size are read inline when their bytes are in the page cache (RWF_NOWAIT):
 # decrypting them costs less than the ~100 us of a thread hop. Anything that could block goes to a thread.
 INLINE_CHUNK_LIMIT = 256 * 1024  # subdirectories whose trees are read as soon as their parent is opened
@@ -87,6 +88,7 @@ class SnapshotFs(pyfuse3.Operations):
         self._prefetch_from: dict[int, int] = {}  # directory -> position advised up to
         self._last_opened: dict[int, int] = {}  # directory -> position of the file opened last in it
         self._pushed_to: dict[int, int] = {}  # directory -> position pushed up to
+        self._streaming_until = 0.0  # a reader opened files in order recently
         self.pusher: PagePusher | None = None
         self._inflight: dict[bytes, trio.Event] = {}
         self._last_refresh = time.monotonic()
@@ -162,6 +164,15 @@ class SnapshotFs(pyfuse3.Operations):
             if not pyfuse3.readdir_reply(token, name, self._attributes(entry), cursor):
                 break
             entry.lookups += 1  # readdirplus: the kernel now holds a reference
+        else:  # the listing is complete
+            if fh not in self._pushed_to and self.pusher is not None and self._nursery is not None and time.monotonic() < self._streaming_until:
+                # A reader going through the tree in order (tar) opens this directory's files next. Pushed
+                # from a task of its own, which runs after this reply is out: the kernel ignores a push
+                # for an inode it has not been told of yet.
+                self._nursery.start_soon(self._push_listing, fh)
+
+    async def _push_listing(self, directory: int) -> None:
+        self._push_files(directory, -1)
 
     async def releasedir(self, fh: int) -> None:
         return None
@@ -180,7 +191,7 @@ class SnapshotFs(pyfuse3.Operations):
         if self._prefetch_from.get(entry.parent, -1) <= entry.position:
             # A sequential reader opens the next files in this directory next: start reading them from storage.
             self._prefetch_from[entry.parent] = entry.position + PREFETCH_FILES
-            self.vfs.advise_files(self.vfs.following(inode, PREFETCH_FILES), PREFETCH_BYTES)
+            self.vfs.advise_files(self.vfs.entries_after(entry.parent, entry.position, PREFETCH_FILES), PREFETCH_BYTES)
         self._push_ahead(entry)
         return pyfuse3.FileInfo(fh=inode, keep_cache=True)  # immutable content: keep the page cache
 
@@ -189,17 +200,24 @@ class SnapshotFs(pyfuse3.Operations):
 
         Their reads are then answered by the kernel, without a request or decryption here.
         """
-        previous = self._last_opened.get(entry.parent)
+        previous = self._last_opened.get(entry.parent, -1)
         self._last_opened[entry.parent] = entry.position
-        if self.pusher is None or previous != entry.position - 1:
+        if self.pusher is None or not self.vfs.next_file_after(entry.ino, previous):
             return
+        if previous >= 0:  # a second file in order: a streaming reader, whose next directories get pushed as listed
+            self._streaming_until = time.monotonic() + STREAMING_SECONDS
         horizon = self._pushed_to.get(entry.parent, entry.position)
         if horizon - entry.position > PUSH_AHEAD_FILES // 2:
             return  # the files up to the horizon are on their way already
-        ahead = self.vfs.following(entry.ino, PUSH_AHEAD_FILES)
-        self._pushed_to[entry.parent] = entry.position + len(ahead)
-        files = [(e.ino, content) for e in ahead if e.position > horizon and (content := pushable_content(e)) is not None]
-        self.pusher.push(files)
+        self._push_files(entry.parent, max(horizon, entry.position))
+
+    def _push_files(self, directory: int, after: int) -> None:
+        """Push the files listed after position `after` in this directory, up to PUSH_AHEAD_FILES entries on."""
+        assert self.pusher is not None
+        ahead = self.vfs.entries_after(directory, after, PUSH_AHEAD_FILES)
+        if ahead:
+            self._pushed_to[directory] = ahead[-1].position
+        self.pusher.push([(e.ino, content) for e in ahead if (content := pushable_content(e)) is not None])
 
     async def flush(self, fh: int) -> None:
         # ENOSYS once makes the kernel stop sending flush for this mount: one request less per close.

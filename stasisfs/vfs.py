@@ -405,18 +405,33 @@ class Vfs:
             name, child_ino = children[position]
             yield position + 1, name, self._entries[child_ino]
 
-    def following(self, ino: int, count: int) -> list[Entry]:
-        """Entries listed after this one in its directory: what a sequential reader opens next."""
-        entry = self._entries.get(ino)
-        parent = self._entries.get(entry.parent) if entry is not None else None
-        if entry is None or parent is None or parent.children is None:
+    def entries_after(self, directory: int, position: int, count: int) -> list[Entry]:
+        """The entries listed after `position` (-1: from the start) in a loaded directory: what a sequential reader opens next."""
+        parent = self._entries.get(directory)
+        if parent is None or parent.children is None:
             return []
         result = []
-        for _, child_ino in parent.children[entry.position + 1 : entry.position + 1 + count]:
+        for _, child_ino in parent.children[position + 1 : position + 1 + count]:
             child = self._entries.get(child_ino)
             if child is not None:
                 result.append(child)
         return result
+
+    def next_file_after(self, ino: int, previous: int, max_gap: int = 64) -> bool:
+        """Whether this file is the first regular file listed after position `previous` (-1: the directory's first).
+
+        A reader that opens it next goes through the directory in order; other entries between (a tar
+        recursing into subdirectories) do not break that. Far gaps are not looked at.
+        """
+        entry = self._entries.get(ino)
+        parent = self._entries.get(entry.parent) if entry is not None else None
+        if entry is None or parent is None or parent.children is None or not 0 <= entry.position - previous - 1 <= max_gap:
+            return False
+        for _, child_ino in parent.children[previous + 1 : entry.position]:
+            child = self._entries.get(child_ino)
+            if child is None or stat.S_ISREG(child.attr.mode):
+                return False
+        return True
 
     def unloaded_subdirs(self, ino: int, count: int) -> list[int]:
         entry = self._entries.get(ino)

@@ -201,3 +201,22 @@ def test_missing_names(source: MemorySource) -> None:
     vfs = Vfs(source)
     with pytest.raises(NotFound):
         vfs.lookup(ROOT_INODE, b"nope")
+
+
+def test_order_of_a_sequential_reader() -> None:
+    """`entries_after` is what a reader going through a directory opens next; subdirectories between files do not break the order."""
+    src = MemorySource()
+    children = [src.directory(b"a-dir", []), src.file(b"b", b"1"), src.directory(b"c-dir", []), src.file(b"d", b"2"), src.file(b"e", b"3")]
+    src.snapshot(src.directory(b"", [src.directory(b"home", children)]), 0)
+    vfs = Vfs(src)
+    snap_dir = next(e for _, _, e in vfs.listing(walk(vfs, "snapshots"), 0) if not stat.S_ISLNK(e.attr.mode))
+    home = vfs.lookup(snap_dir.ino, b"home").ino
+    vfs.load(home)
+    ino = {name: e.ino for _, name, e in vfs.listing(home, 0)}
+    assert [e.ino for e in vfs.entries_after(home, -1, 2)] == [ino[b"a-dir"], ino[b"b"]]
+    assert [e.ino for e in vfs.entries_after(home, 1, 10)] == [ino[b"c-dir"], ino[b"d"], ino[b"e"]]
+    assert vfs.next_file_after(ino[b"b"], -1)  # the first file, after a directory
+    assert vfs.next_file_after(ino[b"d"], 1)  # after b, skipping c-dir
+    assert not vfs.next_file_after(ino[b"e"], 1)  # d was skipped: not in order
+    assert not vfs.next_file_after(ino[b"d"], -1)
+    assert not vfs.next_file_after(ino[b"b"], 3)  # backwards

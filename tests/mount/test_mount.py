@@ -218,6 +218,10 @@ def test_a_sequential_reader_is_served_from_pushed_pages(cli: Cli, mounted: Moun
     for i in range(120):
         (src / f"f{i:03d}").write_bytes(rng.randbytes(rng.randrange(1, 60_000)))
     (src / "multi").write_bytes(rng.randbytes(900_000))  # several chunks, pushed one after another
+    for d in range(40):  # small directories, listed before the f files: tar goes into these first
+        (src / f"d{d:02d}").mkdir()
+        for i in range(2):
+            (src / f"d{d:02d}" / f"g{i}").write_bytes(rng.randbytes(rng.randrange(1, 20_000)))
     cli.backup(src)
     mounted.start()
     helpers = subprocess.run(["pgrep", "-f", "stasisfs.pagepush"], capture_output=True, text=True).stdout.split()
@@ -226,8 +230,9 @@ def test_a_sequential_reader_is_served_from_pushed_pages(cli: Cli, mounted: Moun
     out = cli.tmp / "out"
     out.mkdir()
     subprocess.run(f"tar cf - -C {view} . | tar xf - -C {out}", shell=True, check=True, timeout=120)
-    for path in src.iterdir():
-        assert (out / path.name).read_bytes() == path.read_bytes(), path.name
+    for path in src.rglob("*"):
+        if path.is_file():
+            assert (out / path.relative_to(src)).read_bytes() == path.read_bytes(), path
     cli.ok("umount", mounted.path)
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline and any(os.path.exists(f"/proc/{pid}") for pid in helpers):
@@ -235,4 +240,5 @@ def test_a_sequential_reader_is_served_from_pushed_pages(cli: Cli, mounted: Moun
     assert not any(os.path.exists(f"/proc/{pid}") for pid in helpers), "the helper goes with the mount"
     log = (cli.tmp / "home" / ".local" / "state" / "stasisfs" / "mount.log").read_text()
     pushed = re.search(r"read-ahead helper: pushed (\d+) files", log)
-    assert pushed and int(pushed.group(1)) > 50, log[-2000:]
+    # All but the first file or two: a directory listed while a reader streams gets its first files pushed too.
+    assert pushed and int(pushed.group(1)) >= 190, log[-2000:]
