@@ -278,8 +278,7 @@ class Backup:
         dir_key = self.keys.path_key(b"dir\0" + path)
         cached = self.index.cached_tree(dir_key, digest)
         if cached is not None:
-            dir_node.subtree = cached
-            self._dir_records.append((dir_key, digest + cached))
+            dir_node.subtree = cached  # its record stands as it is: nothing to write
             files = [st for _, st, n in walked if n is None and stat.S_ISREG(st.st_mode)]
             with self._summary_lock:
                 self.summary.files_unmodified += len(files)
