@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import os
 import stat
-import struct
 import sys
 import threading
 import time
@@ -36,10 +35,9 @@ from .repository import Repository
 from .snapshot import Snapshot, Summary
 from .testing import crash_point
 from .tree import DIR, FILE, Node, encode_tree, split_path
-from .walk import ListingAhead, WalkRules
+from .walk import MOUNT_POINT_SIGNATURE, ListingAhead, Subdir, WalkRules, stat_signature
 from .workers import FileResult, init_worker, open_for_backup, process_files, use_index_in_threads
 
-CACHEDIR_SIGNATURE = b"Signature: 8a477f597d28d172789f06886806bc55"
 LARGE_FILE = 16 * 1024 * 1024  # larger files stream through a parent thread instead of a worker process
 # How far the walk runs ahead of the trees written: enough to keep workers fed, little enough to bound memory.
 CHECKPOINT_EVERY = 0.25  # seconds between saves of the files cache (and the open packs' journals) during a run,
@@ -49,7 +47,6 @@ SEAL_AHEAD = 6  # chunks of one large file hashed, compressed and sealed at once
 MAX_PENDING_ITEMS = 512
 MAX_PENDING_BYTES = 12 * 1024 * 1024
 MAX_PENDING_DIRS = 1024
-STAT_SIGNATURE = struct.Struct("<HIIIQqqQQQQ")
 
 
 @dataclass
@@ -85,7 +82,6 @@ class Backup:
         self._dir_records: list[tuple[bytes, bytes]] = []  # dir key -> signature | tree id, likewise
         self._dirs_saved = 0
         self._last_dir_checkpoint = time.monotonic()
-        self._options_fingerprint = repr((sorted(options.excludes), options.exclude_caches, options.one_file_system)).encode()
         self._hardlinks: dict[tuple[int, int], Future[Node | None] | PendingFile] = {}
         self._jobs: deque[DirJob] = deque()
         self._batch = BatchQueue(self)
@@ -94,7 +90,7 @@ class Backup:
         self._pending_items = 0
         self._pending_bytes = 0
         self._procs_lock = threading.Lock()
-        self.rules = WalkRules(options.excludes, options.one_file_system, repo.path)  # now that the cache exists
+        self.rules = WalkRules(options.excludes, options.one_file_system, repo.path, options.exclude_caches)  # now that the cache exists
         self._begun = False
         self._listed = listed
 
@@ -232,13 +228,6 @@ class Backup:
                 self.summary.dirs_new += 1
         return tree_id
 
-    def _is_cache_dir(self, path: bytes) -> bool:
-        try:
-            with open(os.path.join(path, b"CACHEDIR.TAG"), "rb") as f:
-                return f.read(len(CACHEDIR_SIGNATURE)) == CACHEDIR_SIGNATURE
-        except OSError:
-            return False
-
     def _save_dir(self, pool: ThreadPoolExecutor, path: bytes, dir_node: Node, root_dev: int) -> bytes:
         """Walk one real directory (subdirectories recursively) and queue its tree; returns its signature.
 
@@ -246,15 +235,25 @@ class Backup:
         xattr change) and the subdirectories' signatures. When it matches the one recorded
         with the directory's last tree, that tree is reused without building a node.
         """
+        dir_key = self.keys.path_key(b"dir\0" + path)
+        if self._listed is not None and (ahead := self._listed.signature(path)) is not None:
+            # Listed whole ahead of the walk: if the cache knows that signature, nothing below needs visiting.
+            cached = self.index.cached_tree(dir_key, ahead.signature)
+            if cached is not None and self._listed.still_valid(ahead):
+                dir_node.subtree = cached
+                with self._summary_lock:
+                    self.summary.files_unmodified += ahead.files
+                self.counters.add(files=ahead.files, nbytes=ahead.nbytes)
+                return ahead.signature
         listed = self._listed.take(path) if self._listed is not None else None
         try:
             entries = listed if listed is not None else list(os.scandir(path))  # trees are sorted when encoded
         except OSError as exc:
             self.warn(f"cannot list {os.fsdecode(path)}: {exc.strerror}; saved as empty")
             entries = []
-        signed = [self._options_fingerprint]  # hashed at once: the same digest as hashing piece by piece
+        signed = [self.rules.fingerprint]  # hashed at once: the same digest as hashing piece by piece
         walked: list[tuple[os.DirEntry[bytes], os.stat_result, Node | None]] = []
-        spec, pack_stat = self.rules.spec, STAT_SIGNATURE.pack
+        spec = self.rules.spec
         for entry in entries:
             try:
                 st = entry.stat(follow_symlinks=False)
@@ -265,9 +264,7 @@ class Backup:
             except OSError as exc:
                 self.warn(f"cannot read {os.fsdecode(entry.path)}: {exc.strerror}; skipped")
                 continue
-            signed.append(pack_stat(len(entry.name), st.st_mode, st.st_uid, st.st_gid, st.st_size, st.st_mtime_ns,
-                                    st.st_ctime_ns, st.st_ino, st.st_dev, st.st_nlink, st.st_rdev))
-            signed.append(entry.name)
+            signed.append(stat_signature(entry.name, st))
             if dir_entry_node is not None:
                 child_signature = self._subdir(pool, entry.path, dir_entry_node, st, root_dev)
                 if child_signature is None:
@@ -275,7 +272,6 @@ class Backup:
                 signed.append(child_signature)
             walked.append((entry, st, dir_entry_node))
         digest = blake3.blake3(b"".join(signed)).digest()
-        dir_key = self.keys.path_key(b"dir\0" + path)
         cached = self.index.cached_tree(dir_key, digest)
         if cached is not None:
             dir_node.subtree = cached  # its record stands as it is: nothing to write
@@ -331,13 +327,12 @@ class Backup:
 
     def _subdir(self, pool: ThreadPoolExecutor, path: bytes, node: Node, st: os.stat_result, root_dev: int) -> bytes | None:
         """Descend into a directory and return its signature; None to leave it out of the snapshot entirely."""
-        if self.rules.skipped(path, st):
+        action = self.rules.subdir(path, st, root_dev)
+        if action is Subdir.LEFT_OUT:
             return None
-        if self.options.exclude_caches and self._is_cache_dir(path):
-            return None
-        if self.options.one_file_system and st.st_dev != root_dev:
+        if action is Subdir.MOUNT_POINT:
             node.subtree = self._save_tree([])  # keep the mount point, not what is mounted on it
-            return b"mount point"
+            return MOUNT_POINT_SIGNATURE
         return self._save_dir(pool, path, node, root_dev)
 
     def _save_path(self, pool: ThreadPoolExecutor, path: bytes) -> Node | None:
