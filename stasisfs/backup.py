@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import os
 import stat
+import struct
 import sys
 import threading
 import time
@@ -35,9 +36,10 @@ from .repository import Repository
 from .snapshot import Snapshot, Summary
 from .testing import crash_point
 from .tree import DIR, FILE, Node, encode_tree, split_path
-from .walk import MOUNT_POINT_SIGNATURE, ListingAhead, Subdir, WalkRules, stat_signature
+from .walk import ListingAhead, WalkRules
 from .workers import FileResult, init_worker, open_for_backup, process_files, use_index_in_threads
 
+CACHEDIR_SIGNATURE = b"Signature: 8a477f597d28d172789f06886806bc55"
 LARGE_FILE = 16 * 1024 * 1024  # larger files stream through a parent thread instead of a worker process
 # How far the walk runs ahead of the trees written: enough to keep workers fed, little enough to bound memory.
 CHECKPOINT_EVERY = 0.25  # seconds between saves of the files cache (and the open packs' journals) during a run,
@@ -47,6 +49,7 @@ SEAL_AHEAD = 6  # chunks of one large file hashed, compressed and sealed at once
 MAX_PENDING_ITEMS = 512
 MAX_PENDING_BYTES = 12 * 1024 * 1024
 MAX_PENDING_DIRS = 1024
+STAT_SIGNATURE = struct.Struct("<HIIIQqqQQQQ")
 
 
 @dataclass
@@ -82,6 +85,7 @@ class Backup:
         self._dir_records: list[tuple[bytes, bytes]] = []  # dir key -> signature | tree id, likewise
         self._dirs_saved = 0
         self._last_dir_checkpoint = time.monotonic()
+        self._options_fingerprint = repr((sorted(options.excludes), options.exclude_caches, options.one_file_system)).encode()
         self._hardlinks: dict[tuple[int, int], Future[Node | None] | PendingFile] = {}
         self._jobs: deque[DirJob] = deque()
         self._batch = BatchQueue(self)
@@ -90,7 +94,7 @@ class Backup:
         self._pending_items = 0
         self._pending_bytes = 0
         self._procs_lock = threading.Lock()
-        self.rules = WalkRules(options.excludes, options.one_file_system, repo.path, options.exclude_caches)  # now that the cache exists
+        self.rules = WalkRules(options.excludes, options.one_file_system, repo.path)  # now that the cache exists
         self._begun = False
         self._listed = listed
 
@@ -228,6 +232,13 @@ class Backup:
                 self.summary.dirs_new += 1
         return tree_id
 
+    def _is_cache_dir(self, path: bytes) -> bool:
+        try:
+            with open(os.path.join(path, b"CACHEDIR.TAG"), "rb") as f:
+                return f.read(len(CACHEDIR_SIGNATURE)) == CACHEDIR_SIGNATURE
+        except OSError:
+            return False
+
     def _save_dir(self, pool: ThreadPoolExecutor, path: bytes, dir_node: Node, root_dev: int) -> bytes:
         """Walk one real directory (subdirectories recursively) and queue its tree; returns its signature.
 
@@ -235,25 +246,15 @@ class Backup:
         xattr change) and the subdirectories' signatures. When it matches the one recorded
         with the directory's last tree, that tree is reused without building a node.
         """
-        dir_key = self.keys.path_key(b"dir\0" + path)
-        if self._listed is not None and (ahead := self._listed.signature(path)) is not None:
-            # Listed whole ahead of the walk: if the cache knows that signature, nothing below needs visiting.
-            cached = self.index.cached_tree(dir_key, ahead.signature)
-            if cached is not None and self._listed.still_valid(ahead):
-                dir_node.subtree = cached
-                with self._summary_lock:
-                    self.summary.files_unmodified += ahead.files
-                self.counters.add(files=ahead.files, nbytes=ahead.nbytes)
-                return ahead.signature
         listed = self._listed.take(path) if self._listed is not None else None
         try:
             entries = listed if listed is not None else list(os.scandir(path))  # trees are sorted when encoded
         except OSError as exc:
             self.warn(f"cannot list {os.fsdecode(path)}: {exc.strerror}; saved as empty")
             entries = []
-        signed = [self.rules.fingerprint]  # hashed at once: the same digest as hashing piece by piece
+        signed = [self._options_fingerprint]  # hashed at once: the same digest as hashing piece by piece
         walked: list[tuple[os.DirEntry[bytes], os.stat_result, Node | None]] = []
-        spec = self.rules.spec
+        spec, pack_stat = self.rules.spec, STAT_SIGNATURE.pack
         for entry in entries:
             try:
                 st = entry.stat(follow_symlinks=False)
@@ -264,7 +265,9 @@ class Backup:
             except OSError as exc:
                 self.warn(f"cannot read {os.fsdecode(entry.path)}: {exc.strerror}; skipped")
                 continue
-            signed.append(stat_signature(entry.name, st))
+            signed.append(pack_stat(len(entry.name), st.st_mode, st.st_uid, st.st_gid, st.st_size, st.st_mtime_ns,
+                                    st.st_ctime_ns, st.st_ino, st.st_dev, st.st_nlink, st.st_rdev))
+            signed.append(entry.name)
             if dir_entry_node is not None:
                 child_signature = self._subdir(pool, entry.path, dir_entry_node, st, root_dev)
                 if child_signature is None:
@@ -272,6 +275,7 @@ class Backup:
                 signed.append(child_signature)
             walked.append((entry, st, dir_entry_node))
         digest = blake3.blake3(b"".join(signed)).digest()
+        dir_key = self.keys.path_key(b"dir\0" + path)
         cached = self.index.cached_tree(dir_key, digest)
         if cached is not None:
             dir_node.subtree = cached  # its record stands as it is: nothing to write
@@ -327,12 +331,13 @@ class Backup:
 
     def _subdir(self, pool: ThreadPoolExecutor, path: bytes, node: Node, st: os.stat_result, root_dev: int) -> bytes | None:
         """Descend into a directory and return its signature; None to leave it out of the snapshot entirely."""
-        action = self.rules.subdir(path, st, root_dev)
-        if action is Subdir.LEFT_OUT:
+        if self.rules.skipped(path, st):
             return None
-        if action is Subdir.MOUNT_POINT:
+        if self.options.exclude_caches and self._is_cache_dir(path):
+            return None
+        if self.options.one_file_system and st.st_dev != root_dev:
             node.subtree = self._save_tree([])  # keep the mount point, not what is mounted on it
-            return MOUNT_POINT_SIGNATURE
+            return b"mount point"
         return self._save_dir(pool, path, node, root_dev)
 
     def _save_path(self, pool: ThreadPoolExecutor, path: bytes) -> Node | None:

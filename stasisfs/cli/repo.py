@@ -185,7 +185,7 @@ def _backup(paths: tuple[bytes, ...], excludes: tuple[str, ...], exclude_file: s
     counters = Counters()
     mode = Reporter.choose(json_output, quiet)
     profile = active_profile()
-    rules = WalkRules(patterns, one_file_system, repo_path(), exclude_caches)
+    rules = WalkRules(patterns, one_file_system, repo_path())
     # Lists the first directories while the key is derived (that releases the GIL) and open packs are salvaged.
     with ListingAhead(normalize_paths(options.paths), rules) as listed, open_repository() as repo, \
             RepositoryLock(repo, "backup", wait=lock_wait):
