@@ -35,12 +35,12 @@ REFRESH_EVERY = 2.0
 READ_AHEAD_CHUNKS = 2
 PREFETCH_FILES = 32  # files after the one opened, for readers that go through a directory in order
 PREFETCH_BYTES = 16 << 20
-PRELOAD_DIRS = 64
+PRELOAD_DIRS = 64  # subdirectories whose trees are read as soon as their parent is opened
 PUSH_AHEAD_FILES = 16
-STREAMING_SECONDS = 1.0
+STREAMING_SECONDS = 1.0  # how long a reader that opened files in order counts as streaming through the tree
 # Boxes up to this size are read inline when their bytes are in the page cache (RWF_NOWAIT):
 # decrypting them costs less than the ~100 us of a thread hop. Anything that could block goes to a thread.
-INLINE_CHUNK_LIMIT = 256 * 1024  # subdirectories whose trees are read as soon as their parent is opened
+INLINE_CHUNK_LIMIT = 256 * 1024
 
 T = TypeVar("T")
 P = ParamSpec("P")
