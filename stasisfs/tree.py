@@ -60,7 +60,7 @@ class Node(msgspec.Struct, array_like=True, gc=False):
 
 
 _encoder = msgspec.msgpack.Encoder()
-_decoder = msgspec.msgpack.Decoder(tuple[Literal[2], list[Node]])
+_decoder = msgspec.msgpack.Decoder(tuple[Literal[2], list[Node]])  # 2: TREE_FORMAT (a Literal takes no names)
 
 
 def encode_tree(nodes: list[Node]) -> bytes:
