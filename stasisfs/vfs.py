@@ -427,11 +427,9 @@ class Vfs:
         parent = self._entries.get(entry.parent) if entry is not None else None
         if entry is None or parent is None or parent.children is None or not 0 <= entry.position - previous - 1 <= max_gap:
             return False
-        for _, child_ino in parent.children[previous + 1 : entry.position]:
-            child = self._entries.get(child_ino)
-            if child is None or stat.S_ISREG(child.attr.mode):
-                return False
-        return True
+        gap = entry.position - previous - 1
+        between = self.entries_after(entry.parent, previous, gap)
+        return len(between) == gap and not any(stat.S_ISREG(e.attr.mode) for e in between)
 
     def unloaded_subdirs(self, ino: int, count: int) -> list[int]:
         entry = self._entries.get(ino)
