@@ -35,7 +35,7 @@ REFRESH_EVERY = 2.0
 READ_AHEAD_CHUNKS = 2
 PREFETCH_FILES = 32  # files after the one opened, for readers that go through a directory in order
 PREFETCH_BYTES = 16 << 20
-PRELOAD_DIRS = 64  # subdirectories whose trees are read as soon as their parent is opened
+READ_AHEAD_TREES = 64  # trees below a directory read as soon as it is opened
 PUSH_AHEAD_FILES = 16
 STREAMING_SECONDS = 1.0  # how long a reader that opened files in order counts as streaming through the tree
 # Boxes up to this size are read inline when their bytes are in the page cache (RWF_NOWAIT):
@@ -153,8 +153,8 @@ class SnapshotFs(pyfuse3.Operations):
         if entry.loader is None:
             raise pyfuse3.FUSEError(errno.ENOTDIR)
         if not entry.dynamic:
-            # A walker opens the subdirectories next: start reading their trees from storage now.
-            self.vfs.advise_trees(self.vfs.unloaded_subdirs(inode, PRELOAD_DIRS))
+            # A walker opens the subdirectories next: read their trees now, and have storage start on those that would wait.
+            self.vfs.advise_trees(self.vfs.read_ahead_trees(inode, READ_AHEAD_TREES))
         return inode
 
     @errors_mapped

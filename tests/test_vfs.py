@@ -220,3 +220,69 @@ def test_order_of_a_sequential_reader() -> None:
     assert not vfs.next_file_after(ino[b"e"], 1)  # d was skipped: not in order
     assert not vfs.next_file_after(ino[b"d"], -1)
     assert not vfs.next_file_after(ino[b"b"], 3)  # backwards
+
+
+class SlowStorageSource(MemorySource):
+    """Trees listed in `on_disk` are not at hand: reading them would wait on storage."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.on_disk: set[bytes] = set()
+
+    def tree_if_cached(self, tree_id: bytes) -> list[Node] | None:  # type: ignore[override]
+        return None if tree_id in self.on_disk else self.trees[tree_id]
+
+
+def deep_tree(src: MemorySource, width: int, depth: int, name: bytes = b"top") -> Node:
+    children = [deep_tree(src, width, depth - 1, b"d%d" % i) for i in range(width)] if depth > 1 else []
+    return src.directory(name, [*children, src.file(b"f", b"x")])
+
+
+def test_read_ahead_loads_trees_below_breadth_first_within_its_budget() -> None:
+    src = SlowStorageSource()
+    top = deep_tree(src, width=3, depth=4)  # 3 + 9 + 27 directories below top
+    src.snapshot(src.directory(b"", [top]), 0)
+    vfs = Vfs(src)
+    name = snapshot_names(src.snaps)[0][0]
+    top_ino = walk(vfs, f"snapshots/{name}/top")
+    vfs.load(top_ino)
+    level1 = [e for _, n, e in vfs.listing(top_ino, 0) if n != b"f"]
+    unread = level1[2].node
+    assert unread is not None and unread.subtree is not None
+    src.on_disk.add(unread.subtree)
+
+    waiting = vfs.read_ahead_trees(top_ino, max_trees=5)
+
+    assert waiting == [level1[2].ino]  # left to storage's read-ahead, and not descended into
+    assert level1[0].children is not None and level1[1].children is not None and level1[2].children is None
+    loaded_below = [sub for e in level1[:2] for _, _, sub in vfs.listing(e.ino, 0) if sub.children is not None]
+    assert len(loaded_below) == 3  # the budget: 2 at the first level, 3 more at the next, in order
+    assert [sub.children is not None for _, n, sub in vfs.listing(level1[0].ino, 0) if n != b"f"] == [True, True, True]
+
+    # Once a directory's subdirectories are in, asking again from it walks no further and loads nothing.
+    assert vfs.read_ahead_trees(level1[0].ino, max_trees=5) == []
+    assert vfs.entry(level1[0].ino).subdirs_read
+
+
+def test_forgetting_a_directory_releases_what_was_read_ahead_below_it() -> None:
+    src = MemorySource()
+    top = deep_tree(src, width=2, depth=4)
+    src.snapshot(src.directory(b"", [top]), 0)
+    vfs = Vfs(src)
+    name = snapshot_names(src.snaps)[0][0]
+    top_ino = walk(vfs, f"snapshots/{name}/top")
+    vfs.load(top_ino)
+    with_listing = vfs.entry_count  # top's own children are in
+    vfs.read_ahead_trees(top_ino, max_trees=100)
+    child = vfs.lookup(top_ino, b"d0")  # a walker went one level down, then back up
+    grandchild = vfs.lookup(child.ino, b"d1")
+    assert vfs.entry_count == with_listing + 2 * 3 + 4 * 3 + 8 * 1  # every level below, read ahead
+    vfs.forget(grandchild.ino, 1)
+    vfs.forget(child.ino, 1)
+
+    vfs.forget(top_ino, 1)  # the kernel lets the directory go: nothing below it is referenced any more
+
+    assert vfs.entry(top_ino).children is None
+    assert vfs.entry_count == with_listing - 3  # everything below top went, read ahead or listed
+    again = vfs.lookup(top_ino, b"d0")
+    assert again.ino == child.ino and vfs.lookup(again.ino, b"d1").ino == grandchild.ino  # same numbers after a reload
