@@ -119,15 +119,13 @@ class SnapshotFs(pyfuse3.Operations):
         attrs.attr_timeout = timeout
         return attrs
 
-    async def _maybe_refresh(self, entry: Entry) -> None:
+    async def _loaded(self, ino: int) -> Entry:
+        # Runs for every directory request: the checks are inline, with no awaits unless there is work.
+        entry = self.vfs.entry(ino)
         if entry.dynamic and time.monotonic() - self._last_refresh > REFRESH_EVERY:
             self._last_refresh = time.monotonic()
             await self._blocking(self.vfs.refresh)
-
-    async def _loaded(self, ino: int) -> Entry:
-        entry = self.vfs.entry(ino)
-        await self._maybe_refresh(entry)
-        if self.vfs.needs_load(ino) and not self.vfs.try_load(ino):
+        if entry.children is None and entry.loader is not None and not self.vfs.try_load(ino):
             await self._blocking(self.vfs.load, ino)
         return entry
 
@@ -152,7 +150,7 @@ class SnapshotFs(pyfuse3.Operations):
         entry = await self._loaded(inode)
         if entry.loader is None:
             raise pyfuse3.FUSEError(errno.ENOTDIR)
-        if not entry.dynamic:
+        if not (entry.dynamic or entry.subdirs_read):
             # A walker opens the subdirectories next: read their trees now, and have storage start on those that would wait.
             self.vfs.advise_trees(self.vfs.read_ahead_trees(inode, READ_AHEAD_TREES))
         return inode

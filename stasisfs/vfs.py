@@ -366,10 +366,6 @@ class Vfs:
             raise NotFound(f"inode {ino} is not known")
         return entry
 
-    def needs_load(self, ino: int) -> bool:
-        entry = self.entry(ino)
-        return entry.loader is not None and entry.children is None
-
     def load(self, ino: int) -> None:
         """Blocking: read the directory's tree. Safe to call from several threads."""
         entry = self.entry(ino)
