@@ -126,7 +126,11 @@ class SnapshotFs(pyfuse3.Operations):
             self._last_refresh = time.monotonic()
             await self._blocking(self.vfs.refresh)
         if entry.children is None and entry.loader is not None and not self.vfs.try_load(ino):
-            await self._blocking(self.vfs.load, ino)
+            try:
+                await self._blocking(self.vfs.load, ino)
+            except IntegrityError as exc:
+                log.error("%s: %s", self.vfs.describe(ino), exc)
+                raise pyfuse3.FUSEError(errno.EIO) from None
         return entry
 
     @errors_mapped

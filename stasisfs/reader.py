@@ -41,12 +41,20 @@ class TreeReader:
         return nodes if nodes is not None else self._keep(tree_id, self.repo.load_blob(tree_id))
 
     def tree_if_cached(self, tree_id: bytes, max_length: int = 1 << 20) -> list[Node] | None:
-        """The tree without waiting on storage, or None (see `Repository.load_blob_if_cached`)."""
+        """The tree without waiting on storage, or None (see `Repository.load_blob_if_cached`).
+
+        A malformed tree is None too: `tree`, on the blocking path, reports it.
+        """
         nodes = self._cached(tree_id)
         if nodes is not None:
             return nodes
         data = self.repo.load_blob_if_cached(tree_id, max_length)
-        return self._keep(tree_id, data) if data is not None else None
+        if data is None:
+            return None
+        try:
+            return self._keep(tree_id, data)
+        except IntegrityError:
+            return None
 
     def root_node(self, root: bytes) -> Node:
         return Node(name=b"/", type=DIR, mode=0o755, subtree=root)

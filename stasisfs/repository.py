@@ -469,9 +469,10 @@ class Repository:
             return self._open_box(chunk_id, location, remote.read(location.pack_id, location.offset, location.length))
 
     def load_blob_if_cached(self, chunk_id: bytes, max_length: int) -> bytes | None:
-        """The blob, if it is small and its bytes are in the page cache; None rather than wait for a disk.
+        """The blob, if it is small, its bytes are in the page cache and it is intact; None rather than wait for a disk.
 
-        Lets an event loop serve small reads inline without ever blocking on storage.
+        Lets an event loop serve small reads inline without ever blocking on storage. For a damaged
+        blob it is None too: `load_blob`, on the blocking path, reports the damage.
         """
         location = self.index.lookup(chunk_id)
         if location is None or location.length > max_length:
@@ -487,7 +488,10 @@ class Repository:
             return None
         if n != location.length:
             return None  # partly cached, or truncated: the blocking path decides
-        return self._open_box(chunk_id, location, bytes(buffer))
+        try:
+            return self._open_box(chunk_id, location, bytes(buffer))
+        except IntegrityError:
+            return None  # damaged: the blocking path reads it again, and reports it
 
     def _is_memory_backed(self) -> bool:
         if self._memory_backed is None:

@@ -144,6 +144,37 @@ def test_corrupt_chunk_gives_eio_and_the_rest_stays_readable(cli: Cli, mounted: 
     assert "bad" in log
 
 
+def test_damaged_tree_fails_only_its_own_directory(cli: Cli, mounted: Mounted) -> None:
+    """Opening a directory reads the trees below it ahead; a damaged one must not fail the directory opened."""
+    cli.init()
+    src = cli.tmp / "src"
+    for name in ("fine", "broken"):
+        (src / name / "inner").mkdir(parents=True)
+        (src / name / "inner" / "f").write_text(name)
+    cli.backup(src)
+    locate = subprocess.run(
+        [sys.executable, "-c",
+         "from pathlib import Path; from stasisfs.repository import Repository, Credential; from stasisfs.reader import TreeReader;"
+         f"r = Repository(Path({str(cli.repo)!r})); r.unlock(Credential(password={PASSWORD!r}));"
+         f"n = TreeReader(r).node_at(r.snapshots()[-1].root, {os.fsencode(src / 'broken')!r}); loc = r.index.lookup(n.subtree);"
+         "print(r.pack_path(loc.pack_id), loc.offset + loc.length // 2)"],
+        env=cli.env, capture_output=True, text=True, check=True,
+    ).stdout.split()
+    pack, offset = Path(locate[0]), int(locate[1])
+    raw = bytearray(pack.read_bytes())
+    raw[offset] ^= 0xFF
+    pack.write_bytes(bytes(raw))
+    mounted.start()
+    view = in_snapshot(mounted, src)
+    assert sorted(os.listdir(view)) == ["broken", "fine"]  # the trees below were read ahead here, the damaged one too
+    assert (view / "fine" / "inner" / "f").read_text() == "fine"
+    with pytest.raises(OSError) as exc:
+        os.listdir(view / "broken")
+    assert exc.value.errno == errno.EIO
+    log = (cli.tmp / "home" / ".local" / "state" / "stasisfs" / "mount.log").read_text()
+    assert f"{src}/broken in snapshot" in log  # logged with its path
+
+
 def test_umount_and_cleanup_after_kill(cli: Cli, mounted: Mounted) -> None:
     small_backup(cli)
     mounted.start()
