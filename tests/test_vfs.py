@@ -286,3 +286,15 @@ def test_forgetting_a_directory_releases_what_was_read_ahead_below_it() -> None:
     assert vfs.entry_count == with_listing - 3  # everything below top went, read ahead or listed
     again = vfs.lookup(top_ino, b"d0")
     assert again.ino == child.ino and vfs.lookup(again.ino, b"d1").ino == grandchild.ino  # same numbers after a reload
+
+
+def test_a_directory_without_a_tree_lists_empty_and_counts_as_read_ahead() -> None:
+    src = MemorySource()
+    treeless = Node(name=b"treeless", type=DIR, mode=0o755)  # the format allows a directory with no tree: it lists empty
+    src.snapshot(src.directory(b"", [src.directory(b"top", [treeless])]), 0)
+    vfs = Vfs(src)
+    top = walk(vfs, f"snapshots/{snapshot_names(src.snaps)[0][0]}/top")
+    vfs.load(top)
+    assert vfs.read_ahead_trees(top, max_trees=8) == []
+    assert vfs.entry(top).subdirs_read
+    assert list(vfs.listing(vfs.lookup(top, b"treeless").ino, 0)) == []
