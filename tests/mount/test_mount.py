@@ -34,6 +34,22 @@ def in_snapshot(m: Mounted, src: Path, name: str = "latest") -> Path:
     return m.path / "snapshots" / name / str(src).lstrip("/")
 
 
+def damage_blob(cli: Cli, path: Path, blob: str) -> None:
+    """Flip a byte inside a blob of `path` in the latest snapshot: `blob` is "content[0]" (its first chunk) or "subtree" (its tree)."""
+    locate = subprocess.run(
+        [sys.executable, "-c",
+         "from pathlib import Path; from stasisfs.repository import Repository, Credential; from stasisfs.reader import TreeReader;"
+         f"r = Repository(Path({str(cli.repo)!r})); r.unlock(Credential(password={PASSWORD!r}));"
+         f"n = TreeReader(r).node_at(r.snapshots()[-1].root, {os.fsencode(path)!r}); loc = r.index.lookup(n.{blob});"
+         "print(r.pack_path(loc.pack_id), loc.offset + loc.length // 2)"],
+        env=cli.env, capture_output=True, text=True, check=True,
+    ).stdout.split()
+    pack, offset = Path(locate[0]), int(locate[1])
+    raw = bytearray(pack.read_bytes())
+    raw[offset] ^= 0xFF
+    pack.write_bytes(bytes(raw))
+
+
 def test_mounted_snapshot_equals_source(cli: Cli, mounted: Mounted) -> None:
     cli.init()
     src = cli.tmp / "src"
@@ -121,18 +137,7 @@ def test_corrupt_chunk_gives_eio_and_the_rest_stays_readable(cli: Cli, mounted: 
     cli.backup(src)
     (src / "bad").write_bytes(os.urandom(300_000))
     cli.backup(src)
-    locate = subprocess.run(
-        [sys.executable, "-c",
-         "import sys; from pathlib import Path; from stasisfs.repository import Repository, Credential; from stasisfs.reader import TreeReader;"
-         f"r = Repository(Path({str(cli.repo)!r})); r.unlock(Credential(password={PASSWORD!r}));"
-         f"n = TreeReader(r).node_at(r.snapshots()[-1].root, {os.fsencode(src / 'bad')!r}); loc = r.index.lookup(n.content[0]);"
-         "print(r.pack_path(loc.pack_id), loc.offset + loc.length // 2)"],
-        env=cli.env, capture_output=True, text=True, check=True,
-    ).stdout.split()
-    pack, offset = Path(locate[0]), int(locate[1])
-    raw = bytearray(pack.read_bytes())
-    raw[offset] ^= 0xFF
-    pack.write_bytes(bytes(raw))
+    damage_blob(cli, src / "bad", "content[0]")
     mounted.start()
     view = in_snapshot(mounted, src)
     with pytest.raises(OSError) as exc:
@@ -152,18 +157,7 @@ def test_damaged_tree_fails_only_its_own_directory(cli: Cli, mounted: Mounted) -
         (src / name / "inner").mkdir(parents=True)
         (src / name / "inner" / "f").write_text(name)
     cli.backup(src)
-    locate = subprocess.run(
-        [sys.executable, "-c",
-         "from pathlib import Path; from stasisfs.repository import Repository, Credential; from stasisfs.reader import TreeReader;"
-         f"r = Repository(Path({str(cli.repo)!r})); r.unlock(Credential(password={PASSWORD!r}));"
-         f"n = TreeReader(r).node_at(r.snapshots()[-1].root, {os.fsencode(src / 'broken')!r}); loc = r.index.lookup(n.subtree);"
-         "print(r.pack_path(loc.pack_id), loc.offset + loc.length // 2)"],
-        env=cli.env, capture_output=True, text=True, check=True,
-    ).stdout.split()
-    pack, offset = Path(locate[0]), int(locate[1])
-    raw = bytearray(pack.read_bytes())
-    raw[offset] ^= 0xFF
-    pack.write_bytes(bytes(raw))
+    damage_blob(cli, src / "broken", "subtree")
     mounted.start()
     view = in_snapshot(mounted, src)
     assert sorted(os.listdir(view)) == ["broken", "fine"]  # the trees below were read ahead here, the damaged one too
