@@ -207,35 +207,24 @@ class Vfs:
         return entry
 
     def _content(self, snapshot: Snapshot, path: bytes, node: Node) -> Entry:
-        hardlinked = node.type == FILE and node.links > 1  # Node.hardlink_key, inlined: this runs for every listed entry
-        key: object = ("h", snapshot.id, node.device, node.inode) if hardlinked else ("s", snapshot.id, path)
-        ino = self._inodes.get(key)
-        if ino is None:
-            ino = self._inodes[key] = self._next_ino
-            self._next_ino += 1
-        entry = self._entries.get(ino)
-        if entry is None:
-            entry = self._new_node_entry(ino, snapshot, path, node, hardlinked)
-        return entry
+        hardlink = node.hardlink_key
+        key: object = ("h", snapshot.id, *hardlink) if hardlink else ("s", snapshot.id, path)
+        return self._node_entry(key, snapshot, path, node)
 
     def _node_entry(self, key: object, snapshot: Snapshot, path: bytes, node: Node) -> Entry:
         ino = self._ino(key)
         entry = self._entries.get(ino)
         if entry is None:
-            entry = self._new_node_entry(ino, snapshot, path, node, node.hardlink_key is not None)
-        return entry
-
-    def _new_node_entry(self, ino: int, snapshot: Snapshot, path: bytes, node: Node, shared: bool) -> Entry:
-        node_type = node.type
-        if node_type == FILE:
-            nlink, size, loader = node.links, node.size, None
-        elif node_type == DIR:
-            nlink, size, loader = 2, 0, self._load_tree_dir
-        else:
-            nlink, size, loader = 1, len(node.target) if node_type == SYMLINK else 0, None
-        attr = Attr(ino, _TYPE_BITS[node_type] | node.mode, nlink, node.uid, node.gid, size, node.mtime_ns, node.rdev)
-        entry = Entry(ino, attr, node, node.target, loader, path=path, snapshot=snapshot, shared=shared)
-        self._entries[ino] = entry
+            node_type = node.type
+            if node_type == FILE:
+                nlink, size, loader = node.links, node.size, None
+            elif node_type == DIR:
+                nlink, size, loader = 2, 0, self._load_tree_dir
+            else:
+                nlink, size, loader = 1, len(node.target) if node_type == SYMLINK else 0, None
+            attr = Attr(ino, _TYPE_BITS[node_type] | node.mode, nlink, node.uid, node.gid, size, node.mtime_ns, node.rdev)
+            entry = Entry(ino, attr, node, node.target, loader, path=path, snapshot=snapshot, shared=node.hardlink_key is not None)
+            self._entries[ino] = entry
         return entry
 
     # --- snapshots and views ---
