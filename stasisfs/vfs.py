@@ -384,10 +384,8 @@ class Vfs:
             return True
         if entry.loader != self._load_tree_dir or entry.node is None:
             return False
-        if entry.node.subtree is None:
-            self._install(entry, [])  # no tree to read
-            return True
-        nodes = self.source.tree_if_cached(entry.node.subtree)
+        subtree = entry.node.subtree
+        nodes = self.source.tree_if_cached(subtree) if subtree is not None else []  # no tree: it lists empty
         if nodes is None:
             return False
         self._install(entry, self._tree_listing(entry, nodes))
