@@ -1,89 +1,208 @@
-"""The user's account on a server: enrolment, login, escrow, recovery of a lost device.
+"""The user's account on a server: enrolment, login, the user key, escrow, recovery of a lost device.
 
-The password never leaves the device. The server gets a login verifier
-(Argon2id under the server's salt, then HKDF with its own label) that opens
-nothing, and an escrowed key slot that opens only with the password.
+Key scheme 2 (docs/format.md, docs/security.md): one Argon2id run of the password
+gives the login verifier and the key that wraps a random per-user key; each
+device's master key is escrowed wrapped under that user key. So a password change
+on any device re-wraps one key, and every device recovers with the new password.
+The password never leaves the device; recovery material changes only with a fresh
+password login, never with a device token.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import secrets
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import keys as keyslots
 from .errors import StasisError, UsageError, WrongKey
 from .remote import PerThread, RemoteClient, RemoteError
 from .remotes import DeviceRemotes, Remote
-from .repository import Repository
+from .repository import Repository, hostname
 from .storage import storage_id, write_atomic
 from .sync import config_object
 
 
-def login(client: RemoteClient, user: str, password: str) -> None:
-    """Log in with the password; the client then carries a short-lived session token."""
-    salt, kdf = client.login_params(user)
-    client.token = client.login(user, keyslots.login_verifier(password, salt, kdf))
+@dataclass
+class Account:
+    """A password login: the client holds a fresh session token, and the user key is open."""
+
+    client: RemoteClient
+    user: str
+    user_key: bytes
+    verifier: bytes  # of the current password: the proof a password change sends
 
 
-def escrow_blob(repo: Repository, remotes: DeviceRemotes, password: str, renew: bool = False) -> bytes:
-    """The escrowed key for this repository, made once and kept beside the remotes' settings."""
-    blob = None if renew else remotes.escrow()
-    if blob is None:
-        blob = keyslots.make_escrow(repo.master_keys.master, repo.id, password, config_object(repo)[0])
-        remotes.set_escrow(blob)
-    return blob
+@dataclass
+class DeviceKey:
+    repo_id: bytes
+    config_id: str
+    master: bytes
+    blob: bytes  # the escrowed version that opened
+    version: int
+    scheme: int
+    skipped: list[str] = field(default_factory=list)
+
+
+def open_account(client: RemoteClient, user: str, password: str, say: Callable[[str], None] = lambda s: None) -> Account:
+    """Log in with the password and open the user key; an account still on key scheme 1 is upgraded on the way."""
+    salt, kdf, scheme = client.login_params(user)
+    if scheme == 1:
+        current = keyslots.login_verifier(password, salt, kdf)
+        client.token = client.login(user, current)
+        return upgrade_account(client, user, password, current, say)
+    derived = keyslots.account_secrets(password, salt, kdf)
+    client.token = client.login(user, derived.verifier)
+    user_key = keyslots.open_user_key(client.user_key(), derived.kek, user)
+    return Account(client, user, user_key, derived.verifier)
+
+
+def set_password(account: Account, new_password: str, changed: bool) -> Account:
+    """Wrap the user key under `new_password` (fresh salt) and replace verifier and envelope in one request."""
+    salt = os.urandom(16)
+    kdf = keyslots.account_kdf()
+    derived = keyslots.account_secrets(new_password, salt, kdf)
+    envelope = keyslots.wrap_user_key(account.user_key, derived.kek, account.user)
+    keyslots.open_user_key(envelope, derived.kek, account.user)  # never send what would not open
+    account.client.change_password(account.verifier, salt, kdf, derived.verifier, envelope, changed)
+    return Account(account.client, account.user, account.user_key, derived.verifier)
+
+
+def upgrade_account(client: RemoteClient, user: str, password: str, current_verifier: bytes, say: Callable[[str], None]) -> Account:
+    """Scheme 1 -> 2 under the same password: a new user key, and every device's escrow re-wrapped under it.
+
+    Safe to interrupt: the scheme-1 escrows stay until the new envelope is stored and each new escrow confirmed.
+    """
+    account = Account(client, user, secrets.token_bytes(keyslots.KEY_LEN), current_verifier)
+    rewrapped: list[tuple[str, int]] = []
+    for device in client.devices():
+        name = str(device["name"])
+        try:
+            key = device_key(account, name, password)
+        except (WrongKey, RemoteError, StasisError) as exc:
+            say(f"device {name}: no escrowed key opens with this password ({exc}); it is left as it is")
+            continue
+        version = client.put_key(name, keyslots.make_device_escrow(key.master, key.repo_id, key.config_id, account.user_key, user, name))
+        rewrapped.append((name, version))
+    account = set_password(account, password, changed=False)
+    for name, version in rewrapped:
+        confirm_escrow(account, name, version, password)
+    say(f"account {user}: upgraded to key scheme 2 ({len(rewrapped)} escrowed device key{'s' if len(rewrapped) != 1 else ''} re-wrapped)")
+    return account
+
+
+def device_key(account: Account, device: str, password: str) -> DeviceKey:
+    """The device's master key from the newest escrowed version that opens; versions that do not are named in `skipped`."""
+    skipped: list[str] = []
+    for version, blob in account.client.get_keys(device):
+        try:
+            repo_id, config_id, master = keyslots.open_device_escrow(blob, account.user_key, account.user, device, password)
+        except StasisError as exc:  # WrongKey included: junk, damage, or a key of someone else's making
+            skipped.append(f"escrowed key version {version} of device {device}: {exc}")
+            continue
+        scheme = 2 if json.loads(blob).get("version") == 2 else 1
+        return DeviceKey(repo_id, config_id, master, blob, version, scheme, skipped)
+    detail = f" ({'; '.join(skipped)})" if skipped else ""
+    raise WrongKey(f"no escrowed key of device {device} opens with this password{detail}")
+
+
+def escrow_device(account: Account, repo: Repository, device: str, remotes: DeviceRemotes, password: str) -> None:
+    """Escrow this repository's key under the user key, confirm it opens as stored, then drop older versions."""
+    blob = keyslots.make_device_escrow(repo.master_keys.master, repo.id, config_object(repo)[0], account.user_key, account.user, device)
+    version = account.client.put_key(device, blob)
+    confirm_escrow(account, device, version, password)
+    remotes.set_escrow(blob)
+
+
+def confirm_escrow(account: Account, device: str, version: int, password: str) -> None:
+    key = device_key(account, device, password)
+    if key.version != version:
+        raise StasisError(f"the escrowed key just stored for device {device} does not open as stored; older versions are kept")
+    account.client.delete_older_keys(device, version)
 
 
 def add_remote(repo: Repository, name: str, url: str, user: str, password: str, enrol_code: str | None,
-               cacert: str | None) -> Remote:
+               cacert: str | None, say: Callable[[str], None] = lambda s: None) -> Remote:
     remotes = DeviceRemotes(repo.id)
     if any(r.name == name for r in remotes.all()):
         raise UsageError(f"a remote named {name!r} already exists; remove it first or pick another name")
     client = RemoteClient(url, cacert=cacert, name=name)
     if enrol_code:
-        salt, _ = client.login_params(user)
-        kdf = keyslots.login_kdf()
-        token = client.enrol(user, enrol_code, keyslots.login_verifier(password, salt, kdf), kdf, repo.device)
+        salt, _, _ = client.login_params(user)
+        kdf = keyslots.account_kdf()
+        derived = keyslots.account_secrets(password, salt, kdf)
+        user_key = secrets.token_bytes(keyslots.KEY_LEN)
+        envelope = keyslots.wrap_user_key(user_key, derived.kek, user)
+        token = client.enrol(user, enrol_code, derived.verifier, kdf, repo.device, envelope)
+        client.token = client.login(user, derived.verifier)
+        account = Account(client, user, user_key, derived.verifier)
     else:
-        login(client, user, password)
+        account = open_account(client, user, password, say)
         try:
-            token = client.register_device(repo.device)
+            token, _ = client.register_device(repo.device)
         except RemoteError as exc:
-            if "already exists" in str(exc):
+            if exc.code == "conflict":
                 raise UsageError(f"{user} already has a device named {repo.device!r} on {url}; if this machine replaces it, "
                                  "use `stasisfs recover`, otherwise create the repository with `init --device OTHER-NAME`") from None
             raise
+    escrow_device(account, repo, repo.device, remotes, password)
     remote = Remote(name, url, user, repo.device, token, cacert)
-    client.token = token
+    device_client = RemoteClient(url, token, cacert, name=name)
     config_id, config = config_object(repo)
-    client.put_object(repo.device, "config", config_id, config)
-    client.put_key(repo.device, escrow_blob(repo, remotes, password))
+    device_client.put_object(repo.device, "config", config_id, config)
     remotes.add(remote)
+    remotes.set_state(name, {**remotes.state(name), "password_version": int(client.account().get("password_version", 0))})
+    if repo.slot_id:
+        remotes.set_account_slot(repo.slot_id)
     return remote
 
 
 def change_password_on_remotes(repo: Repository, old_password: str, new_password: str,
                                say: Callable[[str], None]) -> list[str]:
-    """Re-escrow under the new password and replace the login verifier on every remote. Returns failures."""
+    """Re-wrap the user key under the new password on every remote: every device of the user follows. Returns failures."""
     remotes = DeviceRemotes(repo.id)
     failures = []
-    blob = escrow_blob(repo, remotes, new_password, renew=True) if remotes.all() else None
     for remote in remotes.all():
         try:
             client = RemoteClient(remote.url, cacert=remote.cacert, name=remote.name)
-            login(client, remote.user, old_password)
-            salt, kdf = client.login_params(remote.user)
-            client.change_verifier(keyslots.login_verifier(new_password, salt, kdf), kdf)
-            client.token = remote.token
-            assert blob is not None
-            client.put_key(remote.device, blob)
-            say(f"remote {remote.name}: escrowed key and login updated")
+            account = open_account(client, remote.user, old_password, say)
+            set_password(account, new_password, changed=True)
+            remotes.set_state(remote.name, {**remotes.state(remote.name), "password_version": int(client.account()["password_version"])})
+            say(f"remote {remote.name}: password changed for {remote.user}; every device of the account now recovers with it")
         except StasisError as exc:
             failures.append(f"{remote.name}: {exc}")
     return failures
+
+
+def adopt_password_from_remote(repo: Repository, remote: Remote, password: str, say: Callable[[str], None]) -> str:
+    """After a password change on another device: open this repository through the escrow with the account's
+    (new) password, and re-wrap the local password slot under it. Returns the new slot's id."""
+    remotes = DeviceRemotes(repo.id)
+    client = RemoteClient(remote.url, cacert=remote.cacert, name=remote.name)
+    account = open_account(client, remote.user, password, say)
+    key = device_key(account, remote.device, password)
+    for line in key.skipped:
+        say(f"skipped {line}")
+    if key.repo_id != repo.id:
+        raise WrongKey(f"device {remote.device}'s escrowed key on {remote.name} belongs to another repository")
+    repo.unlock_master(key.master)
+    slot = keyslots.wrap(key.master, repo.id, password.encode(), keyslots.SLOT_PASSWORD, keyslots.argon2_params())
+    repo.add_slot(slot)  # the new slot exists before the old one goes
+    old = remotes.account_slot()
+    if old and old != slot.id and any(s.id == old for s in repo.slots()):
+        repo.remove_slot(old)
+        say(f"replaced key slot {old} (the old password) with {slot.id}")
+    else:
+        say(f"added key slot {slot.id}; slots of the old password stay until you remove them (`stasisfs key list`, `key remove ID`)")
+    remotes.set_account_slot(slot.id)
+    escrow_device(account, repo, remote.device, remotes, password)  # and the server's newest escrow is this device's own again
+    remotes.set_state(remote.name, {**remotes.state(remote.name), "password_version": int(client.account()["password_version"])})
+    return slot.id
 
 
 def choose_device(devices: list[dict[str, object]], wanted: str | None, user: str) -> str:
@@ -105,27 +224,38 @@ def _config_opened_by(client: RemoteClient, device: str, master: bytes) -> bytes
 
     for config_id, _ in client.list_objects(device, "config"):
         config = client.get_object(device, "config", config_id)
-        doc = json.loads(config)
-        if MasterKeys(master, bytes.fromhex(doc["id"])).key_check.hex() == doc.get("key_check"):
-            return config
+        try:
+            doc = json.loads(config)
+            if MasterKeys(master, bytes.fromhex(doc["id"])).key_check.hex() == doc.get("key_check"):
+                return config
+        except (ValueError, KeyError, TypeError, AttributeError):
+            continue  # junk stored as a config: not ours
     raise WrongKey(f"this recovery key does not open device {device}")
 
 
-def fetch_metadata(client: RemoteClient, device: str, repo: Repository) -> int:
-    """Fetch the index objects and snapshots the local copy lacks (verified against their ids). Returns how many."""
+def fetch_metadata(client: RemoteClient, device: str, repo: Repository) -> list[str]:
+    """Fetch the index objects and snapshots the local copy lacks, keeping only those that authenticate under the key.
+
+    Returns what was skipped, named: junk a token holder uploaded, or damage.
+    """
     have = {kind: set(repo.list_objects(kind)) for kind in ("index", "snapshots")}
     wanted = [(kind, object_id) for kind in ("index", "snapshots") for object_id, _ in client.list_objects(device, kind)
               if object_id not in have[kind]]
     clients = PerThread(lambda: RemoteClient(client.url, client.token, client.cacert, client.name))
 
-    def fetch(item: tuple[str, str]) -> None:
+    def fetch(item: tuple[str, str]) -> str | None:
         kind, object_id = item
-        data = clients().get_object(device, kind, object_id)
+        try:
+            data = clients().get_object(device, kind, object_id)  # checked against its id
+        except StasisError as exc:
+            return f"{kind} object {object_id}: {exc}"
+        if not repo.authentic(kind, data):
+            return f"{kind} object {object_id} does not authenticate under this device's key (junk or tampered)"
         write_atomic(repo.path / kind / storage_id(data), data, sync=False)
+        return None
 
     with ThreadPoolExecutor(8) as pool:
-        list(pool.map(fetch, wanted))
-    return len(wanted)
+        return [problem for problem in pool.map(fetch, wanted) if problem is not None]
 
 
 class SessionRemote(Remote):
@@ -158,15 +288,13 @@ def open_other_devices(repo: Repository, password: str, say: Callable[[str], Non
     others = []
     for remote in DeviceRemotes(repo.id).all():
         client = RemoteClient(remote.url, cacert=remote.cacert, name=remote.name)
-        salt, kdf = client.login_params(remote.user)
-        verifier = keyslots.login_verifier(password, salt, kdf)
-        client.token = client.login(remote.user, verifier)
+        account = open_account(client, remote.user, password, say)
         for device in client.devices():
             name = str(device["name"])
             if name == remote.device:
                 continue
             try:
-                repo_id, config_id, master = keyslots.open_escrow(client.get_key(name), password)
+                key = device_key(account, name, password)
             except RemoteError:
                 continue  # nothing escrowed yet
             except WrongKey:
@@ -175,47 +303,76 @@ def open_other_devices(repo: Repository, password: str, say: Callable[[str], Non
             home = repo.cache_dir / "devices" / remote.name / name
             if (home / "repo" / "config").exists():
                 other = Repository(home / "repo", home / "cache")
-                other.unlock_master(master)
+                other.unlock_master(key.master)
             else:
-                other = Repository.adopt(home / "repo", client.get_object(name, "config", config_id), master, None, home / "cache")
-            if other.id != repo_id:
+                other = Repository.adopt(home / "repo", client.get_object(name, "config", key.config_id), key.master, None, home / "cache")
+            if other.id != key.repo_id:
                 say(f"device {name} on {remote.name}: its config does not match its escrowed key; not shown")
                 other.close()
                 continue
-            fetch_metadata(client, name, other)
-            other.fetch_packs_from(RemotePacks(home / "cache", SessionRemote(remote, name, verifier)))
+            for problem in fetch_metadata(client, name, other):
+                say(f"device {name} on {remote.name}: skipped {problem}")
+            other.fetch_packs_from(RemotePacks(home / "cache", SessionRemote(remote, name, account.verifier)))
             other.sync_index()
             other.close()
             others.append(other)
     return others
 
 
-def recover(url: str, user: str, password: str, device: str | None, target: Path, cacert: str | None,
-            remote_name: str, say: Callable[[str], None], recovery_master: bytes | None = None) -> Repository:
-    """Make a thin repository at `target` that carries on as the chosen device: keys, index and snapshots, no packs.
+@dataclass
+class Recovery:
+    repo: Repository
+    device: str
+    taken_over: bool
+    skipped: list[str]
 
-    The device key comes from the escrowed copy, or from the recovery key when one is given.
+
+def recover(url: str, user: str, password: str, device: str | None, target: Path, cacert: str | None,
+            remote_name: str, say: Callable[[str], None], recovery_master: bytes | None = None) -> Recovery:
+    """Make a thin repository at `target` that takes over the chosen device: keys, index and snapshots, no packs.
+
+    The device key comes from the newest escrowed version that opens, or from the recovery key when one is
+    given. Everything downloaded is authenticated; what is not is named in `skipped` and left out. The server
+    retires every earlier copy of the device, so there is one live writer.
     """
     client = RemoteClient(url, cacert=cacert, name=remote_name)
-    login(client, user, password)
+    account = open_account(client, user, password, say)
     chosen = choose_device(client.devices(), device, user)
+    skipped: list[str] = []
+    key: DeviceKey | None = None
     if recovery_master is None:
-        repo_id, config_id, master = keyslots.open_escrow(client.get_key(chosen), password)
-        config = client.get_object(chosen, "config", config_id)
-        if json.loads(config).get("id") != repo_id.hex():
-            raise StasisError("the server's repository config does not belong to the escrowed key; refusing it")
+        key = device_key(account, chosen, password)
+        skipped += key.skipped
+        master = key.master
+        config = client.get_object(chosen, "config", key.config_id)
+        try:
+            config_repo = json.loads(config).get("id")
+        except (ValueError, AttributeError):
+            config_repo = None
+        if config_repo != key.repo_id.hex():
+            raise StasisError(f"the server's repository config {key.config_id[:16]} does not belong to the escrowed key; refusing it")
     else:
         master, config = recovery_master, _config_opened_by(client, chosen, recovery_master)
     repo = Repository.adopt(target, config, master, password)
     say(f"recovering device {chosen}: repository {repo.id.hex()[:8]} at {repo.path}")
-    fetch_metadata(client, chosen, repo)
-    token = client.register_device(chosen, resume=True)
+    skipped += fetch_metadata(client, chosen, repo)
+    token, taken_over = client.register_device(chosen, take_over=True, host=_host_label())
     remotes = DeviceRemotes(repo.id)
     for stale in remotes.all():  # a previous recovery into this cache/config
         remotes.remove(stale.name)
     remotes.add(Remote(remote_name, url, user, chosen, token, cacert))
     remotes.set_thin(remote_name)
-    remotes.set_escrow(client.get_key(chosen))
-    remotes.set_state(remote_name, {"index": repo.list_objects("index"), "snapshots": repo.list_objects("snapshots")})
+    if key is None or key.skipped or key.scheme == 1:
+        escrow_device(account, repo, chosen, remotes, password)  # the newest version on the server is a good one again
+    else:
+        remotes.set_escrow(key.blob)
+    remotes.set_account_slot(repo.slot_id)
+    remotes.set_state(remote_name, {"index": repo.list_objects("index"), "snapshots": repo.list_objects("snapshots"),
+                                    "password_version": int(client.account()["password_version"])})
     repo.rebuild_index(from_packs=False)
-    return repo
+    return Recovery(repo, chosen, taken_over, skipped)
+
+
+def _host_label() -> str:
+    """This machine's name as the retired copy will read it: the characters the server accepts, at most 64."""
+    return "".join(c for c in hostname() if c.isascii() and (c.isalnum() or c in "._-"))[:64]

@@ -149,8 +149,54 @@ class Checker:
             elif held[pack_id] != size:
                 self.error(f"pack {pack_id.hex()} has the wrong size on remote {remote.name} (damaged)")
         for kind in ("index", "snapshots"):
-            for object_id in sorted(self.client.missing(remote.device, kind, self.repo.list_objects(kind))):
+            local = self.repo.list_objects(kind)
+            for object_id in sorted(self.client.missing(remote.device, kind, local)):
                 self.error(f"{kind} object {object_id[:16]} is missing from remote {remote.name}; `stasisfs sync` uploads it")
+            self._check_remote_only_objects(remote, kind, set(local))
+        self._check_escrow(remote)
+
+    def _check_remote_only_objects(self, remote: Remote, kind: str, local: set[str]) -> None:
+        """Objects only the remote holds must at least authenticate: a token holder can upload, but not forge."""
+        assert self.client is not None
+        for object_id, _ in self.client.list_objects(remote.device, kind):
+            if object_id in local:
+                continue
+            try:
+                authentic = self.repo.authentic(kind, self.client.get_object(remote.device, kind, object_id))
+            except StasisError as exc:
+                self.error(f"{kind} object {object_id} on remote {remote.name} cannot be read: {exc}")
+                continue
+            if not authentic:
+                self.error(f"{kind} object {object_id} on remote {remote.name} does not authenticate under this device's key "
+                           "(junk from a token holder, or tampering); recovery skips it")
+            else:
+                self.report.notes.append(f"remote {remote.name} holds {kind} object {object_id[:16]} that this copy does not")
+
+    def _check_escrow(self, remote: Remote) -> None:
+        """The escrowed key cannot be opened here (that needs the password), but it must name this repository."""
+        import json
+
+        from .remotes import DeviceRemotes
+
+        assert self.client is not None
+        try:
+            blob = self.client.get_key(remote.device)
+        except StasisError as exc:
+            self.error(f"remote {remote.name} holds no readable escrowed key for device {remote.device} ({exc}); "
+                       f"`stasisfs key passwd --from-remote {remote.name}` escrows it again")
+            return
+        if blob == DeviceRemotes(self.repo.id).escrow():
+            return
+        try:
+            doc = json.loads(blob)
+            ours = doc["repository"] == self.repo.id.hex() and doc.get("device", remote.device) == remote.device
+        except (ValueError, KeyError, TypeError):
+            ours = False
+        if not ours:
+            self.error(f"the escrowed key of device {remote.device} on remote {remote.name} is not this repository's; "
+                       f"recovery would skip it. `stasisfs key passwd --from-remote {remote.name}` escrows it again")
+        else:
+            self.report.notes.append(f"the escrowed key on remote {remote.name} was re-wrapped by another device of the account")
 
     def _blob(self, chunk_id: bytes) -> bytes:
         found = self.chunks.get(chunk_id)

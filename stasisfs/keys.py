@@ -35,6 +35,11 @@ ARGON2_INSECURE_TEST = {"iterations": 1, "memory_kib": 64, "lanes": 1}
 # The escrowed slot sits on a server that can guess passwords offline against it: make each guess dearer.
 ARGON2_ESCROW = {"iterations": 4, "memory_kib": 256 * 1024, "lanes": 4}
 LOGIN_VERIFIER_LABEL = b"stasisfs login verifier v1"
+# Key scheme 2: one Argon2id run per password, split by HKDF into what the server may hold and what it may not.
+ACCOUNT_VERIFIER_LABEL = b"stasisfs login verifier v2"
+ACCOUNT_KEK_LABEL = b"stasisfs user key wrap v2"
+# Parameters read from storage are bounded, so a planted slot cannot make an unlock take minutes and gigabytes.
+ARGON2_CEILING = {"iterations": 64, "memory_kib": 1024 * 1024, "lanes": 64}
 
 MIN_PASSWORD_SCORE = 3  # zxcvbn: "safely unguessable: moderate protection from offline slow-hash scenario"
 
@@ -92,21 +97,45 @@ def login_verifier(password: str, salt: bytes, kdf: dict[str, object]) -> bytes:
     """What proves the password to a server. A different salt and label from every key slot, so it opens nothing."""
     if kdf.get("name") != "argon2id":
         raise StasisError(f"server asks for an unknown login KDF {kdf.get('name')!r}")
-    iterations, memory, lanes = (int(str(kdf[k])) for k in ("iterations", "memory_kib", "lanes"))
-    floor = ARGON2_INSECURE_TEST if insecure_test_kdf() else ARGON2_DEFAULT
-    if iterations < floor["iterations"] or memory < floor["memory_kib"] or not 1 <= lanes <= 64 or len(salt) < 16:
-        # A server offering cheap parameters would make its copy of the verifier cheap to guess from.
-        raise StasisError("the server asks for login KDF parameters weaker than stasisfs accepts; refusing to log in")
-    stretched = Argon2id(salt=salt, length=KEY_LEN, iterations=iterations, lanes=lanes, memory_cost=memory).derive(password.encode())
+    check_login_floor(kdf, salt, ARGON2_DEFAULT)
+    stretched = argon2(password.encode(), salt, kdf, "the server's login parameters")
     return hkdf(stretched, LOGIN_VERIFIER_LABEL, salt=salt)
+
+
+def check_login_floor(kdf: dict[str, object], salt: bytes, floor: dict[str, int]) -> None:
+    """A server offering cheap parameters would make its copy of the verifier cheap to guess from: refuse them."""
+    if insecure_test_kdf():
+        floor = ARGON2_INSECURE_TEST
+    try:
+        iterations, memory = int(str(kdf["iterations"])), int(str(kdf["memory_kib"]))
+    except (KeyError, ValueError):
+        raise StasisError("the server sent malformed login KDF parameters; refusing to log in") from None
+    if kdf.get("name") != "argon2id":
+        raise StasisError(f"server asks for an unknown login KDF {kdf.get('name')!r}")
+    if iterations < floor["iterations"] or memory < floor["memory_kib"] or len(salt) < 16:
+        raise StasisError("the server asks for login KDF parameters weaker than stasisfs accepts; refusing to log in")
+
+
+def argon2(secret: bytes, salt: bytes, kdf: dict[str, object], what: str) -> bytes:
+    """Argon2id with parameters that came from storage: bounded and checked before any memory is spent."""
+    try:
+        iterations, memory, lanes = (int(str(kdf[k])) for k in ("iterations", "memory_kib", "lanes"))
+    except (KeyError, ValueError):
+        raise StasisError(f"{what} has malformed Argon2id parameters") from None
+    if not (1 <= iterations <= ARGON2_CEILING["iterations"] and 8 * lanes <= memory <= ARGON2_CEILING["memory_kib"]
+            and 1 <= lanes <= ARGON2_CEILING["lanes"]) or len(salt) < 8:
+        raise StasisError(f"{what} asks for Argon2id parameters out of bounds (t={iterations}, m={memory} KiB, p={lanes}); refusing it")
+    return Argon2id(salt=salt, length=KEY_LEN, iterations=iterations, lanes=lanes, memory_cost=memory).derive(secret)
 
 
 def derive_kek(kdf: dict[str, object], secret: bytes, slot_id: str) -> bytes:
     name = kdf.get("name")
     if name == "argon2id":
-        salt = base64.b64decode(str(kdf["salt"]))
-        iterations, memory, lanes = (int(str(kdf[k])) for k in ("iterations", "memory_kib", "lanes"))
-        return Argon2id(salt=salt, length=KEY_LEN, iterations=iterations, lanes=lanes, memory_cost=memory).derive(secret)
+        try:
+            salt = base64.b64decode(str(kdf["salt"]))
+        except (KeyError, ValueError):
+            raise StasisError(f"key slot {slot_id} has a malformed salt") from None
+        return argon2(secret, salt, kdf, f"key slot {slot_id}")
     if name == "none":  # a random machine key needs no stretching
         return hkdf(secret, b"stasisfs machine slot v1", salt=slot_id.encode())
     raise StasisError(f"key slot uses unknown KDF {name!r}")
@@ -231,3 +260,83 @@ def open_escrow(blob: bytes, password: str) -> tuple[bytes, str, bytes]:
     except (ValueError, KeyError, TypeError) as exc:
         raise StasisError(f"the escrowed key is malformed: {exc}") from None
     return repo_id, config_id, unwrap(slot, repo_id, password.encode())
+
+
+# --- key scheme 2: the user key -------------------------------------------------
+# root = Argon2id(password, salt); verifier = HKDF(root, "login verifier v2"); kek = HKDF(root, "user key wrap v2").
+# The server stores SHA-256(verifier) and the user key wrapped under kek: both cost one Argon2id per guess.
+# Each device's master key is escrowed wrapped under the user key, so a password change re-wraps one key.
+
+
+@dataclass(frozen=True)
+class AccountSecrets:
+    verifier: bytes  # sent to the server at login; opens nothing
+    kek: bytes  # wraps the user key; never leaves the device
+
+
+def account_kdf() -> dict[str, object]:
+    """The parameters a new or changed account password is derived with: the escrow's strength."""
+    return {"name": "argon2id", **(ARGON2_INSECURE_TEST if insecure_test_kdf() else ARGON2_ESCROW)}
+
+
+def account_secrets(password: str, salt: bytes, kdf: dict[str, object]) -> AccountSecrets:
+    check_login_floor(kdf, salt, ARGON2_ESCROW)
+    root = argon2(password.encode(), salt, kdf, "the server's login parameters")
+    return AccountSecrets(hkdf(root, ACCOUNT_VERIFIER_LABEL, salt=salt), hkdf(root, ACCOUNT_KEK_LABEL, salt=salt))
+
+
+def _user_key_aad(user: str) -> bytes:
+    return b"stasisfs user key v2\0" + user.encode()
+
+
+def wrap_user_key(user_key: bytes, kek: bytes, user: str) -> bytes:
+    nonce = os.urandom(12)
+    return nonce + AESGCM(kek).encrypt(nonce, user_key, _user_key_aad(user))
+
+
+def open_user_key(envelope: bytes, kek: bytes, user: str) -> bytes:
+    try:
+        user_key = AESGCM(kek).decrypt(envelope[:12], envelope[12:], _user_key_aad(user))
+    except (InvalidTag, ValueError):
+        raise WrongKey("the server's wrapped user key does not open with this password") from None
+    if len(user_key) != KEY_LEN:
+        raise WrongKey("the server's wrapped user key is malformed")
+    return user_key
+
+
+def _device_escrow_aad(user: str, device: str, repo_id: bytes, config_id: str) -> bytes:
+    return b"\0".join([b"stasisfs device escrow v2", user.encode(), device.encode(), repo_id, config_id.encode()])
+
+
+def make_device_escrow(master: bytes, repo_id: bytes, config_id: str, user_key: bytes, user: str, device: str) -> bytes:
+    """A device's master key wrapped under the user key; the ids it names are bound in the associated data."""
+    nonce = os.urandom(12)
+    wrapped = nonce + AESGCM(user_key).encrypt(nonce, master, _device_escrow_aad(user, device, repo_id, config_id))
+    return json.dumps({"version": 2, "repository": repo_id.hex(), "config": config_id, "device": device,
+                       "wrapped": base64.b64encode(wrapped).decode()}).encode()
+
+
+def open_device_escrow(blob: bytes, user_key: bytes, user: str, device: str, password: str) -> tuple[bytes, str, bytes]:
+    """(repository id, config object id, master key) from a scheme-2 escrow, or a scheme-1 one (wrapped under the password).
+
+    WrongKey when it does not open, StasisError when it is malformed: either way the caller names it and tries an older version.
+    """
+    try:
+        doc = json.loads(blob)
+        version = int(doc["version"]) if isinstance(doc, dict) else 0
+    except (ValueError, KeyError, TypeError):
+        raise StasisError("the escrowed key is not JSON") from None
+    if version == 1:
+        return open_escrow(blob, password)
+    if version != 2:
+        raise StasisError(f"the escrowed key has unknown version {version}")
+    try:
+        repo_id, config_id = bytes.fromhex(doc["repository"]), str(doc["config"])
+        wrapped = base64.b64decode(doc["wrapped"], validate=True)
+    except (ValueError, KeyError, TypeError) as exc:
+        raise StasisError(f"the escrowed key is malformed: {exc}") from None
+    try:
+        master = AESGCM(user_key).decrypt(wrapped[:12], wrapped[12:], _device_escrow_aad(user, device, repo_id, config_id))
+    except (InvalidTag, ValueError):
+        raise WrongKey("the escrowed key does not open with this account's user key") from None
+    return repo_id, config_id, master

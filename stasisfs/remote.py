@@ -8,6 +8,7 @@ so no caller ever handles unverified bytes.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import threading
 from collections.abc import Callable, Iterator
@@ -24,7 +25,12 @@ TIMEOUT = (10, 120)  # connect, read (a 16 MiB pack on a slow link)
 
 
 class RemoteError(StasisError):
-    """The server refused or could not be reached; `str()` says which and why."""
+    """The server refused or could not be reached; `str()` says which and why, `code` is the server's stable code."""
+
+    def __init__(self, message: str, code: str = "", status: int = 0) -> None:
+        super().__init__(message)
+        self.code = code
+        self.status = status
 
 
 class RemoteUnavailable(RemoteError):
@@ -37,6 +43,10 @@ class QuotaExceeded(RemoteError):
 
 class RemoteAuthError(RemoteError):
     exit_code = WrongKey.exit_code
+
+
+class DeviceRetired(RemoteError):
+    """This copy of the device was taken over by a recovery elsewhere: the server refuses it everything."""
 
 
 def _session() -> requests.Session:
@@ -76,52 +86,80 @@ class RemoteClient:
             raise RemoteUnavailable(f"remote {self.name} cannot be reached at {self.url}: {_reason(exc)}") from None
         if response.status_code in ok:
             return response
-        reason = _error_text(response)
+        code, reason = _refusal(response)
         status = response.status_code
         if status == 401:
-            raise RemoteAuthError(f"remote {self.name}: {reason}")
+            raise RemoteAuthError(f"remote {self.name}: {reason}", code, status)
+        if code == "device_retired":
+            raise DeviceRetired(f"remote {self.name}: {reason}", code, status)
         if status == 507:
-            raise QuotaExceeded(f"remote {self.name} is full for this account: {reason}; ask its operator for more quota or prune")
+            raise QuotaExceeded(f"remote {self.name} is full for this account: {reason}; ask its operator for more quota or prune", code, status)
         if status in (502, 503, 504):
-            raise RemoteUnavailable(f"remote {self.name} is unavailable (HTTP {status})")
-        raise RemoteError(f"remote {self.name} refused {method} {path.split('?')[0]}: HTTP {status}: {reason}")
+            raise RemoteUnavailable(f"remote {self.name} is unavailable (HTTP {status})", code, status)
+        raise RemoteError(f"remote {self.name} refused {method} {path.split('?')[0]}: HTTP {status}: {reason}", code, status)
 
     # --- accounts ---
     def health(self) -> None:
         self._request("GET", "/health")
 
-    def login_params(self, user: str) -> tuple[bytes, dict[str, Any]]:
+    def login_params(self, user: str) -> tuple[bytes, dict[str, Any], int]:
+        """(salt, KDF parameters, key scheme) the account's password is derived with."""
         doc = self._request("GET", f"/users/{_seg(user)}/params").json()
-        return bytes.fromhex(doc["salt"]), doc["kdf"]
+        try:
+            return bytes.fromhex(doc["salt"]), dict(doc["kdf"]), int(doc.get("scheme", 1))
+        except (KeyError, TypeError, ValueError):
+            raise RemoteError(f"remote {self.name} sent malformed login parameters", "malformed") from None
 
-    def enrol(self, user: str, code: str, verifier: bytes, kdf: dict[str, Any], device: str) -> str:
-        doc = self._request("POST", "/enrol", json={"user": user, "code": code, "verifier": verifier.hex(), "kdf": kdf, "device": device}).json()
+    def enrol(self, user: str, code: str, verifier: bytes, kdf: dict[str, Any], device: str, envelope: bytes) -> str:
+        doc = self._request("POST", "/enrol", json={"user": user, "code": code, "verifier": verifier.hex(), "kdf": kdf, "device": device,
+                                                    "envelope": base64.b64encode(envelope).decode()}).json()
         return str(doc["token"])
 
     def login(self, user: str, verifier: bytes) -> str:
         try:
             return str(self._request("POST", f"/users/{_seg(user)}/login", json={"verifier": verifier.hex()}).json()["token"])
-        except RemoteAuthError:
-            raise RemoteAuthError(f"remote {self.name}: wrong user name or password") from None
+        except RemoteAuthError as exc:
+            raise RemoteAuthError(f"remote {self.name}: wrong user name or password", exc.code, exc.status) from None
 
-    def change_verifier(self, verifier: bytes, kdf: dict[str, Any]) -> None:
-        self._request("PUT", "/account/verifier", json={"verifier": verifier.hex(), "kdf": kdf})
+    def account(self) -> dict[str, Any]:
+        return dict(self._request("GET", "/account").json())
+
+    def user_key(self) -> bytes:
+        return self._request("GET", "/account/key").content
+
+    def change_password(self, current: bytes, salt: bytes, kdf: dict[str, Any], verifier: bytes, envelope: bytes, changed: bool) -> None:
+        self._request("PUT", "/account/password", json={"current": current.hex(), "salt": salt.hex(), "kdf": kdf, "verifier": verifier.hex(),
+                                                         "envelope": base64.b64encode(envelope).decode(), "changed": changed})
 
     def devices(self) -> list[dict[str, Any]]:
         return list(self._request("GET", "/devices").json())
 
-    def register_device(self, name: str, resume: bool = False) -> str:
-        return str(self._request("POST", "/devices", json={"name": name, "resume": resume}).json()["token"])
+    def register_device(self, name: str, take_over: bool = False, host: str = "") -> tuple[str, bool]:
+        """(device token, whether an existing device was taken over)."""
+        doc = self._request("POST", "/devices", json={"name": name, "take_over": take_over, "host": host}).json()
+        return str(doc["token"]), bool(doc.get("taken_over"))
 
     def revoke_device(self, name: str) -> None:
         self._request("DELETE", f"/devices/{_seg(name)}")
 
     # --- escrow ---
     def put_key(self, device: str, blob: bytes) -> int:
-        return int(self._request("PUT", f"/devices/{_seg(device)}/key", data=blob).json()["version"])
+        return int(self._request("PUT", f"/devices/{_seg(device)}/key", data=blob,
+                                 headers={"Content-Type": "application/octet-stream"}).json()["version"])
 
     def get_key(self, device: str) -> bytes:
         return self._request("GET", f"/devices/{_seg(device)}/key").content
+
+    def get_keys(self, device: str) -> list[tuple[int, bytes]]:
+        """Every kept version of the device's escrowed key, newest first."""
+        doc = self._request("GET", f"/devices/{_seg(device)}/keys").json()
+        try:
+            return [(int(k["version"]), base64.b64decode(k["blob"])) for k in doc["keys"]]
+        except (KeyError, TypeError, ValueError):
+            raise RemoteError(f"remote {self.name} sent a malformed list of escrowed keys", "malformed") from None
+
+    def delete_older_keys(self, device: str, version: int) -> None:
+        self._request("DELETE", f"/devices/{_seg(device)}/keys", params={"older_than": version})
 
     # --- objects ---
     def put_object(self, device: str, kind: str, object_id: str, data: bytes | memoryview) -> bool:
@@ -187,11 +225,13 @@ def _seg(name: str) -> str:
     return quote(name, safe="")
 
 
-def _error_text(response: requests.Response) -> str:
+def _refusal(response: requests.Response) -> tuple[str, str]:
+    """(code, detail) of a refusal; older servers sent {"error": reason} without a code."""
     try:
-        return str(response.json().get("error") or response.reason)
-    except ValueError:
-        return response.reason or f"HTTP {response.status_code}"
+        doc = response.json()
+        return str(doc.get("code") or ""), str(doc.get("detail") or doc.get("error") or response.reason)
+    except (ValueError, AttributeError):
+        return "", response.reason or f"HTTP {response.status_code}"
 
 
 def _reason(exc: Exception) -> str:

@@ -3,9 +3,13 @@
 Kept under `$XDG_CONFIG_HOME/stasisfs/repositories/<repository id>/`, never in
 the repository directory (which may travel on a USB disk), in 0600 files:
 
-    remotes.json   {"remotes": [{name, url, user, device, token, cacert}], "thin": NAME|null}
-    state.json     {NAME: {"snapshots": [ids confirmed on it], "index": [...], "escrow": sha256, "last_sync": ISO}}
-    escrow.key     the escrowed wrapped key as uploaded (it opens only with the password)
+    remotes.json   {"remotes": [{name, url, user, device, token, cacert}], "thin": NAME|null, "account_slot": slot id|null}
+    state.json     {NAME: {"snapshots": [ids confirmed on it], "index": [...], "password_version": n, "last_sync": ISO,
+                           "delete": {kind: [ids this device deleted, for the remote to delete]}}}
+    escrow.key     the escrowed wrapped key as uploaded (it opens only with the user key), to compare with the remote's
+
+`account_slot` is the local password slot that opens with the account password, so that a
+password changed on another device can replace it (`key passwd --from-remote`).
 """
 
 from __future__ import annotations
@@ -114,6 +118,15 @@ class DeviceRemotes:
             pending = state.setdefault("delete", {}).setdefault(kind, [])
             pending.extend(i for i in ids if i not in pending)
         write_json_file(self.dir / "state.json", doc)
+
+    # --- the local slot of the account password ---
+    def account_slot(self) -> str | None:
+        slot = self._doc.get("account_slot")
+        return str(slot) if slot else None
+
+    def set_account_slot(self, slot_id: str | None) -> None:
+        self._doc["account_slot"] = slot_id or None
+        self.save()
 
     # --- the escrowed key ---
     def escrow(self) -> bytes | None:

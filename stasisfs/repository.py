@@ -371,6 +371,17 @@ class Repository:
         except FileNotFoundError:
             raise IntegrityError(f"{kind} object {object_id[:16]} is missing") from None
 
+    def authentic(self, kind: str, data: bytes) -> bool:
+        """Whether a snapshot or index object from elsewhere (a remote) opens under this repository's key and parses."""
+        try:
+            if kind == "snapshots":
+                Snapshot.decode(unpad_small(self.cipher.open(data, KIND_SNAPSHOT)), bytes.fromhex(storage_id(data)))
+            else:
+                list(decode_index(self.cipher, data))
+        except (StasisError, ValueError, KeyError, TypeError):  # untrusted bytes: any parse failure means "not ours"
+            return False
+        return True
+
     def save_snapshot(self, snapshot: Snapshot) -> bytes:
         sealed = self.cipher.seal(pad_small(snapshot.encode()), KIND_SNAPSHOT)
         snapshot.id = self.write_object_raw("snapshots", sealed)

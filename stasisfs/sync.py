@@ -20,7 +20,7 @@ from typing import Any
 
 from .errors import IntegrityError, StasisError
 from .progress import Counters
-from .remote import PerThread, RemoteClient, RemoteError
+from .remote import DeviceRetired, PerThread, RemoteClient, RemoteError
 from .remotes import DeviceRemotes, Remote
 from .repository import Repository
 from .storage import write_atomic
@@ -106,7 +106,7 @@ class Syncer:
             report.already_there += len(ids) - len(lacking)
             if kind != "data":
                 confirmed[kind] = ids
-        self._push_escrow(remote, client, state)
+        self._check_account(remote, client, state, report)
         self._apply_tombstones(remote, client, state, report)
         state.update(confirmed)
         state["last_sync"] = datetime.now(UTC).isoformat(timespec="seconds")
@@ -130,7 +130,7 @@ class Syncer:
             try:
                 stored = client.put_object(remote.device, kind, object_id, data)
             except RemoteError as exc:
-                if "does not hash to its id" in str(exc):
+                if exc.code == "hash_mismatch":
                     raise IntegrityError(f"local {kind} object {object_id[:16]} is damaged; run `stasisfs check`") from None
                 raise
             self.counters.add(1, len(data))
@@ -146,18 +146,30 @@ class Syncer:
                 future.result()  # the first failure stops the sync; what arrived stays and is not sent again
 
     def _apply_tombstones(self, remote: Remote, client: RemoteClient, state: dict[str, Any], report: SyncReport) -> None:
-        """Deletions forget and prune made here, applied after everything new has arrived."""
+        """Deletions forget and prune made here, applied after everything new has arrived.
+
+        The remote's snapshot list decides what is live: packs and index objects are deleted only while
+        every snapshot the remote holds is one this copy knows, because local prune kept exactly what
+        those need. A snapshot only the remote has (another copy wrote it) holds every deletion back.
+        """
         pending: dict[str, list[str]] = state.get("delete", {})
         if self.maintenance_token and any(pending.values()):
             client = RemoteClient(remote.url, self.maintenance_token, remote.cacert, name=remote.name)
         for kind in ("snapshots", "index", "data"):  # the reverse of the write order
+            if kind != "snapshots" and pending.get(kind):
+                unknown = sorted({i for i, _ in client.list_objects(remote.device, "snapshots")} - set(self.repo.list_objects("snapshots")))
+                if unknown:
+                    report.warnings.append(f"remote {remote.name} holds {len(unknown)} snapshot(s) this copy does not (e.g. {unknown[0][:16]}); "
+                                           f"{sum(len(v) for k, v in pending.items() if k != 'snapshots')} pack and index deletion(s) wait "
+                                           "so that nothing they use is lost")
+                    break
             left = []
             for object_id in pending.get(kind, []):
                 try:
                     if client.delete_object(remote.device, kind, object_id):
                         report.deleted += 1
                 except RemoteError as exc:
-                    if "append-only" not in str(exc):
+                    if exc.code != "append_only":
                         raise
                     left.append(object_id)
             if left:
@@ -166,14 +178,16 @@ class Syncer:
             pending[kind] = left
         state["delete"] = {k: v for k, v in pending.items() if v}
 
-    def _push_escrow(self, remote: Remote, client: RemoteClient, state: dict[str, object]) -> None:
-        blob = self.remotes.escrow()
-        if blob is None:
-            return
-        digest = hashlib.sha256(blob).hexdigest()
-        if state.get("escrow") != digest:
-            client.put_key(remote.device, blob)
-            state["escrow"] = digest
+    def _check_account(self, remote: Remote, client: RemoteClient, state: dict[str, Any], report: SyncReport) -> None:
+        """Tell the user when the account password changed elsewhere, so the local slots can follow."""
+        account = client.account()
+        if int(account.get("scheme", 2)) == 1:
+            report.warnings.append(f"the account on remote {remote.name} still uses key scheme 1; upgrade it with "
+                                   f"`stasisfs key passwd --from-remote {remote.name}` (it asks for the password)")
+        elif int(account.get("password_version", 0)) > int(state.get("password_version", 0)):
+            report.warnings.append(f"the password of {remote.user} on remote {remote.name} was changed on {account.get('password_changed')} "
+                                   "(on another device); this device's key slots still use the old one. Take the new password with "
+                                   f"`stasisfs key passwd --from-remote {remote.name}`")
 
     def pull(self, remote: Remote) -> int:
         """Fetch every object the local copy lacks (completes a thin repository). Returns how many."""
@@ -207,6 +221,8 @@ def sync_all(repo: Repository, remotes: DeviceRemotes, names: list[str] | tuple[
     for remote in remotes.select(names):
         try:
             reports.append(syncer.push(remote))
+        except DeviceRetired:
+            raise  # never a quiet partial success: this copy may no longer write anywhere as that device
         except StasisError as exc:
             failures[remote.name] = str(exc)
     return reports, failures

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import hashlib
 import re
-from typing import Annotated, Any
+import base64
+import logging
+from typing import Annotated, Any, Literal
 
-from fastapi import Depends, FastAPI, Request
+from fastapi import Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import iterate_in_threadpool, run_in_threadpool
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -58,32 +60,65 @@ class BodyLimit:
 
 
 async def too_large(scope: Scope, receive: Receive, send: Send) -> None:
-    await JSONResponse({"error": "request body too large"}, status_code=413)(scope, receive, send)
+    await JSONResponse(refusal("too_large", "request body too large"), status_code=413)(scope, receive, send)
 
 
-class EnrolRequest(BaseModel):
+def refusal(code: str, detail: str) -> dict[str, str]:
+    return {"code": code, "detail": detail}
+
+
+# pydantic matches patterns with Rust's regex, whose `$` is the end of the text: no trailing newline gets through.
+HEX32 = r"^[0-9a-f]{64}$"
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+ENVELOPE = r"^[A-Za-z0-9+/]{20,5000}={0,2}$"
+STATUS_CODES = {400: "malformed", 401: "unauthorized", 403: "forbidden", 404: "not_found", 405: "method_not_allowed",
+                409: "conflict", 413: "too_large", 415: "unsupported_media_type", 416: "range_not_satisfiable", 429: "rate_limited"}
+
+
+class Strict(BaseModel):
+    """No coercion and no unknown fields: a NaN, a float or a stray key is a 400, never a 500."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class KdfParams(Strict):
+    """Argon2id parameters, bounded: whatever a client sends is served back to every other client."""
+
+    name: Literal["argon2id"]
+    iterations: int = Field(ge=1, le=64)
+    memory_kib: int = Field(ge=8, le=1024 * 1024)
+    lanes: int = Field(ge=1, le=64)
+
+
+class EnrolRequest(Strict):
     user: str = Field(max_length=64)
     code: str = Field(max_length=64)
-    verifier: str = Field(pattern=r"^[0-9a-f]{64}$", description="hex of the login verifier the client derived from the password")
-    kdf: dict[str, Any]
-    device: str = Field(max_length=64)
+    verifier: str = Field(pattern=HEX32, description="hex of the login verifier the client derived from the password")
+    kdf: KdfParams
+    device: str = Field(pattern=NAME_PATTERN)
+    envelope: str = Field(pattern=ENVELOPE, description="base64 of the user key wrapped under the password (docs/format.md)")
 
 
-class LoginRequest(BaseModel):
-    verifier: str = Field(pattern=r"^[0-9a-f]{64}$")
+class LoginRequest(Strict):
+    verifier: str = Field(pattern=HEX32)
 
 
-class VerifierRequest(BaseModel):
-    verifier: str = Field(pattern=r"^[0-9a-f]{64}$")
-    kdf: dict[str, Any]
+class PasswordRequest(Strict):
+    current: str = Field(pattern=HEX32, description="the verifier of the current password: proof beside the fresh session")
+    salt: str = Field(pattern=r"^[0-9a-f]{32,64}$")
+    kdf: KdfParams
+    verifier: str = Field(pattern=HEX32)
+    envelope: str = Field(pattern=ENVELOPE)
+    changed: bool = Field(True, description="false for a key-scheme upgrade under the same password")
 
 
-class DeviceRequest(BaseModel):
-    name: str = Field(max_length=64)
-    resume: bool = Field(False, description="issue a token for an existing device: recovery carries on as it")
+class DeviceRequest(Strict):
+    name: str = Field(pattern=NAME_PATTERN)
+    take_over: bool = Field(False, description="take over an existing device: its older copies are retired at once")
+    host: str = Field("", pattern=r"^[A-Za-z0-9._-]{0,64}$", description="a label for the machine taking over, shown to the retired copy")
 
 
-class MissingRequest(BaseModel):
+class MissingRequest(Strict):
     ids: list[str] = Field(max_length=10000)
 
 
@@ -103,7 +138,8 @@ async def receive_hashed(request: Request) -> tuple[list[bytes], str]:
 
 def parse_range(header: str, size: int) -> tuple[int, int] | None:
     """(offset, length) for a single `bytes=` range; None when it cannot be satisfied."""
-    match = re.fullmatch(r"bytes=(\d*)-(\d*)", header.strip())
+    # At most 18 digits: larger numbers are no size we hold, and int() of thousands of digits raises.
+    match = re.fullmatch(r"bytes=(\d{0,18})-(\d{0,18})", header.strip())
     if not match or match[1] == match[2] == "":
         return None
     if match[1] == "":
@@ -126,22 +162,45 @@ def principal(request: Request) -> Principal:
 Auth = Annotated[Principal, Depends(principal)]
 
 
+def client_address(request: Request) -> str:
+    """The TCP peer: what the login throttle counts by (a proxy in front would need its own limits)."""
+    return request.client.host if request.client is not None else ""
+
+
+def from_base64(text: str) -> bytes:
+    try:
+        return base64.b64decode(text, validate=True)
+    except ValueError:
+        raise Refused(400, "malformed", "not valid base64") from None
+
+
 def create_app(service: Service, max_object: int = MAX_OBJECT_BYTES) -> ASGIApp:
     app = FastAPI(title="stasisfs-server", version="1", description=package_doc or "", docs_url=None, redoc_url=None)
     app.state.service = service
+    log = logging.getLogger("stasisfs_server")
 
     @app.exception_handler(Refused)
     async def refused(_request: Request, exc: Refused) -> JSONResponse:
-        headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else ({"Retry-After": "60"} if exc.status == 429 else None)
-        return JSONResponse({"error": exc.reason}, status_code=exc.status, headers=headers)
+        headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
+        if exc.status == 429:
+            seconds = re.search(r"(\d+) s", exc.detail)
+            headers = {"Retry-After": seconds[1] if seconds else "60"}
+        return JSONResponse(refusal(exc.code, exc.detail), status_code=exc.status, headers=headers)
 
     @app.exception_handler(HTTPException)
     async def http_error(_request: Request, exc: HTTPException) -> JSONResponse:
-        return JSONResponse({"error": exc.detail}, status_code=exc.status_code)
+        return JSONResponse(refusal(STATUS_CODES.get(exc.status_code, "error"), str(exc.detail)), status_code=exc.status_code,
+                            headers=getattr(exc, "headers", None))
 
     @app.exception_handler(RequestValidationError)
     async def malformed(_request: Request, exc: RequestValidationError) -> JSONResponse:
-        return JSONResponse({"error": "malformed request", "detail": exc.errors()[:5]}, status_code=400)
+        problems = "; ".join(f"{'.'.join(str(p) for p in e.get('loc', ()))}: {e.get('msg', '')}" for e in exc.errors()[:5])
+        return JSONResponse(refusal("malformed", f"malformed request: {problems}"), status_code=400)
+
+    @app.exception_handler(Exception)
+    async def internal(_request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unexpected error")  # the traceback stays in the server's log; the client learns nothing of it
+        return JSONResponse(refusal("internal", "internal server error"), status_code=500)
 
     @app.get("/v1/health")
     def health() -> dict[str, str]:
@@ -153,16 +212,26 @@ def create_app(service: Service, max_object: int = MAX_OBJECT_BYTES) -> ASGIApp:
 
     @app.post("/v1/enrol")
     def enrol(body: EnrolRequest) -> dict[str, str]:
-        token, device = service.enrol(body.user, body.code, bytes.fromhex(body.verifier), body.kdf, body.device)
+        token, device = service.enrol(body.user, body.code, bytes.fromhex(body.verifier), body.kdf.model_dump(), body.device,
+                                      from_base64(body.envelope))
         return {"token": token, "device": device}
 
     @app.post("/v1/users/{user}/login")
-    def login(user: str, body: LoginRequest) -> dict[str, str]:
-        return {"token": service.login(user, bytes.fromhex(body.verifier))}
+    def login(request: Request, user: str, body: LoginRequest) -> dict[str, str]:
+        return {"token": service.login(user, bytes.fromhex(body.verifier), client_address(request))}
 
-    @app.put("/v1/account/verifier")
-    def change_verifier(who: Auth, body: VerifierRequest) -> dict[str, str]:
-        service.change_verifier(who, bytes.fromhex(body.verifier), body.kdf)
+    @app.get("/v1/account")
+    def account(who: Auth) -> dict[str, Any]:
+        return service.account(who)
+
+    @app.get("/v1/account/key")
+    def user_key(who: Auth) -> Response:
+        return Response(service.user_key(who), media_type="application/octet-stream")
+
+    @app.put("/v1/account/password")
+    def change_password(request: Request, who: Auth, body: PasswordRequest) -> dict[str, str]:
+        service.change_password(who, bytes.fromhex(body.current), bytes.fromhex(body.salt), body.kdf.model_dump(), bytes.fromhex(body.verifier),
+                                from_base64(body.envelope), body.changed, client_address(request))
         return {"status": "ok"}
 
     @app.get("/v1/devices")
@@ -170,28 +239,39 @@ def create_app(service: Service, max_object: int = MAX_OBJECT_BYTES) -> ASGIApp:
         return service.devices(who)
 
     @app.post("/v1/devices")
-    def register_device(who: Auth, body: DeviceRequest) -> dict[str, str]:
-        token, device = service.register_device(who, body.name, body.resume)
-        return {"token": token, "device": device}
+    def register_device(request: Request, who: Auth, body: DeviceRequest) -> dict[str, Any]:
+        by = f"{client_address(request)} (host {body.host})" if body.host else client_address(request)
+        token, device, taken_over = service.register_device(who, body.name, body.take_over, by)
+        return {"token": token, "device": device, "taken_over": taken_over}
 
     @app.delete("/v1/devices/{device}")
     def revoke_device(who: Auth, device: str) -> dict[str, str]:
         service.revoke_device(who, device)
         return {"status": "revoked"}
 
-    @app.put("/v1/devices/{device}/key")
+    @app.put("/v1/devices/{device}/key", openapi_extra={"requestBody": {"content": {"application/octet-stream": {}}}})
     async def put_key(request: Request, device: str) -> dict[str, int]:
         who = await run_in_threadpool(principal, request)
         target = await run_in_threadpool(service.device, who, device, True)
-        return {"version": await run_in_threadpool(service.put_escrow, target, await request.body())}
+        return {"version": await run_in_threadpool(service.put_escrow, who, target, await request.body())}
 
     @app.get("/v1/devices/{device}/key")
     def get_key(who: Auth, device: str) -> Response:
         version, blob = service.get_escrow(service.device(who, device))
         return Response(blob, media_type="application/octet-stream", headers={"X-Key-Version": str(version)})
 
+    @app.get("/v1/devices/{device}/keys")
+    def list_keys(who: Auth, device: str) -> dict[str, list[dict[str, Any]]]:
+        versions = service.escrow_versions(service.device(who, device))
+        return {"keys": [{"version": v, "blob": base64.b64encode(blob).decode()} for v, blob in versions]}
+
+    @app.delete("/v1/devices/{device}/keys")
+    def delete_older_keys(who: Auth, device: str, older_than: Annotated[int, Query(ge=1, le=2**31)]) -> dict[str, int]:
+        return {"deleted": service.delete_older_escrows(who, service.device(who, device), older_than)}
+
     @app.get("/v1/devices/{device}/objects/{kind}/")
-    def list_objects(who: Auth, device: str, kind: str, after: str = "", limit: int = 1000) -> dict[str, Any]:
+    def list_objects(who: Auth, device: str, kind: str, after: str = "",
+                     limit: Annotated[int, Query(ge=1, le=10000)] = 1000) -> dict[str, Any]:
         page, cursor = service.list_objects(service.device(who, device), kind, after, limit)
         return {"objects": [{"id": i, "size": size} for i, size in page], "next": cursor}
 
@@ -221,7 +301,8 @@ def create_app(service: Service, max_object: int = MAX_OBJECT_BYTES) -> ASGIApp:
         size = service.object_size(target, kind, object_id)
         span = parse_range(wanted, size)
         if span is None:
-            return Response(status_code=416, headers={"Content-Range": f"bytes */{size}"})
+            return JSONResponse(refusal("range_not_satisfiable", f"the range cannot be served from an object of {size} bytes"),
+                                status_code=416, headers={"Content-Range": f"bytes */{size}"})
         offset, length = span
         pieces = service.stream_object(target, kind, object_id, offset, length)
         return StreamingResponse(iterate_in_threadpool(pieces), status_code=206, media_type="application/octet-stream",

@@ -45,12 +45,17 @@ def group_options(fn: F) -> F:
 def open_service() -> Service:
     settings = click.get_current_context().find_root().meta.get("server.settings", {})
     data = Path(settings.get("data") or os.environ.get("STASISFS_SERVER_DATA") or "stasis-data").absolute()
+    # Everything the server writes is its own: files 0600, directories 0700, whatever the caller's umask.
+    os.umask(0o077)
     data.mkdir(parents=True, exist_ok=True, mode=0o700)
+    data.chmod(0o700)  # also when it existed before, made by hand or by an older release
     try:
         engine = connect(settings.get("db") or default_db_url(data))
         store = open_stores(list(settings.get("store") or ()) or [f"file://{data / 'objects'}"], data)
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
+    for path in data.glob("stasis.db*"):  # SQLite's database, WAL and shared-memory files
+        path.chmod(0o600)
     return Service(engine, store)
 
 

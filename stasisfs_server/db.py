@@ -57,6 +57,13 @@ class User(Base):
     login_salt: Mapped[bytes] = mapped_column(LargeBinary(32))
     login_kdf: Mapped[dict[str, Any] | None] = mapped_column(nullable=True)
     verifier_hash: Mapped[bytes | None] = mapped_column(LargeBinary(32), nullable=True)
+    # Key scheme 2: the user key wrapped under the password (see docs/format.md); None on a scheme-1 account.
+    user_key_envelope: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)
+    # Counts real password changes, so a device whose local slots use an older password can be told.
+    password_version: Mapped[int] = mapped_column(Integer, default=0)
+    password_changed: Mapped[datetime | None] = mapped_column(nullable=True)
+    # Every stored byte of the user (objects, escrowed keys, the envelope), reserved atomically before a write.
+    used_bytes: Mapped[int] = mapped_column(BigInteger, default=0)
 
 
 class EnrolmentCode(Base):
@@ -79,6 +86,10 @@ class Device(Base):
     created: Mapped[datetime] = mapped_column(default=now)
     revoked: Mapped[bool] = mapped_column(Boolean, default=False)
     last_upload: Mapped[datetime | None] = mapped_column(nullable=True)
+    # One live writer: a takeover bumps the generation, and tokens of older generations are refused.
+    generation: Mapped[int] = mapped_column(Integer, default=1)
+    taken_over_at: Mapped[datetime | None] = mapped_column(nullable=True)
+    taken_over_by: Mapped[str | None] = mapped_column(String(200), nullable=True)
 
 
 class Token(Base):
@@ -90,6 +101,7 @@ class Token(Base):
     device_id: Mapped[int | None] = mapped_column(ForeignKey("devices.id"), nullable=True)
     created: Mapped[datetime] = mapped_column(default=now)
     expires: Mapped[datetime | None] = mapped_column(nullable=True)
+    generation: Mapped[int | None] = mapped_column(Integer, nullable=True)  # the device's, for device tokens
 
 
 class StoredObject(Base):
@@ -110,11 +122,12 @@ class EscrowedKey(Base):
 
 
 class LoginFailure(Base):
-    """Failed logins, kept in the database so the rate limit holds across server instances."""
+    """Failed logins, kept in the database so the throttle holds across server instances."""
 
     __tablename__ = "login_failures"
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     user_name: Mapped[str] = mapped_column(String(64), index=True)
+    address: Mapped[str] = mapped_column(String(64), default="", index=True)
     at: Mapped[datetime] = mapped_column(default=now, index=True)
 
 
@@ -122,32 +135,64 @@ def default_db_url(data_dir: Path) -> str:
     return f"sqlite:///{data_dir.absolute() / 'stasis.db'}"
 
 
-SCHEMA_VERSION = 1
-# Forward migrations: MIGRATIONS[n] takes a database at version n to n + 1. Version 1 is what
-# create_all makes; a later release appends here, and every instance runs them at start.
-MIGRATIONS: list[Any] = [None]
+def _to_version_2(s: Any) -> None:
+    """Key scheme 2, takeover fencing, byte-exact quota and per-address login throttling (issue 17)."""
+    from sqlalchemy import text
+
+    added = {
+        "users": ["user_key_envelope BYTEA" if _dialect(s) == "postgresql" else "user_key_envelope BLOB",
+                  "password_version INTEGER NOT NULL DEFAULT 0", "password_changed TIMESTAMP WITH TIME ZONE",
+                  "used_bytes BIGINT NOT NULL DEFAULT 0"],
+        "devices": ["generation INTEGER NOT NULL DEFAULT 1", "taken_over_at TIMESTAMP WITH TIME ZONE", "taken_over_by VARCHAR(200)"],
+        "tokens": ["generation INTEGER"],
+        "login_failures": ["address VARCHAR(64) NOT NULL DEFAULT ''"],
+    }
+    for table, columns in added.items():
+        for column in columns:
+            s.execute(text(f"ALTER TABLE {table} ADD COLUMN {column}"))
+    s.execute(text("UPDATE tokens SET generation = 1 WHERE kind = 'device'"))
+    # What every user stores today: objects and every escrowed version.
+    s.execute(text("UPDATE users SET used_bytes = "
+                   "(SELECT COALESCE(SUM(o.size), 0) FROM objects o JOIN devices d ON d.id = o.device_id WHERE d.user_id = users.id) + "
+                   "(SELECT COALESCE(SUM(LENGTH(k.blob)), 0) FROM escrowed_keys k JOIN devices d ON d.id = k.device_id WHERE d.user_id = users.id)"))
 
 
-def migrate(engine: Engine) -> int:
+def _dialect(s: Any) -> str:
+    return str(s.get_bind().dialect.name)
+
+
+SCHEMA_VERSION = 2
+# Forward migrations: MIGRATIONS[n] takes a database at version n to n + 1. A new database is made
+# at SCHEMA_VERSION by create_all; an older one is brought forward by every instance at start.
+MIGRATIONS: list[Any] = [None, _to_version_2]
+
+
+def migrate(engine: Engine, fresh: bool) -> int:
     """Bring the schema to SCHEMA_VERSION; refuse a database newer than this server."""
     from sqlalchemy.orm import Session
 
     with Session(engine) as s:
         row = s.get(Meta, "schema_version")
-        version = int(row.value) if row is not None else SCHEMA_VERSION
+        # A database without the row predates versioning, which came with version 1.
+        version = int(row.value) if row is not None else (SCHEMA_VERSION if fresh else 1)
         if version > SCHEMA_VERSION:
             raise RuntimeError(f"the database has schema version {version}; this server knows up to {SCHEMA_VERSION}: upgrade it")
-        while version < SCHEMA_VERSION:
-            MIGRATIONS[version](s)
-            version += 1
-        if row is None:
-            s.add(Meta(key="schema_version", value=str(version)))
-        else:
-            row.value = str(version)
         try:
+            while version < SCHEMA_VERSION:
+                MIGRATIONS[version](s)
+                version += 1
+            if row is None:
+                s.add(Meta(key="schema_version", value=str(version)))
+            else:
+                row.value = str(version)
             s.commit()
-        except Exception:  # another instance recorded it at the same moment
+        except Exception:
             s.rollback()
+            s.expire_all()
+            # Another instance migrated at the same moment (the DDL is transactional where it matters).
+            again = s.get(Meta, "schema_version")
+            if again is None or int(again.value) != SCHEMA_VERSION:
+                raise
     return version
 
 
@@ -166,6 +211,12 @@ def connect(url: str) -> Engine:
             cursor.close()
     else:
         engine = create_engine(url, pool_pre_ping=True, pool_size=10)
-    Base.metadata.create_all(engine)
-    migrate(engine)
+    from sqlalchemy import inspect
+
+    fresh = not inspect(engine).has_table("users")
+    if fresh:
+        Base.metadata.create_all(engine)
+    else:  # tables new in a later version; columns come from the migrations
+        Base.metadata.create_all(engine, tables=[t for t in Base.metadata.sorted_tables if not inspect(engine).has_table(t.name)])
+    migrate(engine, fresh)
     return engine

@@ -15,6 +15,9 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
+# What a client enrols with, for tests that speak HTTP directly: the test suite's weak KDF and an opaque envelope.
+TEST_KDF = {"name": "argon2id", "iterations": 1, "memory_kib": 64, "lanes": 1}
+TEST_ENVELOPE = "QUJDREVGR0hJSktMTU5PUFFSU1RVVldYWVo="
 
 
 @dataclass
@@ -94,8 +97,8 @@ def enrol_concurrently(url: str, user: str, code: str, attempts: int) -> list[in
 
     def attempt(n: int) -> None:
         start.wait()
-        answer = requests.post(f"{url}/v1/enrol", json={"user": user, "code": code, "verifier": "22" * 32, "kdf": {}, "device": f"dev{n}"},
-                               timeout=60)
+        answer = requests.post(f"{url}/v1/enrol", json={"user": user, "code": code, "verifier": "22" * 32, "kdf": TEST_KDF,
+                                                        "device": f"dev{n}", "envelope": TEST_ENVELOPE}, timeout=60)
         statuses.append(answer.status_code)
 
     threads = [threading.Thread(target=attempt, args=(n,)) for n in range(attempts)]

@@ -10,6 +10,7 @@ import click
 
 from .. import keys as keyslots
 from ..errors import EXIT_INCOMPLETE, StasisError, UsageError
+from ..remotes import DeviceRemotes
 from ..repository import Repository
 from ..storage import write_atomic
 from .common import global_options, info, open_repository, print_json, prompt_password, read_password, repo_path, warn, write_line
@@ -90,9 +91,22 @@ def key_remove(slot_id: str) -> None:
 
 
 @key.command("passwd")
+@click.option("--from-remote", "from_remote", default=None, metavar="NAME",
+              help="The password was changed on another device: log in to remote NAME with the new password and re-wrap this "
+                   "device's password slot under it (the old password is not needed).")
 @global_options
-def key_passwd() -> None:
-    """Change the password: re-wrap every password slot the current password opens."""
+def key_passwd(from_remote: str | None) -> None:
+    """Change the password: re-wrap every password slot the current password opens.
+
+    \b
+    With remotes, the account password changes too, for every device of the
+    account: each device's escrowed key is wrapped under one user key, and only
+    that key is re-wrapped. Other devices are told on their next sync and take
+    the new password with `stasisfs key passwd --from-remote NAME`.
+    """
+    if from_remote is not None:
+        _adopt_password(from_remote)
+        return
     with open_repository() as repo:
         if not repo.slot_id or next((s for s in repo.slots() if s.id == repo.slot_id), None) is None:
             raise UsageError("open the repository with the password to change it")
@@ -115,6 +129,8 @@ def key_passwd() -> None:
             repo.add_slot(fresh)  # the new slot exists before the old one goes
             repo.remove_slot(slot.id)
             replaced.append(fresh.id)
+            if slot.id == repo.slot_id:
+                DeviceRemotes(repo.id).set_account_slot(fresh.id)
         info(f"password changed ({len(replaced)} slot{'s' if len(replaced) != 1 else ''} re-wrapped)")
         from ..account import change_password_on_remotes  # the HTTP stack, only when needed
 
@@ -123,6 +139,19 @@ def key_passwd() -> None:
         warn(f"remote {failure}; run `stasisfs key passwd` again when it is reachable (the old password still logs in there)")
     if failures:
         sys.exit(EXIT_INCOMPLETE)
+
+
+def _adopt_password(remote_name: str) -> None:
+    from ..account import adopt_password_from_remote  # the HTTP stack, only when needed
+
+    if os.environ.get("STASISFS_KEY_FILE"):
+        raise UsageError("this needs the account's password, not a machine key")
+    with open_repository(unlock=False) as repo:
+        remote = DeviceRemotes(repo.id).get(remote_name)
+        click.echo(f"Enter the current password of {remote.user} on {remote.name}.", err=True)
+        password = read_password()
+        slot_id = adopt_password_from_remote(repo, remote, password, info)
+    info(f"this device now opens with the account's current password (key slot {slot_id})")
 
 
 def read_recovery_key(source: str | None) -> bytes:

@@ -45,15 +45,16 @@ def remote_add(name: str, url: str, user: str, enrol_code: str | None, cacert: s
     First device of a user:   remote add home https://host:8443 --user alice --enrol-code CODE
     Later devices:            remote add home https://host:8443 --user alice   (logs in with the password)
 
-    The device's key is escrowed on the server wrapped under your password,
-    so `stasisfs recover` can bring everything back on a new machine.
-    Nothing is uploaded yet: run `stasisfs sync`, or the next backup syncs.
+    The device's key is escrowed on the server wrapped under your account's
+    user key, itself wrapped under your password, so `stasisfs recover` can
+    bring everything back on a new machine with the URL, user name and password.
+    Nothing else is uploaded yet: run `stasisfs sync`, or the next backup syncs.
     """
     from .. import account
 
     with open_repository() as repo:
         password = _password_only()
-        added = account.add_remote(repo, name, url, user, password, enrol_code, cacert)
+        added = account.add_remote(repo, name, url, user, password, enrol_code, cacert, info)
     info(f"remote {name} added: device {added.device} of {user} at {url}; the device token is in ~/.config/stasisfs (mode 0600)")
 
 
@@ -152,6 +153,12 @@ def recover(url: str, user: str, device: str | None, remote_name: str, cacert: s
     It creates a thin repository at --repo: keys, index and snapshots, with
     packs fetched on demand. `mount` and `restore` work at once; `sync --pull`
     downloads the rest; new backups carry on as that device.
+
+    This machine takes the device over: the server retires every earlier copy
+    of it at once, so if the lost machine turns up, its remote operations are
+    refused (exit 1) and it can delete nothing here. Everything downloaded is
+    authenticated with the device's key; objects that are not (junk, damage)
+    are named and left out, and recover then exits 3.
     """
     from .. import account
     from .key import read_recovery_key
@@ -159,13 +166,21 @@ def recover(url: str, user: str, device: str | None, remote_name: str, cacert: s
     target = repo_path()
     password = _password_only()
     master = read_recovery_key(None) if use_recovery_key else None
-    repo = account.recover(url, user, password, device, target, cacert, remote_name, info, master)
+    done = account.recover(url, user, password, device, target, cacert, remote_name, info, master)
+    repo = done.repo
     try:
+        if done.taken_over:
+            info(f"took over device {done.device}: any other copy of it is now retired on {remote_name} and may no longer read or write there")
         count = len(repo.snapshots())
         info(f"recovered {count} snapshot{'s' if count != 1 else ''}; packs stay on {remote_name} and are fetched when read")
         info(f"next: stasisfs --repo {repo.path} mount MOUNTPOINT   or   restore latest --target DIR   or   sync --pull")
     finally:
         repo.close()
+    for problem in done.skipped:
+        warn(f"skipped {problem}")
+    if done.skipped:
+        warn(f"{len(done.skipped)} object(s) on {remote_name} did not authenticate and were left out; everything else was recovered")
+        raise SystemExit(EXIT_INCOMPLETE)
 
 
 @click.group(invoke_without_command=True)
@@ -208,7 +223,7 @@ def devices_revoke(name: str, remote_name: str | None) -> None:
     password = _password_only()
     for target in remotes:
         client = RemoteClient(target.url, cacert=target.cacert, name=target.name)
-        account.login(client, target.user, password)
+        account.open_account(client, target.user, password, info)
         client.revoke_device(name)
         info(f"device {name} revoked on {target.name}")
 
@@ -230,7 +245,12 @@ def sync_after_backup(repo: Repository, json_output: bool, maintenance_token: st
         return {}
     from ..sync import sync_all
 
-    reports, failures = sync_all(repo, remotes, names or [], maintenance_token=maintenance_token)
+    from ..remote import DeviceRetired
+
+    try:
+        reports, failures = sync_all(repo, remotes, names or [], maintenance_token=maintenance_token)
+    except DeviceRetired as exc:
+        raise DeviceRetired(f"{exc}. What this command wrote is in the local repository only", exc.code, exc.status) from None
     if not json_output:
         report_sync(reports, failures)
     return failures

@@ -17,6 +17,7 @@ class FileStore(ObjectStore):
     def __init__(self, root: Path) -> None:
         self.root = root.absolute()
         self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.root.chmod(0o700)  # also when it existed before
         self.url = f"file://{self.root}"
 
     def _path(self, key: str) -> Path:
