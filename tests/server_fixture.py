@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+import requests
 
 ROOT = Path(__file__).resolve().parent.parent
 # What a client enrols with, for tests that speak HTTP directly: the test suite's weak KDF and an opaque envelope.
@@ -107,6 +108,20 @@ def enrol_concurrently(url: str, user: str, code: str, attempts: int) -> list[in
     for t in threads:
         t.join()
     return statuses
+
+
+def from_address(address: str) -> requests.Session:
+    """HTTP from another loopback address (127.0.0.0/8 is all ours), as a second machine would come."""
+    from requests.adapters import HTTPAdapter
+
+    class Bound(HTTPAdapter):
+        def init_poolmanager(self, *args: object, **kwargs: object) -> None:
+            kwargs["source_address"] = (address, 0)
+            super().init_poolmanager(*args, **kwargs)  # type: ignore[arg-type]
+
+    session = requests.Session()
+    session.mount("http://", Bound())
+    return session
 
 
 def free_port() -> int:

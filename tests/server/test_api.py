@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import os
 import secrets
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import requests
-from server_fixture import Server, enrol_concurrently
+from server_fixture import TEST_ENVELOPE, TEST_KDF, Server, enrol_concurrently, from_address
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -18,8 +20,7 @@ pytestmark = pytest.mark.timeout(120)
 def enrol(server: Server, user: str, device: str = "laptop", code: str | None = None, *options: str) -> str:
     code = code or server.add_user(user, *options)
     answer = requests.post(f"{server.url}/v1/enrol", json={"user": user, "code": code, "verifier": hashlib.sha256(user.encode()).hexdigest(),
-                                                            "kdf": {"name": "argon2id", "iterations": 3, "memory_kib": 65536, "lanes": 4},
-                                                            "device": device}, timeout=30)
+                                                            "kdf": TEST_KDF, "device": device, "envelope": TEST_ENVELOPE}, timeout=30)
     assert answer.status_code == 200, answer.text
     return str(answer.json()["token"])
 
@@ -57,9 +58,10 @@ def test_user_names_cannot_be_probed(server: Server) -> None:
 def test_enrolment_code_works_once(server: Server) -> None:
     code = server.add_user("alice")
     enrol(server, "alice", code=code)
-    again = requests.post(f"{server.url}/v1/enrol", json={"user": "alice", "code": code, "verifier": "00" * 32, "kdf": {}, "device": "other"}, timeout=10)
-    assert again.status_code == 401
-    wrong = requests.post(f"{server.url}/v1/enrol", json={"user": "alice", "code": "nope", "verifier": "00" * 32, "kdf": {}, "device": "x"}, timeout=10)
+    body = {"user": "alice", "code": code, "verifier": "00" * 32, "kdf": TEST_KDF, "device": "other", "envelope": TEST_ENVELOPE}
+    again = requests.post(f"{server.url}/v1/enrol", json=body, timeout=10)
+    assert again.status_code == 401 and again.json()["code"] == "unauthorized"
+    wrong = requests.post(f"{server.url}/v1/enrol", json={**body, "code": "nope"}, timeout=10)
     assert wrong.status_code == 401
 
 
@@ -174,14 +176,32 @@ def test_quota_is_enforced_with_507(server: Server) -> None:
     token = enrol(server, "alice", "laptop", None, "--quota", "10000")
     assert requests.put(obj(server, "laptop", b"a" * 6000), data=b"a" * 6000, headers=auth(token), timeout=10).status_code == 201
     over = requests.put(obj(server, "laptop", b"b" * 6000), data=b"b" * 6000, headers=auth(token), timeout=10)
-    assert over.status_code == 507 and "quota" in over.json()["error"]
+    assert over.status_code == 507 and over.json()["code"] == "quota"
 
 
-def test_login_is_rate_limited(server: Server) -> None:
+def test_guessing_is_slowed_per_address_and_never_locks_the_owner_out(server: Server) -> None:
     enrol(server, "alice")
-    statuses = [requests.post(f"{server.url}/v1/users/alice/login", json={"verifier": "00" * 32}, timeout=10).status_code for _ in range(12)]
-    assert statuses[:10] == [401] * 10 and statuses[-1] == 429
-    assert login(server, "alice").status_code == 429  # even the right password waits
+    attacker = from_address("127.0.0.2")
+    url = f"{server.url}/v1/users/alice/login"
+    statuses = [attacker.post(url, json={"verifier": "00" * 32}, timeout=10) for _ in range(7)]
+    assert [r.status_code for r in statuses[:5]] == [401] * 5
+    slowed = statuses[5]
+    assert slowed.status_code == 429 and slowed.json()["code"] == "rate_limited" and int(slowed.headers["Retry-After"]) >= 1
+    # The owner, from another address, logs in at once while the attacker is held back.
+    assert from_address("127.0.0.3").post(url, json={"verifier": hashlib.sha256(b"alice").hexdigest()}, timeout=10).status_code == 200
+    # And from the usual address, which has not failed either.
+    assert login(server, "alice").status_code == 200
+
+
+def test_the_delay_grows_and_then_lets_the_next_guess_through(server: Server) -> None:
+    enrol(server, "alice")
+    attacker = from_address("127.0.0.4")
+    url = f"{server.url}/v1/users/alice/login"
+    for _ in range(5):
+        assert attacker.post(url, json={"verifier": "00" * 32}, timeout=10).status_code == 401
+    assert attacker.post(url, json={"verifier": "00" * 32}, timeout=10).status_code == 429
+    time.sleep(2.2)  # five free failures, then 1 s after the fifth, 2 s after a sixth: a delay, not a lock
+    assert attacker.post(url, json={"verifier": hashlib.sha256(b"alice").hexdigest()}, timeout=10).status_code == 200
 
 
 def test_sessions_register_and_revoke_devices(server: Server) -> None:
@@ -200,14 +220,55 @@ def test_sessions_register_and_revoke_devices(server: Server) -> None:
     assert requests.get(f"{server.url}/v1/devices/laptop/objects/data/", headers=auth(session), timeout=10).status_code == 200
 
 
-def test_escrow_is_versioned(server: Server) -> None:
+def test_a_device_token_cannot_touch_recovery_material(server: Server) -> None:
     token = enrol(server, "alice")
     url = f"{server.url}/v1/devices/laptop/key"
-    assert requests.get(url, headers=auth(token), timeout=10).status_code == 404
-    assert requests.put(url, data=b"wrapped v1", headers=auth(token), timeout=10).json() == {"version": 1}
-    assert requests.put(url, data=b"wrapped v2", headers=auth(token), timeout=10).json() == {"version": 2}
-    newest = requests.get(url, headers=auth(token), timeout=10)
-    assert newest.content == b"wrapped v2" and newest.headers["X-Key-Version"] == "2"
+    refused = requests.put(url, data=b"junk from a thief", headers=auth(token), timeout=10)
+    assert refused.status_code == 403 and refused.json()["code"] == "forbidden"
+    assert requests.get(f"{server.url}/v1/account/key", headers=auth(token), timeout=10).json()["code"] == "forbidden"
+    change = {"current": hashlib.sha256(b"alice").hexdigest(), "salt": "11" * 16, "kdf": TEST_KDF, "verifier": "33" * 32,
+              "envelope": TEST_ENVELOPE}
+    assert requests.put(f"{server.url}/v1/account/password", json=change, headers=auth(token), timeout=10).status_code == 403
+    # A session token changes the password only with the current password's verifier as well.
+    session = login(server, "alice").json()["token"]
+    wrong = requests.put(f"{server.url}/v1/account/password", json={**change, "current": "44" * 32}, headers=auth(session), timeout=10)
+    assert wrong.status_code == 403 and wrong.json()["code"] == "wrong_password"
+    assert login(server, "alice").status_code == 200  # the old password still logs in: nothing changed
+
+
+def test_escrow_versions_are_bounded_counted_and_pruned_once_confirmed(server: Server) -> None:
+    enrol(server, "alice", "laptop", None, "--quota", "100000")
+    session = login(server, "alice").json()["token"]
+    url = f"{server.url}/v1/devices/laptop/key"
+    versions = [requests.put(url, data=b"w" * 1000 + bytes([n]), headers=auth(session), timeout=10).json()["version"] for n in range(6)]
+    assert versions == [1, 2, 3, 4, 5, 6]
+    kept = requests.get(f"{server.url}/v1/devices/laptop/keys", headers=auth(session), timeout=10).json()["keys"]
+    assert [k["version"] for k in kept] == [6, 5, 4, 3]
+    account = requests.get(f"{server.url}/v1/account", headers=auth(session), timeout=10).json()
+    assert account["used"] == 4 * 1001 + len(base64.b64decode(TEST_ENVELOPE))
+    assert requests.delete(f"{server.url}/v1/devices/laptop/keys", params={"older_than": 6}, headers=auth(session), timeout=10).json() == {"deleted": 3}
+    assert requests.get(f"{server.url}/v1/account", headers=auth(session), timeout=10).json()["used"] == 1001 + len(base64.b64decode(TEST_ENVELOPE))
+    newest = requests.get(url, headers=auth(session), timeout=10)
+    assert newest.content == b"w" * 1000 + bytes([5]) and newest.headers["X-Key-Version"] == "6"
+    # The escrow counts against the quota like any object.
+    big = requests.put(url, data=b"x" * 60000, headers=auth(session), timeout=10)
+    assert big.status_code == 201 or big.status_code == 200
+    assert requests.put(url, data=b"y" * 60000, headers=auth(session), timeout=10).json()["code"] == "quota"
+
+
+def test_a_takeover_retires_the_old_copy_with_a_clear_refusal(server: Server) -> None:
+    old = enrol(server, "alice")
+    session = login(server, "alice").json()["token"]
+    taken = requests.post(f"{server.url}/v1/devices", json={"name": "laptop", "take_over": True, "host": "newbox"}, headers=auth(session), timeout=10)
+    assert taken.status_code == 200 and taken.json()["taken_over"] is True
+    new = taken.json()["token"]
+    refused = requests.put(obj(server, "laptop", b"from the old copy"), data=b"from the old copy", headers=auth(old), timeout=10)
+    assert refused.status_code == 409 and refused.json()["code"] == "device_retired"
+    assert "taken over" in refused.json()["detail"] and "newbox" in refused.json()["detail"]
+    assert requests.get(f"{server.url}/v1/devices/laptop/objects/data/", headers=auth(old), timeout=10).json()["code"] == "device_retired"
+    assert requests.put(obj(server, "laptop", b"new"), data=b"new", headers=auth(new), timeout=10).status_code == 201
+    # Without take_over an existing name is a conflict, never a silent second writer.
+    assert requests.post(f"{server.url}/v1/devices", json={"name": "laptop"}, headers=auth(session), timeout=10).json()["code"] == "conflict"
 
 
 def test_append_only_refuses_deletes(server: Server) -> None:
@@ -225,7 +286,7 @@ def test_admin_commands_while_serving(server: Server) -> None:
     token = enrol(server, "alice")
     requests.put(obj(server, "laptop", b"abc"), data=b"abc", headers=auth(token), timeout=10)
     listing = server.admin("user", "list", "--json")
-    assert '"used": 3' in listing.stdout
+    assert '"objects_bytes": 3' in listing.stdout
     devices = server.admin("device", "list", "alice")
     assert "laptop" in devices.stdout
     assert server.admin("device", "revoke", "alice", "laptop").returncode == 0
