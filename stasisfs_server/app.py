@@ -105,7 +105,7 @@ class LoginRequest(Strict):
 
 class PasswordRequest(Strict):
     current: str = Field(pattern=HEX32, description="the verifier of the current password: proof beside the fresh session")
-    salt: str = Field(pattern=r"^[0-9a-f]{32,64}$")
+    salt: str = Field(pattern=r"^(?:[0-9a-f]{2}){16,32}$")
     kdf: KdfParams
     verifier: str = Field(pattern=HEX32)
     envelope: str = Field(pattern=ENVELOPE)
