@@ -29,6 +29,7 @@ class Cli:
         return subprocess.run(
             [sys.executable, "-m", "stasisfs", *[os.fsencode(a) if not isinstance(a, bytes) else a for a in args]],
             input=input if input is not None else b"", capture_output=True, env=full_env, timeout=timeout,
+            cwd=(env or {}).get("PYTHONPATH"),  # another release's code: `-m` looks in the working directory first
         )
 
     def ok(self, *args: str | bytes | Path, **kw: object) -> subprocess.CompletedProcess[bytes]:

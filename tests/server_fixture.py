@@ -28,13 +28,14 @@ class Server:
     serve_args: list[str] = field(default_factory=list)
     url: str = ""
     process: subprocess.Popen[bytes] | None = None
+    code: Path = ROOT  # another release's source tree, for migration tests
 
     def env(self) -> dict[str, str]:
-        return {**{k: v for k, v in os.environ.items() if not k.startswith("STASISFS_")}, "PYTHONPATH": str(ROOT)}
+        return {**{k: v for k, v in os.environ.items() if not k.startswith("STASISFS_")}, "PYTHONPATH": str(self.code)}
 
     def admin(self, *args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run([sys.executable, "-m", "stasisfs_server", "--data", str(self.data), *self.extra_args, *args],
-                              capture_output=True, text=True, env=self.env(), timeout=60)
+                              capture_output=True, text=True, env=self.env(), timeout=60, cwd=self.code)
 
     def add_user(self, name: str, *options: str) -> str:
         done = self.admin("user", "add", name, *options)
@@ -44,7 +45,7 @@ class Server:
     def start(self, listen: str = "127.0.0.1:0") -> None:
         self.process = subprocess.Popen(
             [sys.executable, "-m", "stasisfs_server", "--data", str(self.data), *self.extra_args, "serve", "--listen", listen, *self.serve_args],
-            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=self.env())
+            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=self.env(), cwd=self.code)
         assert self.process.stdout is not None
         deadline = time.monotonic() + 30
         buffered = b""
