@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import keys as keyslots
+from .crypto import KEY_LEN
 from .errors import StasisError, UsageError, WrongKey
 from .remote import PerThread, RemoteClient, RemoteError
 from .remotes import DeviceRemotes, Remote
@@ -78,7 +79,7 @@ def upgrade_account(client: RemoteClient, user: str, password: str, current_veri
 
     Safe to interrupt: the scheme-1 escrows stay until the new envelope is stored and each new escrow confirmed.
     """
-    account = Account(client, user, secrets.token_bytes(keyslots.KEY_LEN), current_verifier)
+    account = Account(client, user, secrets.token_bytes(KEY_LEN), current_verifier)
     rewrapped: list[tuple[str, int]] = []
     for device in client.devices():
         name = str(device["name"])
@@ -136,7 +137,7 @@ def add_remote(repo: Repository, name: str, url: str, user: str, password: str, 
         salt, _, _ = client.login_params(user)
         kdf = keyslots.account_kdf()
         derived = keyslots.account_secrets(password, salt, kdf)
-        user_key = secrets.token_bytes(keyslots.KEY_LEN)
+        user_key = secrets.token_bytes(KEY_LEN)
         envelope = keyslots.wrap_user_key(user_key, derived.kek, user)
         token = client.enrol(user, enrol_code, derived.verifier, kdf, repo.device, envelope)
         client.token = client.login(user, derived.verifier)

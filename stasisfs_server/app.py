@@ -7,10 +7,10 @@ interface.md.
 
 from __future__ import annotations
 
-import hashlib
-import re
 import base64
+import hashlib
 import logging
+import re
 from typing import Annotated, Any, Literal
 
 from fastapi import Depends, FastAPI, Query, Request

@@ -11,13 +11,14 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 import requests
 
 ROOT = Path(__file__).resolve().parent.parent
 # What a client enrols with, for tests that speak HTTP directly: the test suite's weak KDF and an opaque envelope.
-TEST_KDF = {"name": "argon2id", "iterations": 1, "memory_kib": 64, "lanes": 1}
+TEST_KDF: dict[str, Any] = {"name": "argon2id", "iterations": 1, "memory_kib": 64, "lanes": 1}
 TEST_ENVELOPE = "QUJDREVGR0hJSktMTU5PUFFSU1RVVldYWVo="
 
 

@@ -243,9 +243,8 @@ def sync_after_backup(repo: Repository, json_output: bool, maintenance_token: st
     remotes = DeviceRemotes(repo.id)
     if not remotes.all():
         return {}
-    from ..sync import sync_all
-
     from ..remote import DeviceRetired
+    from ..sync import sync_all
 
     try:
         reports, failures = sync_all(repo, remotes, names or [], maintenance_token=maintenance_token)

@@ -9,6 +9,7 @@ import secrets
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import requests
@@ -58,7 +59,7 @@ def test_user_names_cannot_be_probed(server: Server) -> None:
 def test_enrolment_code_works_once(server: Server) -> None:
     code = server.add_user("alice")
     enrol(server, "alice", code=code)
-    body = {"user": "alice", "code": code, "verifier": "00" * 32, "kdf": TEST_KDF, "device": "other", "envelope": TEST_ENVELOPE}
+    body: dict[str, Any] = {"user": "alice", "code": code, "verifier": "00" * 32, "kdf": TEST_KDF, "device": "other", "envelope": TEST_ENVELOPE}
     again = requests.post(f"{server.url}/v1/enrol", json=body, timeout=10)
     assert again.status_code == 401 and again.json()["code"] == "unauthorized"
     wrong = requests.post(f"{server.url}/v1/enrol", json={**body, "code": "nope"}, timeout=10)
@@ -226,7 +227,7 @@ def test_a_device_token_cannot_touch_recovery_material(server: Server) -> None:
     refused = requests.put(url, data=b"junk from a thief", headers=auth(token), timeout=10)
     assert refused.status_code == 403 and refused.json()["code"] == "forbidden"
     assert requests.get(f"{server.url}/v1/account/key", headers=auth(token), timeout=10).json()["code"] == "forbidden"
-    change = {"current": hashlib.sha256(b"alice").hexdigest(), "salt": "11" * 16, "kdf": TEST_KDF, "verifier": "33" * 32,
+    change: dict[str, Any] = {"current": hashlib.sha256(b"alice").hexdigest(), "salt": "11" * 16, "kdf": TEST_KDF, "verifier": "33" * 32,
               "envelope": TEST_ENVELOPE}
     assert requests.put(f"{server.url}/v1/account/password", json=change, headers=auth(token), timeout=10).status_code == 403
     # A session token changes the password only with the current password's verifier as well.
