@@ -85,7 +85,7 @@ def upgrade_account(client: RemoteClient, user: str, password: str, current_veri
         name = str(device["name"])
         try:
             key = device_key(account, name, password)
-        except (WrongKey, RemoteError, StasisError) as exc:
+        except StasisError as exc:  # nothing escrowed, or nothing that opens
             say(f"device {name}: no escrowed key opens with this password ({exc}); it is left as it is")
             continue
         version = client.put_key(name, keyslots.make_device_escrow(key.master, key.repo_id, key.config_id, account.user_key, user, name))
@@ -296,7 +296,9 @@ def open_other_devices(repo: Repository, password: str, say: Callable[[str], Non
                 continue
             try:
                 key = device_key(account, name, password)
-            except RemoteError:
+            except RemoteError as exc:
+                if exc.code != "not_found":
+                    raise
                 continue  # nothing escrowed yet
             except WrongKey:
                 say(f"device {name} on {remote.name}: its key does not open with this password; not shown")

@@ -1,8 +1,8 @@
 """The HTTP API under /v1: a thin FastAPI adapter over `Service`.
 
 Blocking work (database, store, hashing) runs in worker threads; the event loop
-only moves bytes. Every refusal is a JSON `{"error": reason}` with the status of
-interface.md.
+only moves bytes. Every refusal is a JSON `{"code": stable code, "detail": sentence}`
+with the status of interface.md; clients act on `code`, never on the sentence.
 """
 
 from __future__ import annotations

@@ -313,3 +313,27 @@ def test_device_list_for_every_user(server: Server) -> None:
     listing = server.admin("device", "list")
     assert "alice" in listing.stdout and "laptop" in listing.stdout and "bob" in listing.stdout and "phone" in listing.stdout
     assert "phone" not in server.admin("device", "list", "alice").stdout
+
+
+def test_hostile_input_gets_a_4xx_with_a_code(server: Server) -> None:
+    token = enrol(server, "alice")
+    data = b"an object"
+    requests.put(obj(server, "laptop", data), data=data, headers=auth(token), timeout=10)
+    huge = requests.get(obj(server, "laptop", data), headers={**auth(token), "Range": "bytes=" + "9" * 5000 + "-"}, timeout=10)
+    assert huge.status_code == 416 and huge.json()["code"] == "range_not_satisfiable"
+    nan = requests.post(f"{server.url}/v1/enrol", data=b'{"user": "alice", "code": "x", "verifier": "00", "kdf": {"name": "argon2id", '
+                        b'"iterations": NaN, "memory_kib": 64, "lanes": 1}, "device": "d", "envelope": "x"}',
+                        headers={"Content-Type": "application/json"}, timeout=10)
+    assert nan.status_code == 400 and nan.json()["code"] == "malformed"
+    newline = requests.post(f"{server.url}/v1/users/alice/login", json={"verifier": "00" * 32 + "\n"}, timeout=10)
+    assert newline.status_code == 400 and newline.json()["code"] == "malformed"
+    session = login(server, "alice").json()["token"]
+    device = requests.post(f"{server.url}/v1/devices", json={"name": "phone\n"}, headers=auth(session), timeout=10)
+    assert device.status_code == 400
+    assert requests.get(f"{server.url}/v1/devices/laptop%0A/objects/data/", headers=auth(token), timeout=10).status_code == 404
+    gone = obj(server, "laptop", b"never stored")
+    missing = requests.delete(gone, headers=auth(token), timeout=10)
+    assert missing.status_code == 404 and missing.json()["code"] == "not_found"
+    assert requests.delete(obj(server, "laptop", data), headers=auth(token), timeout=10).status_code == 200
+    assert requests.delete(obj(server, "laptop", data), headers=auth(token), timeout=10).json()["code"] == "not_found"
+    assert requests.get(f"{server.url}/v1/no/such/route", timeout=10).json()["code"] == "not_found"
