@@ -77,6 +77,10 @@ class Checker:
         self._load_index_objects()
         self._check_packs_exist()
         self._check_snapshots()
+        for name, why in sorted(self.repo.damaged.items()):
+            self.error(f"damaged object {name}: {why}; `stasisfs repair` heals it from a remote, "
+                       "`stasisfs repair snapshots --forget` sets a snapshot aside when no copy can")
+        self.repo.damaged.clear()  # reported here, as errors
         if read_data or subset:
             packs = sorted(self.pack_sizes)
             chosen = parse_subset(subset)(packs) if subset else packs
@@ -93,7 +97,8 @@ class Checker:
         lost = {chunk_id for chunk_id, (pack_id, _) in self.chunks.items() if pack_id in self.damaged_packs}
         for line in sorted(affected_files(self.repo, lost)):
             self.error(f"affected: {line}")
-        where = f"`stasisfs repair --remote {self.remote.name}`" if self.remote is not None else "`stasisfs repair` (from a remote's copy)"
+        # --read-data: a damaged pack on a remote has the right size, so only reading it finds it again.
+        where = f"`stasisfs repair --remote {self.remote.name} --read-data`" if self.remote is not None else "`stasisfs repair` (from a remote's copy)"
         self.report.notes.append(f"{len(self.damaged_packs)} damaged packs; {where} heals them if a good copy exists")
 
     def _check_local_index(self) -> None:

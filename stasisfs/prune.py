@@ -26,7 +26,7 @@ import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from .errors import IntegrityError
+from .errors import IntegrityError, StasisError
 from .pack import BlobEntry, PackInfo, open_blob
 from .packer import BlobWriter
 from .remotes import DeviceRemotes
@@ -76,6 +76,11 @@ def used_blobs(repo: Repository, say: Callable[[str], None] = lambda s: None) ->
     """Every tree and chunk a snapshot references."""
     used: set[bytes] = set()
     snapshots = repo.snapshots()
+    unreadable = sorted(name for name in repo.damaged if name.startswith("snapshots/"))
+    if unreadable:
+        # A snapshot that cannot be read may use any pack: freeing "unused" data now could lose it.
+        raise StasisError(f"{len(unreadable)} snapshot object(s) are damaged ({', '.join(unreadable)}); prune frees nothing until "
+                          "they are healed with `stasisfs repair` (from a remote) or removed with `stasisfs repair snapshots --forget`")
     say(f"finding data used by {len(snapshots)} snapshots")
     for snapshot in snapshots:
         stack = [snapshot.root]

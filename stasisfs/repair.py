@@ -1,7 +1,7 @@
 """Healing with redundancy: damaged or missing packs are replaced from a verified copy elsewhere.
 
 `heal_local` fetches good copies of the local repository's bad packs from the
-remotes; `heal_remote` re-uploads a remote's bad objects from the local copy
+remotes, and `heal_metadata` of its bad snapshot and index objects; `heal_remote` re-uploads a remote's bad objects from the local copy
 (a PUT replaces a stored copy only when that copy fails its hash). What no
 copy can heal is reported as the files it takes with it.
 """
@@ -103,6 +103,52 @@ def _fetch_good_copy(repo: Repository, pack_id: bytes, remotes: list[Remote], sa
     return False
 
 
+def heal_metadata(repo: Repository, say: Callable[[str], None]) -> list[str]:
+    """Replace damaged snapshot and index objects with copies from a remote that authenticate. Returns the healed names."""
+    repo.sync_index()
+    repo.snapshots()  # both note what does not open in repo.damaged
+    healed = []
+    for name in sorted(repo.damaged):
+        kind, object_id = name.split("/")
+        say(f"{kind} object {object_id} is damaged here")
+        for remote in DeviceRemotes(repo.id).all():
+            try:
+                data = remote.client().get_object(remote.device, kind, object_id)  # verified against the id
+            except StasisError as exc:
+                say(f"  no good copy on {remote.name}: {exc}")
+                continue
+            if not repo.authentic(kind, data):
+                say(f"  the copy on {remote.name} does not authenticate either")
+                continue
+            path = repo.path / kind / object_id
+            if path.exists():
+                path.rename(path.with_name(path.name + ".damaged"))  # kept aside, never silently lost
+            write_atomic(path, data)
+            if kind == "snapshots":
+                repo.index.remove_snapshot(bytes.fromhex(object_id))  # the next sync reads the good copy
+            del repo.damaged[name]
+            healed.append(name)
+            say(f"  healed from {remote.name}")
+            break
+    repo.sync_index()
+    return healed
+
+
+def set_aside_damaged_snapshots(repo: Repository, say: Callable[[str], None]) -> list[str]:
+    """Rename snapshot objects that do not open to `<id>.damaged`: no copy could heal them, and they hold nothing readable."""
+    repo.snapshots()
+    aside = []
+    for name in sorted(n for n in repo.damaged if n.startswith("snapshots/")):
+        path = repo.path / name
+        if path.exists():
+            path.rename(path.with_name(path.name + ".damaged"))
+        repo.index.remove_snapshot(bytes.fromhex(name.split("/")[1]))
+        del repo.damaged[name]
+        aside.append(name)
+        say(f"set aside damaged snapshot object {path}.damaged")
+    return aside
+
+
 def heal_remote(repo: Repository, remote: Remote, read_data: bool, say: Callable[[str], None]) -> HealReport:
     """Re-upload what `remote` lacks or holds damaged, from good local copies."""
     report = HealReport()
@@ -143,6 +189,7 @@ class SnapshotRepair:
     rewritten: list[tuple[str, str]] = field(default_factory=list)  # (old short id, new short id)
     dropped_files: list[str] = field(default_factory=list)
     packs_set_aside: int = 0
+    snapshots_set_aside: list[str] = field(default_factory=list)
 
 
 def repair_snapshots(repo: Repository, forget_originals: bool, say: Callable[[str], None]) -> SnapshotRepair:
@@ -157,6 +204,8 @@ def repair_snapshots(repo: Repository, forget_originals: bool, say: Callable[[st
     from .prune import forget_snapshots
 
     result = SnapshotRepair()
+    if forget_originals:
+        result.snapshots_set_aside = set_aside_damaged_snapshots(repo, say)
     packs = repo.indexed_packs()
     bad = {p for p, info in packs.items() if not local_pack_ok(repo, p, info.size)}
     if bad:

@@ -105,6 +105,9 @@ class Repository:
         self._index_lock = threading.RLock()
         self._index_opening = False
         self._remote_packs: RemotePacks | bool | None = False  # False: not looked up yet
+        # Objects found damaged and skipped, "kind/id" -> why: a bad object hides only itself.
+        self.damaged: dict[str, str] = {}
+        self.notices: list[str] = []  # damage found and repaired on the way, for the user to hear of
 
     # --- creation and unlocking ---
     @classmethod
@@ -296,6 +299,8 @@ class Repository:
                 damaged.append(object_id)  # its packs now have no index object, so their headers are read below
         recovered = self.index_orphan_packs()
         for object_id in damaged:  # superseded by the index object written from the pack headers
+            if not from_packs:
+                self.notices.append(f"index object {self.path / 'index' / object_id} was damaged; its packs were indexed from their headers instead")
             (self.path / "index" / object_id).unlink(missing_ok=True)
         self._load_snapshots_into(index)
         index.set_complete(True)
@@ -312,16 +317,26 @@ class Repository:
             if bytes.fromhex(object_id) not in known:
                 try:
                     packs = list(decode_index(self.cipher, self.read_object_raw("index", object_id)))
-                except (IntegrityError, ValueError):
-                    raise IndexDamaged(f"index object {object_id[:16]} is damaged; run `stasisfs repair index`") from None
+                except (IntegrityError, ValueError) as exc:
+                    # Its packs stay readable through their own headers: `repair index` indexes them from there.
+                    self.note_damage("index", object_id, f"{exc}; `stasisfs repair index` indexes its packs from their headers")
+                    continue
                 index.add_packs(packs, bytes.fromhex(object_id))
         self._load_snapshots_into(index)
+
+    def note_damage(self, kind: str, object_id: str, why: str) -> None:
+        self.damaged[f"{kind}/{object_id}"] = why
 
     def _load_snapshots_into(self, index: Index) -> None:
         cached = index.snapshots()
         present = {bytes.fromhex(i) for i in self.list_objects("snapshots")}
         for snapshot_id in present - cached.keys():
-            index.put_snapshot(snapshot_id, read_verified(self.path / "snapshots" / snapshot_id.hex()))
+            try:
+                sealed = read_verified(self.path / "snapshots" / snapshot_id.hex())
+            except IntegrityError:
+                self.note_damage("snapshots", snapshot_id.hex(), "its bytes no longer match its name (damaged on disk)")
+                continue
+            index.put_snapshot(snapshot_id, sealed)
         for snapshot_id in cached.keys() - present:
             index.remove_snapshot(snapshot_id)
 
@@ -389,10 +404,15 @@ class Repository:
         return snapshot.id
 
     def snapshots(self) -> list[Snapshot]:
+        """Every snapshot that opens; one that does not (damaged, or another repository's) is noted in `damaged` and skipped."""
         result = []
         for snapshot_id, sealed in self.index.snapshots().items():
-            plain = unpad_small(self.cipher.open(sealed, KIND_SNAPSHOT))
-            result.append(Snapshot.decode(plain, snapshot_id))
+            try:
+                plain = unpad_small(self.cipher.open(sealed, KIND_SNAPSHOT))
+                result.append(Snapshot.decode(plain, snapshot_id))
+            except (StasisError, ValueError, KeyError, TypeError):
+                self.note_damage("snapshots", snapshot_id.hex(), "it does not authenticate under this repository's key "
+                                 "(damaged, or copied in from another repository)")
         return sorted(result, key=lambda s: s.time)
 
     # --- packs ---

@@ -11,7 +11,7 @@ import click
 
 from .. import __version__
 from ..errors import EXIT_FATAL, EXIT_INTERRUPTED, EXIT_USAGE, StasisError
-from .common import global_options
+from .common import damage_exit, global_options
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
@@ -70,6 +70,9 @@ def cli() -> None:
 def main() -> None:
     try:
         cli.main(prog_name="stasisfs", standalone_mode=False)
+        code = damage_exit()
+        if code:
+            sys.exit(code)
     except StasisError as exc:
         click.echo(f"stasisfs: error: {exc}", err=True)
         sys.exit(exc.exit_code)

@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 import click
 
 from ..config import Profile, get_profile
-from ..errors import StasisError, UsageError
+from ..errors import EXIT_INCOMPLETE, StasisError, UsageError
 from ..keys import parse_machine_key
 from ..repository import Credential, Repository
 
@@ -160,15 +160,36 @@ def read_credential() -> Credential:
     return Credential(password=read_password())
 
 
+# Every repository a command opened: after the command's own output, `damage_exit` names what was skipped.
+_opened: list[Repository] = []
+
+
 @contextmanager
 def open_repository(unlock: bool = True) -> Iterator[Repository]:
     repo = Repository(repo_path())
+    _opened.append(repo)
     try:
         if unlock:
             repo.unlock(read_credential())
         yield repo
     finally:
         repo.close()
+
+
+def damage_exit() -> int:
+    """Name the damaged objects the command skipped and the repairs it made; EXIT_INCOMPLETE if anything was skipped."""
+    skipped = 0
+    for repo in _opened:
+        for line in repo.notices:
+            warn(line)
+        for name, why in sorted(repo.damaged.items()):
+            warn(f"skipped damaged object {repo.path / name}: {why}")
+        skipped += len(repo.damaged)
+    if not skipped:
+        return 0
+    warn(f"{skipped} damaged object(s) skipped; everything else was done. `stasisfs repair` heals them from a remote; "
+         "`stasisfs repair snapshots --forget` sets aside damaged snapshots that no copy can heal")
+    return EXIT_INCOMPLETE
 
 
 def warn(message: str) -> None:

@@ -467,8 +467,9 @@ def repair(ctx: click.Context, remote_name: str | None, read_data: bool) -> None
     """
     if ctx.invoked_subcommand is not None:
         return
-    from ..repair import heal_local, heal_remote
+    from ..repair import heal_local, heal_metadata, heal_remote
 
+    healed_objects: list[str] = []
     with open_repository() as repo, RepositoryLock(repo, "repair"):
         if remote_name:
             report = heal_remote(repo, DeviceRemotes(repo.id).get(remote_name), read_data, info)
@@ -476,7 +477,9 @@ def repair(ctx: click.Context, remote_name: str | None, read_data: bool) -> None
             report = heal_local(repo, info)
             if report.healed:
                 repo.sync_index()
-    info(f"checked {report.checked} packs: {len(report.healed)} healed, {len(report.lost)} with no good copy anywhere")
+            healed_objects = heal_metadata(repo, info)
+    info(f"checked {report.checked} packs: {len(report.healed)} healed, {len(report.lost)} with no good copy anywhere"
+         + (f"; {len(healed_objects)} snapshot and index objects healed" if healed_objects else ""))
     if report.lost:
         for line in report.lost_files:
             write_line("lost: ", line)
@@ -500,6 +503,8 @@ def repair_snapshots_command(forget_originals: bool) -> None:
         result = repair_snapshots(repo, forget_originals, info)
     for line in result.dropped_files:
         write_line("dropped: ", line)
+    if result.snapshots_set_aside:
+        info(f"{len(result.snapshots_set_aside)} damaged snapshot object(s) that no copy could heal set aside (renamed *.damaged)")
     for old, new in result.rewritten:
         info(f"snapshot {old} repaired as {new}" + (" (original removed)" if forget_originals else ""))
     if not result.rewritten:

@@ -1,0 +1,102 @@
+"""Damage stays where it is: a bad snapshot or index object hides only itself, is named, and heals from a remote."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from conftest import Cli
+from server_fixture import Server
+
+pytestmark = pytest.mark.timeout(240)
+
+
+def two_snapshots(cli: Cli) -> tuple[Path, str, str]:
+    cli.init()
+    src = cli.tmp / "src"
+    src.mkdir()
+    (src / "a.txt").write_text("first")
+    first = cli.backup(src)
+    (src / "b.txt").write_text("second")
+    second = cli.backup(src)
+    return src, first, second
+
+
+def flip_a_byte(path: Path, at: int = 40) -> None:
+    data = bytearray(path.read_bytes())
+    data[at] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def assert_named_and_rest_works(cli: Cli, bad_id: str, good_id: str, src: Path) -> None:
+    listed = cli.run("snapshots", "--json")
+    assert listed.returncode == 3, listed.stderr.decode()
+    assert [s["id"] for s in json.loads(listed.stdout)] == [good_id]
+    assert bad_id.encode() in listed.stderr and b"Traceback" not in listed.stderr
+    restored = cli.run("restore", good_id, "--target", cli.tmp / "out")
+    assert restored.returncode == 3 and bad_id.encode() in restored.stderr
+    assert (cli.tmp / "out" / str(src).lstrip("/") / "b.txt").read_text() == "second"
+    checked = cli.run("check")
+    assert checked.returncode == 1 and bad_id.encode() in checked.stderr + checked.stdout
+
+
+def test_one_damaged_snapshot_object_hides_only_itself(cli: Cli) -> None:
+    src, first, second = two_snapshots(cli)
+    flip_a_byte(cli.repo / "snapshots" / first)
+    shutil.rmtree(cli.tmp / "cache")  # read it from the repository, not the cache
+    assert_named_and_rest_works(cli, first, second, src)
+    # Prune frees nothing while a snapshot cannot be read; `repair snapshots --forget` sets it aside.
+    pruned = cli.run("prune")
+    assert pruned.returncode == 1 and b"damaged" in pruned.stderr and b"repair snapshots --forget" in pruned.stderr
+    cli.ok("repair", "snapshots", "--forget")
+    assert [s["id"] for s in cli.snapshots()] == [second]
+    cli.ok("prune")
+    cli.ok("check", "--read-data")
+
+
+def test_a_foreign_snapshot_object_is_named_and_skipped(cli: Cli) -> None:
+    src, first, second = two_snapshots(cli)
+    other = Cli(env={**cli.env, "STASISFS_REPO": str(cli.tmp / "other")}, repo=cli.tmp / "other", tmp=cli.tmp)
+    other.init()
+    foreign = other.backup(src)
+    shutil.copy(other.repo / "snapshots" / foreign, cli.repo / "snapshots" / foreign)
+    listed = cli.run("snapshots", "--json")
+    assert listed.returncode == 3 and foreign.encode() in listed.stderr and b"another repository" in listed.stderr
+    assert {s["id"] for s in json.loads(listed.stdout)} == {first, second}
+
+
+def test_a_damaged_index_object_is_named_by_check_and_healed_by_the_repair_it_names(cli: Cli) -> None:
+    src, first, second = two_snapshots(cli)
+    index_object = sorted((cli.repo / "index").iterdir())[0]
+    flip_a_byte(index_object)
+    checked = cli.run("check")
+    assert checked.returncode == 1 and index_object.name[:16].encode() in checked.stderr + checked.stdout
+    cli.ok("repair", "index")
+    cli.ok("check")
+    cli.ok("restore", second, "--target", cli.tmp / "out")
+    assert (cli.tmp / "out" / str(src).lstrip("/") / "a.txt").read_text() == "first"
+
+
+def test_a_damaged_index_object_under_a_lost_cache_is_healed_and_said(cli: Cli) -> None:
+    src, first, second = two_snapshots(cli)
+    index_object = sorted((cli.repo / "index").iterdir())[0]
+    flip_a_byte(index_object)
+    shutil.rmtree(cli.tmp / "cache")  # the cache is rebuilt from the repository, and from pack headers where it must
+    listed = cli.ok("snapshots")
+    assert index_object.name.encode() in listed.stderr and b"from their headers" in listed.stderr
+    cli.ok("check", "--read-data")
+
+
+def test_repair_heals_a_damaged_snapshot_object_from_the_remote(cli: Cli, server: Server) -> None:
+    src, first, second = two_snapshots(cli)
+    cli.add_remote(server)
+    cli.ok("sync")
+    flip_a_byte(cli.repo / "snapshots" / first)
+    shutil.rmtree(cli.tmp / "cache")
+    assert cli.run("snapshots").returncode == 3
+    repaired = cli.ok("repair")
+    assert b"1 snapshot and index objects healed" in repaired.stderr
+    assert {s["id"] for s in cli.snapshots()} == {first, second}
+    cli.ok("check")
