@@ -68,7 +68,7 @@ def test_a_foreign_snapshot_object_is_named_and_skipped(cli: Cli) -> None:
 
 
 def test_a_damaged_index_object_is_named_by_check_and_healed_by_the_repair_it_names(cli: Cli) -> None:
-    src, first, second = two_snapshots(cli)
+    src, _, second = two_snapshots(cli)
     index_object = sorted((cli.repo / "index").iterdir())[0]
     flip_a_byte(index_object)
     checked = cli.run("check")
@@ -80,7 +80,7 @@ def test_a_damaged_index_object_is_named_by_check_and_healed_by_the_repair_it_na
 
 
 def test_a_damaged_index_object_under_a_lost_cache_is_healed_and_said(cli: Cli) -> None:
-    src, first, second = two_snapshots(cli)
+    two_snapshots(cli)
     index_object = sorted((cli.repo / "index").iterdir())[0]
     flip_a_byte(index_object)
     shutil.rmtree(cli.tmp / "cache")  # the cache is rebuilt from the repository, and from pack headers where it must
@@ -90,7 +90,7 @@ def test_a_damaged_index_object_under_a_lost_cache_is_healed_and_said(cli: Cli) 
 
 
 def test_repair_heals_a_damaged_snapshot_object_from_the_remote(cli: Cli, server: Server) -> None:
-    src, first, second = two_snapshots(cli)
+    _, first, second = two_snapshots(cli)
     cli.add_remote(server)
     cli.ok("sync")
     flip_a_byte(cli.repo / "snapshots" / first)
