@@ -166,11 +166,20 @@ class Repository:
         return repo
 
     def slots(self) -> list[keyslots.KeySlot]:
+        """Every key slot that parses; a malformed one is noted (named) and skipped, so the others still open."""
         result = []
         for entry in sorted(os.scandir(self.path / "keys"), key=lambda e: e.name):
             if entry.is_file() and not entry.name.startswith("."):
-                result.append(keyslots.KeySlot.decode(Path(entry.path).read_bytes()))
+                try:
+                    result.append(keyslots.KeySlot.decode(Path(entry.path).read_bytes()))
+                except StasisError as exc:
+                    self._skip_slot(entry.path, str(exc))
         return result
+
+    def _skip_slot(self, path: str, why: str) -> None:
+        notice = f"key slot {path} was skipped: {why}"
+        if notice not in self.notices:
+            self.notices.append(notice)
 
     def unlock(self, credential: Credential) -> None:
         if credential.machine_secret is not None:
@@ -190,9 +199,13 @@ class Repository:
                 master = keyslots.unwrap(slot, self.id, credential.password.encode())
             except WrongKey:
                 continue
+            except StasisError as exc:  # parameters out of bounds: refused before any memory is spent
+                self._skip_slot(str(self.path / "keys" / slot.id), str(exc))
+                continue
             self._attach(master, slot.id)
             return
-        raise WrongKey("wrong password: no key slot of this repository opens with it")
+        skipped = f" ({'; '.join(self.notices)})" if self.notices else ""
+        raise WrongKey(f"wrong password: no key slot of this repository opens with it{skipped}")
 
     @classmethod
     def for_worker(cls, path: Path, master: bytes) -> Repository:

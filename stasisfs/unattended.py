@@ -15,6 +15,7 @@ import os
 import shlex
 import subprocess
 import sys
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -76,12 +77,24 @@ def run_hook(command: str | None, result: str, reason: str, snapshot: str, profi
     """Run an on-success/on-failure hook with the outcome in its environment; a message if it failed."""
     if not command:
         return None
-    env = {**os.environ, "STASISFS_RESULT": result, "STASISFS_REASON": reason, "STASISFS_SNAPSHOT": snapshot, "STASISFS_PROFILE": profile}
+    env = {**hook_environment(os.environ), "STASISFS_RESULT": result, "STASISFS_REASON": reason, "STASISFS_SNAPSHOT": snapshot,
+           "STASISFS_PROFILE": profile}
     try:
         done = subprocess.run(["/bin/sh", "-c", command], env=env, stdin=subprocess.DEVNULL, timeout=HOOK_TIMEOUT)
     except (OSError, subprocess.TimeoutExpired) as exc:
         return f"hook {command!r} failed: {exc}"
     return None if done.returncode == 0 else f"hook {command!r} exited with status {done.returncode}"
+
+
+# Hooks are user shell commands: they get the outcome, never a secret this process was given.
+HOOK_SECRETS = ("STASISFS_PASSWORD", "STASISFS_PASSWORD_FILE", "STASISFS_PASSWORD_COMMAND", "STASISFS_NEW_PASSWORD",
+                "STASISFS_NEW_PASSWORD_FILE", "STASISFS_KEY_FILE")
+
+
+def hook_environment(environ: Mapping[str, str]) -> dict[str, str]:
+    """The environment minus every password, key and token source (and anything named like one)."""
+    return {k: v for k, v in environ.items()
+            if k not in HOOK_SECRETS and not any(word in k.upper() for word in ("PASSWORD", "TOKEN", "SECRET"))}
 
 
 # --- logs -------------------------------------------------------------------------------------------

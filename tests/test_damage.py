@@ -100,3 +100,48 @@ def test_repair_heals_a_damaged_snapshot_object_from_the_remote(cli: Cli, server
     assert b"1 snapshot and index objects healed" in repaired.stderr
     assert {s["id"] for s in cli.snapshots()} == {first, second}
     cli.ok("check")
+
+
+@pytest.mark.parametrize("kdf", [
+    {"name": "argon2id", "salt": "AAAAAAAAAAAAAAAAAAAAAA==", "iterations": 3, "memory_kib": 4 * 1024 * 1024, "lanes": 4},
+    {"name": "argon2id", "salt": "AAAAAAAAAAAAAAAAAAAAAA==", "iterations": -1, "memory_kib": 64, "lanes": 1},
+    {"name": "argon2id", "salt": "AAAAAAAAAAAAAAAAAAAAAA==", "iterations": "many", "memory_kib": 64, "lanes": 1},
+])
+def test_a_planted_key_slot_with_absurd_parameters_is_refused_at_once(cli: Cli, kdf: dict[str, object]) -> None:
+    import time
+
+    cli.init()
+    real = next((cli.repo / "keys").iterdir())
+    planted = json.loads(real.read_text())
+    planted.update(id="00000000deadbeef", kdf=kdf)
+    (cli.repo / "keys" / "00000000deadbeef").write_text(json.dumps(planted))
+    started = time.monotonic()
+    listed = cli.run("snapshots")
+    assert listed.returncode == 0 and b"00000000deadbeef" in listed.stderr and b"Traceback" not in listed.stderr
+    assert time.monotonic() - started < 20
+    real.unlink()  # with only the planted slot left: a clear refusal, naming it
+    alone = cli.run("snapshots")
+    assert alone.returncode == 12 and b"00000000deadbeef" in alone.stderr and b"Traceback" not in alone.stderr
+
+
+def test_a_junk_config_on_the_server_gives_a_clear_error(cli: Cli, server: Server) -> None:
+    import hashlib
+
+    import requests
+
+    cli.init()
+    recovery_key = cli.ok("key", "export").stdout
+    cli.add_remote(server)
+    doc = next((cli.tmp / "home" / ".config" / "stasisfs" / "repositories").glob("*/remotes.json"))
+    token = json.loads(doc.read_text())["remotes"][0]["token"]
+    for config_id, _ in [(i["id"], i["size"]) for i in requests.get(f"{server.url}/v1/devices/testbox/objects/config/",
+                                                                      headers={"Authorization": f"Bearer {token}"}, timeout=10).json()["objects"]]:
+        path = next(server.data.glob(f"objects/*/config/{config_id[:2]}/{config_id}"))
+        path.write_bytes(b"{not json")
+    junk = b"{not json either"
+    requests.put(f"{server.url}/v1/devices/testbox/objects/config/{hashlib.sha256(junk).hexdigest()}", data=junk,
+                 headers={"Authorization": f"Bearer {token}"}, timeout=10)
+    cli.wipe_device()
+    recovered = cli.run("recover", server.url, "--user", "alice", "--recovery-key", input=recovery_key)
+    assert recovered.returncode in (1, 12) and b"Traceback" not in recovered.stderr and b"JSONDecodeError" not in recovered.stderr
+    assert b"config" in recovered.stderr or b"recovery key" in recovered.stderr

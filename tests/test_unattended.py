@@ -210,3 +210,23 @@ def test_a_stale_lock_is_broken_under_cron(cli: Cli, crontab: None) -> None:
     assert len(list((cli.repo / "locks").iterdir())) == 1
     assert run_like_cron(cli, cron_command("nightly"))[0] == 0
     assert len(cli.snapshots()) == 1 and list((cli.repo / "locks").iterdir()) == []
+
+
+def test_hooks_never_see_a_secret(cli: Cli) -> None:
+    cli.init()
+    src = source(cli)
+    seen = cli.tmp / "hook-env"
+    write_config(cli, f"""
+[profiles.home]
+repository = "{cli.repo}"
+paths = ["{src}", "{cli.tmp / 'missing'}"]
+on-success = "env > {seen}"
+on-failure = "env > {seen}"
+""")
+    secret_file = cli.tmp / "pw"
+    secret_file.write_text(PASSWORD)
+    secret_file.chmod(0o600)
+    cli.run("--profile", "home", "backup", env={"STASISFS_PASSWORD_FILE": str(secret_file)})
+    env = seen.read_text()
+    assert "STASISFS_RESULT=" in env and "STASISFS_PROFILE=home" in env
+    assert PASSWORD not in env and "STASISFS_PASSWORD" not in env and str(secret_file) not in env
