@@ -42,6 +42,10 @@ TRAILER_BOX_LEN = BOX_OVERHEAD + TRAILER.size
 
 JOURNAL_RECORD = struct.Struct(">I")  # length of the sealed batch of entries that follows
 INDEX_MAGIC = b"SIX1"
+# Index objects since issue 18: "SIX2" || u32 length || zstd(body) || zeros, to Padmé(max(size, INDEX_FLOOR)), inside the
+# box, so a server sees a run's index grow in Padmé steps only, not by 42 bytes a blob. Version 1 (no padding) is still read.
+INDEX_PADDED_MAGIC = b"SIX2"
+INDEX_FLOOR = 4096
 INDEX_PACK = struct.Struct(">32sQI")  # pack id, pack size, entry count
 
 
@@ -217,11 +221,19 @@ def encode_index(cipher: Cipher, packs: Iterable[PackInfo]) -> bytes:
     for pack in packs:
         parts.append(INDEX_PACK.pack(pack.pack_id, pack.size, len(pack.blobs)))
         parts.append(encode_entries(pack.blobs))
-    return cipher.seal(zstandard.ZstdCompressor(level=3).compress(b"".join(parts)), KIND_INDEX)
+    compressed = zstandard.ZstdCompressor(level=3).compress(b"".join(parts))
+    framed = INDEX_PADDED_MAGIC + struct.pack(">I", len(compressed)) + compressed
+    return cipher.seal(framed + bytes(padded_size(len(framed), INDEX_FLOOR) - len(framed)), KIND_INDEX)
 
 
 def decode_index(cipher: Cipher, data: bytes) -> Iterator[PackInfo]:
-    plain = zstandard.ZstdDecompressor().decompress(cipher.open(data, KIND_INDEX), max_output_size=1 << 31)
+    opened = cipher.open(data, KIND_INDEX)
+    if opened[:4] == INDEX_PADDED_MAGIC:
+        (length,) = struct.unpack_from(">I", opened, 4)
+        if length > len(opened) - 8:
+            raise IntegrityError("index object padding is malformed")
+        opened = opened[8 : 8 + length]
+    plain = zstandard.ZstdDecompressor().decompress(opened, max_output_size=1 << 31)
     if plain[:4] != INDEX_MAGIC:
         raise IntegrityError("malformed index object")
     view = memoryview(plain)

@@ -110,3 +110,20 @@ def test_every_pack_is_padded(cli: Cli) -> None:
     for pack in packs(cli):
         size = pack.stat().st_size
         assert size >= 1 << 20 and size == padme(size)
+
+
+def test_index_objects_are_padded_so_a_small_change_does_not_show_its_chunk_count(cli: Cli) -> None:
+    cli.init()
+    src = cli.tmp / "src"
+    src.mkdir()
+    (src / "base").write_bytes(os.urandom(100_000))
+    cli.backup(src)
+    sizes = []
+    for count in (1, 40):
+        before = set((cli.repo / "index").iterdir())
+        for n in range(count):
+            (src / f"new-{count}-{n}").write_bytes(os.urandom(3000))
+        cli.backup(src)
+        new = set((cli.repo / "index").iterdir()) - before
+        sizes.append(sorted(p.stat().st_size for p in new))
+    assert sizes[0] == sizes[1], f"one new chunk and forty new chunks gave index objects of {sizes[0]} and {sizes[1]} bytes"
