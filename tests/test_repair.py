@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -60,7 +61,10 @@ def test_bit_rot_on_the_server_is_healed_from_the_local_copy(cli: Cli, server: S
     cli.ok("check", "--remote", "home")  # structure alone cannot see it
     found = cli.run("check", "--remote", "home", "--read-data")
     assert found.returncode == 1 and damaged.name.encode() in found.stderr
-    cli.ok("repair", "--remote", "home", "--read-data")
+    # The hint is run exactly as printed, as a user would.
+    hint = re.search(rb"`stasisfs ([^`]+)` heals them", found.stderr + found.stdout)
+    assert hint is not None, found.stderr
+    cli.ok(*hint[1].decode().split())
     cli.ok("check", "--remote", "home", "--read-data")
 
 
