@@ -30,7 +30,7 @@ from .fsmeta import node_from_stat
 from .index import FileRecord
 from .pack import BLOB_DATA, BLOB_TREE
 from .packer import BlobWriter
-from .pools import worker_pool
+from .pools import StartingPool
 from .progress import Counters
 from .repository import Repository
 from .snapshot import Snapshot, Summary
@@ -90,6 +90,7 @@ class Backup:
         self._jobs: deque[DirJob] = deque()
         self._batch = BatchQueue(self)
         self._procs: Executor | None = None
+        self._starting: StartingPool | None = None  # spawned early for a resumed run
         self._sealers = ThreadPoolExecutor(options.workers, thread_name_prefix="backup-seal")  # threads start on first use
         self._pending_items = 0
         self._pending_bytes = 0
@@ -394,7 +395,11 @@ class Backup:
             return
         self._begun = True
         if self.index.start_backup_run():
-            # The last run was killed: its finished part is crossed quickly, so have the workers ready.
+            # The last run was killed: its finished part is crossed quickly, so have the workers ready. They are
+            # spawned here, on the main thread (see pools), and the wait for them runs while the salvage does.
+            starting = self._start_workers()
+            with self._procs_lock:
+                self._starting = starting
             threading.Thread(target=lambda: self.procs, name="backup-start-workers", daemon=True).start()
 
     def run(self) -> Snapshot:
@@ -425,13 +430,13 @@ class Backup:
         """The chunking workers, started on first use: a run with nothing changed starts none."""
         with self._procs_lock:
             if self._procs is None:
-                self._procs = self._workers()
+                self._procs = (self._starting or self._start_workers()).ready()
             return self._procs
 
-    def _workers(self) -> Executor:
+    def _start_workers(self) -> StartingPool:
         """Worker processes (own GILs); threads when processes cannot be started here."""
         initargs = (self.keys.master, self.keys.repo_id, str(self.index.path), self.writer.verify)
-        return worker_pool(self.options.workers, "backup", init_worker, initargs, partial(use_index_in_threads, self.index))
+        return StartingPool(self.options.workers, "backup", init_worker, initargs, partial(use_index_in_threads, self.index))
 
     def run_stdin(self, stream: BinaryIO, filename: str) -> Snapshot:
         started = time.monotonic()

@@ -5,26 +5,32 @@ from __future__ import annotations
 import contextlib
 import multiprocessing
 import os
+import signal
 import sys
 import threading
 import time
-from collections.abc import Callable
-from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
+from collections.abc import Callable, Iterator
+from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from typing import Any
 
 STARTUP_TIMEOUT = 60.0
+PARENT_SIGNALS = {signal.SIGINT, signal.SIGTERM}
 PARENT_CHECK_EVERY = 1.0
 
 
 def exit_with_parent() -> None:
-    """In a worker process: exit as soon as the parent is gone (say, killed mid-backup).
+    """In a worker process: leave SIGINT and SIGTERM to the parent, and exit as soon as the parent is gone.
 
-    A pool worker would otherwise wait forever on its task queue, holding the key in memory.
+    A terminal's Ctrl-C reaches the whole process group: the parent stops the pool cleanly, and a
+    worker that took the signal itself would only print a traceback and break the pool. A pool
+    worker whose parent died would otherwise wait forever on its task queue, holding the key in memory.
     """
     parent_process = multiprocessing.parent_process()
     if parent_process is None:
         return  # a worker thread of the parent itself
+    for sig in PARENT_SIGNALS:  # ignored since spawn when the main thread spawned it; made sure of here
+        signal.signal(sig, signal.SIG_IGN)
     parent = parent_process.pid  # as the parent said, not as getppid() says now: it may already be gone
 
     def watch() -> None:
@@ -35,27 +41,82 @@ def exit_with_parent() -> None:
     threading.Thread(target=watch, name="parent-watch", daemon=True).start()
 
 
-def worker_pool(workers: int, name: str, initializer: Callable[..., None], initargs: tuple[Any, ...],
-                share_in_threads: Callable[[], None]) -> Executor:
-    """Start `workers` spawned processes and prove one answers; fall back to threads running the same code.
+class StartingPool:
+    """Worker processes spawned at construction; `ready()` waits until they answer, or falls back to threads.
 
     Spawn, not fork: a forked child would inherit open LMDB environments and locks held by
     other threads. Processes can fail to start, e.g. when the interpreter is not executable
     for the user the command runs as; the threads then share the parent's objects instead.
     """
-    def threads() -> Executor:
-        share_in_threads()
-        return ThreadPoolExecutor(workers, thread_name_prefix=name, initializer=initializer, initargs=initargs)
 
-    if not os.access(sys.executable, os.X_OK):  # e.g. an interpreter under a home directory this user cannot enter
-        return threads()
-    pool: ProcessPoolExecutor | None = None
-    try:
-        pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=initializer, initargs=initargs)
-        pool.submit(os.getpid).result(timeout=STARTUP_TIMEOUT)
-        return pool
-    except (OSError, BrokenProcessPool, TimeoutError):
-        if pool is not None:
+    def __init__(self, workers: int, name: str, initializer: Callable[..., None], initargs: tuple[Any, ...],
+                 share_in_threads: Callable[[], None]) -> None:
+        self._args = (workers, name, initializer, initargs, share_in_threads)
+        self._pool: ProcessPoolExecutor | None = None
+        self._started: list[Future[None]] = []
+        if not os.access(sys.executable, os.X_OK):  # e.g. an interpreter under a home directory this user cannot enter
+            return
+        with _signals_left_to_the_parent():
+            try:
+                self._pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=initializer,
+                                                 initargs=initargs)
+                # One task per worker, submitted at once: none finds an idle worker, so every worker is spawned now, here.
+                self._started = [self._pool.submit(time.sleep, 0.01) for _ in range(workers)]
+            except (OSError, BrokenProcessPool):
+                self._discard()
+
+    def ready(self) -> Executor:
+        if self._pool is None:
+            return self._threads()
+        try:
+            for future in self._started:
+                future.result(timeout=STARTUP_TIMEOUT)
+            return self._pool
+        except (OSError, BrokenProcessPool, TimeoutError):
+            self._discard()
+            return self._threads()
+
+    def _threads(self) -> Executor:
+        return _thread_pool(*self._args)
+
+    def _discard(self) -> None:
+        if self._pool is not None:
             with contextlib.suppress(Exception):
-                pool.shutdown(wait=False, cancel_futures=True)
-    return threads()
+                self._pool.shutdown(wait=False, cancel_futures=True)
+        self._pool = None
+
+
+def _thread_pool(workers: int, name: str, initializer: Callable[..., None], initargs: tuple[Any, ...],
+                 share_in_threads: Callable[[], None]) -> Executor:
+    share_in_threads()
+    return ThreadPoolExecutor(workers, thread_name_prefix=name, initializer=initializer, initargs=initargs)
+
+
+@contextlib.contextmanager
+def _signals_left_to_the_parent() -> Iterator[None]:
+    """Spawn workers that ignore SIGINT and SIGTERM from their first instruction on.
+
+    A terminal's Ctrl-C reaches the whole process group, workers still importing included; one
+    that took it would die mid-import with a traceback. An ignored disposition survives fork and
+    exec (a blocked mask does not: the spawn resets it), so the parent ignores both signals while
+    it spawns. It also blocks them meanwhile, and Linux keeps a blocked signal pending even when
+    ignored, so the parent still gets a Ctrl-C sent in that window once its handlers are back.
+    Only the main thread may change handlers; elsewhere the workers' own initializer ignores them.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, PARENT_SIGNALS)
+    handlers = {sig: signal.signal(sig, signal.SIG_IGN) for sig in PARENT_SIGNALS}
+    try:
+        yield
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+
+
+def worker_pool(workers: int, name: str, initializer: Callable[..., None], initargs: tuple[Any, ...],
+                share_in_threads: Callable[[], None]) -> Executor:
+    """Start `workers` spawned processes and wait until they answer; threads running the same code if they cannot."""
+    return StartingPool(workers, name, initializer, initargs, share_in_threads).ready()

@@ -9,6 +9,8 @@ out and reported.
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import os
 import shutil
 import stat
@@ -42,6 +44,16 @@ def write_all(fd: int, data: bytes | memoryview) -> None:
         view = view[os.write(fd, view) :]
 
 
+PARTIAL_PREFIX = b".stasisfs-partial-"
+
+
+def partial_name(dest: bytes) -> bytes:
+    """Where `dest` is written before its rename: the same directory, a name fixed by `dest`, so a rerun
+    after an interruption writes over the leftover instead of adding another."""
+    head, name = os.path.split(dest)
+    return os.path.join(head, PARTIAL_PREFIX + hashlib.blake2b(name, digest_size=8).hexdigest().encode())
+
+
 def write_sparse(fd: int, data: bytes) -> None:
     """Seek over all-zero blocks so they stay holes; the final ftruncate fixes the size."""
     view = memoryview(data)
@@ -68,11 +80,14 @@ class FileWriter:
         self.repo, self.sparse, self.verify, self.as_root = repo, sparse, verify, as_root
 
     def write(self, dest: bytes, node: Node) -> FileOutcome:
+        """Content and metadata go to a temporary name, renamed over `dest` last: an interrupted
+        restore never leaves a file that looks complete, and the next run writes it again."""
         outcome = FileOutcome()
+        final, dest = dest, partial_name(dest)
         try:
-            fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+            fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
         except OSError as exc:
-            outcome.errors.append(f"cannot create {os.fsdecode(dest)}: {exc.strerror}")
+            outcome.errors.append(f"cannot create {os.fsdecode(final)}: {exc.strerror}")
             return outcome
         try:
             for chunk_id in node.content:
@@ -87,20 +102,29 @@ class FileWriter:
         except IntegrityError as exc:
             os.close(fd)
             os.unlink(dest)  # never leave wrong bytes behind
-            outcome.errors.append(f"{os.fsdecode(dest)} not restored: {exc}")
+            outcome.errors.append(f"{os.fsdecode(final)} not restored: {exc}")
             outcome.bytes = 0
             return outcome
         except OSError as exc:
             os.close(fd)
-            outcome.errors.append(f"cannot write {os.fsdecode(dest)}: {exc.strerror}")
+            with contextlib.suppress(OSError):
+                os.unlink(dest)
+            outcome.errors.append(f"cannot write {os.fsdecode(final)}: {exc.strerror}")
             return outcome
         os.close(fd)
         if self.verify and not self._verify(dest, node):
-            outcome.errors.append(f"{os.fsdecode(dest)} failed verification after restore")
+            outcome.errors.append(f"{os.fsdecode(final)} failed verification after restore")
         try:
             outcome.warnings += apply_metadata(dest, node, self.as_root)
         except OSError as exc:
-            outcome.warnings.append(f"cannot restore metadata of {os.fsdecode(dest)}: {exc.strerror}")
+            outcome.warnings.append(f"cannot restore metadata of {os.fsdecode(final)}: {exc.strerror}")
+        try:
+            os.rename(dest, final)
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                os.unlink(dest)
+            outcome.errors.append(f"cannot create {os.fsdecode(final)}: {exc.strerror}")
+            return outcome
         outcome.restored = True
         return outcome
 
@@ -227,7 +251,9 @@ class Restorer:
         excluded: bytes | None = None
         included: bytes | None = None
         batch = WriteBatch()
-        with self._writers() as pool:
+        pool = self._writers()
+        interrupted = False
+        try:
             for path, node in self.reader.walk(root, root_path):
                 if excluded is not None and path.startswith(excluded):
                     continue
@@ -271,7 +297,12 @@ class Restorer:
                 else:
                     self._restore_other(dest, node)
             self._send(pool, batch)
-        # leaving the pool waited for every batch and ran its callback
+        except BaseException:
+            interrupted = True  # Ctrl-C, SIGTERM or an error: drop what is queued, finish what is being written
+            raise
+        finally:
+            pool.shutdown(wait=True, cancel_futures=interrupted)
+        # the shutdown waited for every batch and ran its callback
         for source, dest, node in links:
             self._restore_link(source, dest, node)
         for dest, node in reversed(dir_nodes):
@@ -294,6 +325,8 @@ class Restorer:
 
     def _done(self, future: Future[list[FileOutcome]]) -> None:
         self._in_flight.release()
+        if future.cancelled():
+            return
         try:
             outcomes = future.result()
         except Exception as exc:

@@ -6,6 +6,7 @@ import getpass
 import json
 import os
 import shlex
+import signal
 import stat
 import subprocess
 import sys
@@ -158,6 +159,19 @@ def read_credential() -> Credential:
             raise StasisError(f"cannot read key file {key_file}: {exc.strerror}") from None
         return Credential(machine_slot=slot, machine_secret=secret, machine_repo=repo_id)
     return Credential(password=read_password())
+
+
+@contextmanager
+def interruptible() -> Iterator[None]:
+    """SIGTERM behaves like Ctrl-C here: both raise KeyboardInterrupt in the main thread, for the command to wind down."""
+    def raise_interrupt(_signum: int, _frame: object) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, raise_interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 # Every repository a command opened: after the command's own output, `damage_exit` names what was skipped.

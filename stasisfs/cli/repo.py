@@ -16,7 +16,7 @@ import msgspec
 from ..backup import Backup, BackupOptions, count_tree, normalize_paths
 from ..check import Checker
 from ..config import Profile
-from ..errors import EXIT_INCOMPLETE, StasisError, UsageError
+from ..errors import EXIT_INCOMPLETE, EXIT_INTERRUPTED, StasisError, UsageError
 from ..keys import password_weakness
 from ..locking import RepositoryLock
 from ..packer import salvage_open_packs
@@ -34,6 +34,7 @@ from .common import (
     global_options,
     human_size,
     info,
+    interruptible,
     open_repository,
     print_json,
     read_password,
@@ -186,23 +187,33 @@ def _backup(paths: tuple[bytes, ...], excludes: tuple[str, ...], exclude_file: s
     mode = Reporter.choose(json_output, quiet)
     profile = active_profile()
     rules = WalkRules(patterns, one_file_system, repo_path())
-    # Lists the first directories while the key is derived (that releases the GIL) and open packs are salvaged.
-    with ListingAhead(normalize_paths(options.paths), rules) as listed, open_repository() as repo, \
-            RepositoryLock(repo, "backup", wait=lock_wait):
-        job = Backup(repo, options, counters, warn=None if json_output else warn, listed=None if from_stdin else listed)
-        job.begin()  # after a killed run its workers start now, while the salvage below runs
-        salvage_open_packs(repo)  # resume: chunks a killed run packed are reused, even from its open packs
-        repo.sweep()
-        repo.index_orphan_packs()
-        stop = threading.Event()
-        if mode == "bar" and not from_stdin:
-            threading.Thread(target=count_tree, args=(job.options.paths, counters, stop), daemon=True).start()
-        with Reporter(counters, mode, "backup"):
-            snapshot = job.run_stdin(sys.stdin.buffer, stdin_filename) if from_stdin else job.run()
-        stop.set()
-        if profile is not None and profile.retention is not None and not dry_run:
-            _apply_retention(repo, profile, quiet or json_output)
-        sync_failures = {} if dry_run or no_sync else sync_after_backup(repo, json_output, names=profile.remotes if profile else None)
+    saved: Snapshot | None = None
+    try:
+        # Lists the first directories while the key is derived (that releases the GIL) and open packs are salvaged.
+        with interruptible(), ListingAhead(normalize_paths(options.paths), rules) as listed, open_repository() as repo, \
+                RepositoryLock(repo, "backup", wait=lock_wait):
+            job = Backup(repo, options, counters, warn=None if json_output else warn, listed=None if from_stdin else listed)
+            job.begin()  # after a killed run its workers start now, while the salvage below runs
+            salvage_open_packs(repo)  # resume: chunks a killed run packed are reused, even from its open packs
+            repo.sweep()
+            repo.index_orphan_packs()
+            stop = threading.Event()
+            if mode == "bar" and not from_stdin:
+                threading.Thread(target=count_tree, args=(job.options.paths, counters, stop), daemon=True).start()
+            with Reporter(counters, mode, "backup"):
+                snapshot = job.run_stdin(sys.stdin.buffer, stdin_filename) if from_stdin else job.run()
+            saved = None if dry_run else snapshot
+            stop.set()
+            if profile is not None and profile.retention is not None and not dry_run:
+                _apply_retention(repo, profile, quiet or json_output)
+            sync_failures = {} if dry_run or no_sync else sync_after_backup(repo, json_output, names=profile.remotes if profile else None)
+    except KeyboardInterrupt:
+        if saved is None:
+            info("interrupted: nothing saved; the next run resumes and reuses what this one stored")
+            raise SystemExit(EXIT_INTERRUPTED) from None
+        info(f"interrupted after snapshot {saved.short_id} was saved; retention and sync did not finish, the next run catches up")
+        click.echo(saved.id.hex())
+        return 0, saved, []
     s = snapshot.summary
     if json_output:
         print_json({"message_type": "summary", "snapshot_id": snapshot.id.hex() if not dry_run else None,
@@ -412,8 +423,13 @@ def restore(ref: str, target: bytes, includes: tuple[str, ...], excludes: tuple[
         options = RestoreOptions(target=target, subpath=path, includes=list(includes), excludes=list(excludes),
                                  overwrite=overwrite, verify=verify, sparse=sparse)
         restorer = Restorer(repo, options, counters, report=lambda m: warn(m))
-        with Reporter(counters, Reporter.choose(False, json_output), "restore"):
-            result = restorer.run(snapshot)
+        try:
+            with interruptible(), Reporter(counters, Reporter.choose(False, json_output), "restore"):
+                result = restorer.run(snapshot)
+        except KeyboardInterrupt:
+            info(f"interrupted: {restorer.result.files} files restored; run the same command to finish "
+                 "(files being written were left under temporary names and are written again)")
+            raise SystemExit(EXIT_INTERRUPTED) from None
     for w in result.warnings:
         warn(w)
     if json_output:
