@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import os
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from .errors import IntegrityError, StasisError, UsageError
-from .pack import BlobEntry, decode_index, open_blob, parse_pack
+from .pack import BlobEntry, decode_index, open_blob, parse_pack, unreadable_blobs
 from .remotes import Remote
 from .repository import Repository
 from .storage import storage_id
@@ -67,6 +67,8 @@ class Checker:
         self.chunks: dict[bytes, tuple[bytes, BlobEntry]] = {}
         self.pack_sizes: dict[bytes, int] = {}
         self.damaged_packs: set[bytes] = set()
+        self.lost_chunks: set[bytes] = set()  # chunks whose own sealed box is gone or fails: what damage costs
+        self.pack_entries: dict[bytes, Sequence[BlobEntry]] = {}
 
     def error(self, message: str) -> None:
         self.report.errors.append(message)
@@ -94,8 +96,7 @@ class Checker:
     def _report_affected_files(self) -> None:
         from .repair import affected_files
 
-        lost = {chunk_id for chunk_id, (pack_id, _) in self.chunks.items() if pack_id in self.damaged_packs}
-        for line in sorted(affected_files(self.repo, lost)):
+        for line in sorted(affected_files(self.repo, self.lost_chunks)):
             self.error(f"affected: {line}")
         # --read-data: a damaged pack on a remote has the right size, so only reading it finds it again.
         where = f"`stasisfs repair --remote {self.remote.name} --read-data`" if self.remote is not None else "`stasisfs repair` (from a remote's copy)"
@@ -116,6 +117,7 @@ class Checker:
             try:
                 for pack in decode_index(self.cipher, self.repo.read_object_raw("index", object_id)):
                     self.pack_sizes[pack.pack_id] = pack.size
+                    self.pack_entries[pack.pack_id] = pack.blobs
                     for entry in pack.blobs:
                         self.chunks[entry.chunk_id] = (pack.pack_id, entry)
             except (IntegrityError, ValueError) as exc:
@@ -266,22 +268,31 @@ class Checker:
 
     def _verify_pack(self, pack_id: bytes) -> None:
         name = pack_id.hex()
+        indexed = self.pack_entries.get(pack_id, ())
         try:
             data = self._pack_bytes(pack_id)
         except OSError as exc:
             self.error(f"pack {name} cannot be read: {exc.strerror}")
+            self.lost_chunks.update(e.chunk_id for e in indexed)
             return
         except StasisError as exc:  # damaged or missing on the remote
             self.error(f"pack {name}: {exc}")
+            self.lost_chunks.update(e.chunk_id for e in indexed)
             return
         self.report.packs_read += 1
         if storage_id(data) != name:
-            self.error(f"pack {name} is damaged: its content does not match its id")
+            # Judged per sealed box, by the index's offsets: only the chunks the damage hit are lost.
+            bad = unreadable_blobs(self.cipher, indexed, data)
+            self.lost_chunks.update(bad)
+            self.error(f"pack {name} is damaged: its content does not match its id; {len(bad)} of its {len(indexed)} chunks fail authentication")
             return
+        entries: Sequence[BlobEntry] = indexed
         try:
             entries = parse_pack(self.cipher, data)
-            for entry in entries:
-                open_blob(self.cipher, entry, memoryview(data)[entry.offset : entry.offset + entry.length])
         except IntegrityError as exc:
             self.error(f"pack {name} is damaged: {exc}")
+        bad = unreadable_blobs(self.cipher, entries, data)
+        if bad:
+            self.lost_chunks.update(bad)
+            self.error(f"pack {name} is damaged: {len(bad)} chunks fail authentication")
 

@@ -257,6 +257,24 @@ def open_blob(cipher: Cipher, entry: BlobEntry, box: bytes | memoryview, verify:
     return data
 
 
+def unreadable_blobs(cipher: Cipher, entries: Iterable[BlobEntry], data: bytes | memoryview) -> set[bytes]:
+    """Chunk ids whose sealed box in `data` (a pack's bytes, damaged or short) fails to open or to match its id.
+
+    Damage is judged per box: a flipped byte costs the one chunk whose box it hit, not the whole pack.
+    """
+    view = memoryview(data)
+    bad = set()
+    for entry in entries:
+        if entry.offset + entry.length > len(view):
+            bad.add(entry.chunk_id)
+            continue
+        try:
+            open_blob(cipher, entry, view[entry.offset : entry.offset + entry.length])
+        except (IntegrityError, ValueError, zstandard.ZstdError):
+            bad.add(entry.chunk_id)
+    return bad
+
+
 def authentic_prefix(cipher: Cipher, entries: list[BlobEntry], content: bytes) -> list[BlobEntry]:
     """The journal's entries up to the first whose box is not where it says, whole and authentic."""
     view = memoryview(content)

@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from .errors import StasisError
-from .pack import BLOB_TREE, PackInfo
+from .pack import BLOB_TREE, PackInfo, open_blob, unreadable_blobs
 from .packer import BlobWriter
 from .remote import RemoteClient
 from .remotes import DeviceRemotes, Remote
@@ -45,6 +45,33 @@ def local_pack_ok(repo: Repository, pack_id: bytes, size: int) -> bool:
         return False
 
 
+def damaged_chunks(repo: Repository, pack: PackInfo) -> set[bytes]:
+    """The chunks of a bad local pack that are really lost: all when it is missing, else those whose box fails."""
+    try:
+        data = repo.pack_path(pack.pack_id).read_bytes()
+    except OSError:
+        return {entry.chunk_id for entry in pack.blobs}
+    return unreadable_blobs(repo.cipher, pack.blobs, data)
+
+
+def salvage_blobs(repo: Repository, pack: PackInfo) -> list[tuple[bytes, int, bytes]]:
+    """(chunk id, kind, plaintext) of every blob of a bad local pack whose own box still opens and matches its id."""
+    try:
+        data = repo.pack_path(pack.pack_id).read_bytes()
+    except OSError:
+        return []
+    view = memoryview(data)
+    good = []
+    for entry in pack.blobs:
+        if entry.offset + entry.length > len(view):
+            continue
+        try:
+            good.append((entry.chunk_id, entry.kind, open_blob(repo.cipher, entry, view[entry.offset : entry.offset + entry.length])))
+        except (StasisError, ValueError):
+            continue
+    return good
+
+
 def affected_files(repo: Repository, lost_chunks: set[bytes]) -> Iterator[str]:
     """`<snapshot short id>:<path>` of every file (or directory) that needs a lost blob."""
     for snapshot in repo.snapshots():
@@ -72,7 +99,7 @@ def heal_local(repo: Repository, say: Callable[[str], None]) -> HealReport:
     packs = repo.indexed_packs()
     lost_chunks: set[bytes] = set()
     for pack_id, pack in sorted(packs.items()):
-        size, chunks = pack.size, [e.chunk_id for e in pack.blobs]
+        size = pack.size
         report.checked += 1
         if local_pack_ok(repo, pack_id, size):
             continue
@@ -81,7 +108,7 @@ def heal_local(repo: Repository, say: Callable[[str], None]) -> HealReport:
             report.healed.append(pack_id.hex())
         else:
             report.lost.append(pack_id.hex())
-            lost_chunks.update(chunks)
+            lost_chunks.update(damaged_chunks(repo, pack))
     if lost_chunks:
         report.lost_files = sorted(affected_files(repo, lost_chunks))
     return report
@@ -195,9 +222,10 @@ class SnapshotRepair:
 def repair_snapshots(repo: Repository, forget_originals: bool, say: Callable[[str], None]) -> SnapshotRepair:
     """Rewrite every snapshot that needs lost data, without what is lost (restic's `repair snapshots`).
 
-    Lost = in a pack that is missing or fails its hash here. Those packs are set
-    aside (renamed `*.damaged`) and dropped from the index first, so no later
-    backup can deduplicate against their blobs. Files that need a lost chunk are
+    Lost = in a pack that is missing, or in a box that fails authentication in a pack
+    that fails its hash here. Those packs are set aside (renamed `*.damaged`) and
+    dropped from the index first, so no later backup can deduplicate against their
+    blobs; the blobs of theirs that still open are written again into new packs. Files that need a lost chunk are
     dropped; a directory whose tree is lost becomes empty. Repaired snapshots
     get the tag `repaired`; with `forget_originals` the originals are removed.
     """
@@ -208,6 +236,8 @@ def repair_snapshots(repo: Repository, forget_originals: bool, say: Callable[[st
         result.snapshots_set_aside = set_aside_damaged_snapshots(repo, say)
     packs = repo.indexed_packs()
     bad = {p for p, info in packs.items() if not local_pack_ok(repo, p, info.size)}
+    # Judged per sealed box: what still opens in a bad pack is kept, written again below into new packs.
+    salvaged = [blob for p in sorted(bad) for blob in salvage_blobs(repo, packs[p])]
     if bad:
         good = [PackInfo(p, info.size, info.blobs) for p, info in packs.items() if p not in bad]
         old_index = repo.list_objects("index")
@@ -225,8 +255,17 @@ def repair_snapshots(repo: Repository, forget_originals: bool, say: Callable[[st
         repo.index.clear_files_cache()
         result.packs_set_aside = len(bad)
         say(f"set aside {len(bad)} damaged or missing packs")
-    present = repo.index.has_chunk
     writer = BlobWriter(repo)
+    if salvaged:
+        try:
+            for chunk_id, kind, data in salvaged:
+                writer.add(chunk_id, kind, data)
+            writer.flush()
+        except BaseException:
+            writer.abort()
+            raise
+        say(f"kept {len(salvaged)} chunks of the damaged packs whose own boxes are intact")
+    present = repo.index.has_chunk
     memo: dict[bytes, bytes | None] = {}
 
     def rewrite(tree_id: bytes, path: bytes, snapshot_id: str) -> bytes | None:

@@ -145,3 +145,42 @@ def test_a_junk_config_on_the_server_gives_a_clear_error(cli: Cli, server: Serve
     recovered = cli.run("recover", server.url, "--user", "alice", "--recovery-key", input=recovery_key)
     assert recovered.returncode in (1, 12) and b"Traceback" not in recovered.stderr and b"JSONDecodeError" not in recovered.stderr
     assert b"config" in recovered.stderr or b"recovery key" in recovered.stderr
+
+
+def test_one_flipped_byte_in_a_big_pack_loses_exactly_the_file_it_hit(cli: Cli, monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+
+    from conftest import PASSWORD
+
+    from stasisfs.pack import BLOB_DATA
+    from stasisfs.repository import Credential, Repository
+
+    cli.init()
+    src = cli.tmp / "src"
+    src.mkdir()
+    for n in range(120):  # each file under the chunker's minimum: one chunk each, in one or two 16 MiB packs
+        (src / f"file{n:03d}").write_bytes(os.urandom(200_000))
+    cli.backup(src)
+    monkeypatch.setenv("XDG_CACHE_HOME", cli.env["XDG_CACHE_HOME"])
+    repo = Repository(cli.repo)
+    repo.unlock(Credential(password=PASSWORD))
+    pack = max(repo.indexed_packs().values(), key=lambda p: len(p.blobs))
+    entry = [e for e in pack.blobs if e.kind == BLOB_DATA][len(pack.blobs) // 2]
+    hit = next(p.name for p in src.iterdir() if repo.master_keys.chunk_id_of(p.read_bytes()) == entry.chunk_id)
+    path = repo.pack_path(pack.pack_id)
+    repo.close()
+    flip_a_byte(path, entry.offset + entry.length // 2)
+    checked = cli.run("check", "--read-data")
+    affected = [line for line in checked.stderr.decode().splitlines() if "affected:" in line]
+    assert checked.returncode == 1 and len(affected) == 1 and affected[0].endswith(f"/{hit}"), affected
+    restored = cli.run("restore", "latest", "--target", cli.tmp / "before")
+    assert restored.returncode == 1 and hit.encode() in restored.stderr
+    done = cli.ok("repair", "snapshots", "--forget")
+    dropped = [line for line in done.stdout.decode().splitlines() if line.startswith("dropped: ")]
+    assert len(dropped) == 1 and dropped[0].endswith(f"/{hit}"), dropped
+    cli.ok("check", "--read-data")
+    cli.ok("restore", "latest", "--target", cli.tmp / "out")
+    out = cli.tmp / "out" / str(src).lstrip("/")
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in src.iterdir() if p.name != hit)
+    for p in out.iterdir():
+        assert p.read_bytes() == (src / p.name).read_bytes()
