@@ -108,8 +108,8 @@ class Checker:
             self.report.notes.append("the local index is missing; the next command rebuilds it (or run `stasisfs repair index`)")
         elif state == "incomplete":  # an interrupted rebuild or prune: the cache, not the repository
             self.report.notes.append("the local index cache is incomplete (an interrupted run); the next command rebuilds it")
-        elif state != "ok":
-            self.error(state)
+        elif state != "ok":  # only a cache: the repository is what is checked, and the next command rebuilds it
+            self.report.notes.append(f"{state.split('; run')[0]}; the next command rebuilds it from the repository")
 
     def _load_index_objects(self) -> None:
         self.say("loading index objects")

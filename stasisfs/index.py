@@ -14,7 +14,10 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import struct
+import subprocess
+import sys
 import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -59,15 +62,77 @@ class FileRecord:
 
 
 
+# Reads every page of an environment in a child process: damage that would fault LMDB (SIGBUS, SIGSEGV)
+# kills the child, not the command. Read-only and lock-free, so it never changes what it reads.
+_PROBE = """
+import sys, lmdb
+env = lmdb.open(sys.argv[1], subdir=True, readonly=True, lock=False, max_dbs=16)
+with env.begin(buffers=True) as txn:
+    names = [bytes(name) for name, _ in txn.cursor()]
+    for name in names:
+        for _key, value in txn.cursor(db=env.open_db(name, txn=txn, create=False)):
+            if len(value):
+                value[0], value[len(value) - 1]
+"""
+VERIFIED = "verified"  # size, mtime and inode of data.mdb as a stasisfs writer left it, or as the last probe passed it
+
+
+def _fingerprint(data_file: Path) -> str:
+    st = data_file.stat()
+    return f"{st.st_size} {st.st_mtime_ns} {st.st_ino}"
+
+
+def probe(path: Path) -> str | None:
+    """Why the environment at `path` cannot be trusted, or None when every page reads.
+
+    Skipped when data.mdb is exactly as a stasisfs writer or an earlier probe left it.
+    """
+    data_file = path / "data.mdb"
+    if not data_file.exists():
+        return None
+    fingerprint = _fingerprint(data_file)
+    with contextlib.suppress(OSError):
+        if (path / VERIFIED).read_text() == fingerprint:
+            return None
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+    try:
+        done = subprocess.run([sys.executable, "-c", _PROBE, str(path)], env=env, capture_output=True, timeout=600)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return f"it could not be checked ({exc})"
+    if done.returncode != 0:
+        last = done.stderr.decode(errors="replace").strip().splitlines()[-1:] or [f"signal {-done.returncode}"]
+        return f"reading it failed: {last[0]}" if done.returncode > 0 else f"reading it crashed ({signal_name(-done.returncode)})"
+    _mark_verified(path, fingerprint)
+    return None
+
+
+def signal_name(number: int) -> str:
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return f"signal {number}"
+
+
+def _mark_verified(path: Path, fingerprint: str) -> None:
+    with contextlib.suppress(OSError):
+        tmp = path / f".{VERIFIED}.{os.getpid()}"
+        tmp.write_text(fingerprint)
+        os.replace(tmp, path / VERIFIED)
+
+
 class Index:
     def __init__(self, path: Path) -> None:
         self.path = path
         path.mkdir(parents=True, exist_ok=True, mode=0o700)
         self._write_lock = threading.Lock()
+        self._wrote = False
         data_file = path / "data.mdb"
         size = data_file.stat().st_size if data_file.exists() else 0
         if 0 < size < 2 * PAGE_SIZE:  # not even the two meta pages: opening would fault on them
             raise IndexDamaged(f"the local index at {path} is truncated; run `stasisfs repair index`")
+        damage = probe(path)
+        if damage is not None:
+            raise IndexDamaged(f"the local index at {path} is damaged: {damage}; run `stasisfs repair index`")
         try:
             self.env = lmdb.open(str(path), map_size=MAP_SIZE, max_dbs=8, subdir=True, sync=True, metasync=True, mode=0o600)
             self.env.reader_check()
@@ -89,9 +154,13 @@ class Index:
 
     def close(self) -> None:
         self.env.close()
+        if self._wrote:  # LMDB commits are atomic: what this process wrote last is a whole environment
+            with contextlib.suppress(OSError):
+                _mark_verified(self.path, _fingerprint(self.path / "data.mdb"))
 
     def _write(self, fn: Callable[[lmdb.Transaction], object]) -> None:
         with self._write_lock:
+            self._wrote = True
             while True:
                 try:
                     with self.env.begin(write=True) as txn:
@@ -225,6 +294,6 @@ class Index:
 
 
 def remove_index_dir(path: Path) -> None:
-    for name in ("data.mdb", "lock.mdb"):
+    for name in ("data.mdb", "lock.mdb", VERIFIED):
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path / name)

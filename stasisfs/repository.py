@@ -267,7 +267,13 @@ class Repository:
             if self._index is None:
                 self._index_opening = True  # until synced: other threads wait here rather than read a stale index
                 try:
-                    self._index = Index(self.cache_dir / "index")
+                    try:
+                        self._index = Index(self.cache_dir / "index")
+                    except IndexDamaged as exc:
+                        # Only a cache: rebuilt from the repository, never trusted and never fatal.
+                        remove_index_dir(self.cache_dir / "index")
+                        self._index = Index(self.cache_dir / "index")
+                        self.notices.append(f"{exc.args[0].split('; run')[0]}; it was rebuilt from the repository")
                     if not self._index.complete:
                         self.rebuild_index(from_packs=False)
                     else:
@@ -292,12 +298,9 @@ class Repository:
 
     def rebuild_index(self, from_packs: bool) -> tuple[int, int]:
         """Rebuild the LMDB index from index objects, and from pack headers for packs none covers."""
-        if self._index is None:
-            try:
-                self._index = Index(self.cache_dir / "index")
-            except IndexDamaged:
-                remove_index_dir(self.cache_dir / "index")
-                self._index = Index(self.cache_dir / "index")
+        if self._index is None:  # a full rebuild: the old environment is never opened, whatever its state
+            remove_index_dir(self.cache_dir / "index")
+            self._index = Index(self.cache_dir / "index")
         index = self._index
         index.set_complete(False)
         index.clear()
