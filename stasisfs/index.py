@@ -121,7 +121,8 @@ def _mark_verified(path: Path, fingerprint: str) -> None:
 
 
 class Index:
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, probe_first: bool = True) -> None:
+        """`probe_first=False` for worker processes: their parent opened (and so probed) the same environment."""
         self.path = path
         path.mkdir(parents=True, exist_ok=True, mode=0o700)
         self._write_lock = threading.Lock()
@@ -130,7 +131,7 @@ class Index:
         size = data_file.stat().st_size if data_file.exists() else 0
         if 0 < size < 2 * PAGE_SIZE:  # not even the two meta pages: opening would fault on them
             raise IndexDamaged(f"the local index at {path} is truncated; run `stasisfs repair index`")
-        damage = probe(path)
+        damage = probe(path) if probe_first else None
         if damage is not None:
             raise IndexDamaged(f"the local index at {path} is damaged: {damage}; run `stasisfs repair index`")
         try:

@@ -212,7 +212,7 @@ class Repository:
         """A reader in a worker process: unlocked with the parent's key, index opened as is (the parent keeps it current)."""
         repo = cls(path)
         repo._attach(master, "")
-        repo._index = Index(repo.cache_dir / "index")
+        repo._index = Index(repo.cache_dir / "index", probe_first=False)
         return repo
 
     def unlock_master(self, master: bytes) -> None:

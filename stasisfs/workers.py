@@ -81,7 +81,7 @@ def init_worker(master: bytes, repo_id: bytes, index_path: str, verify: bool) ->
     global _shared_index
     exit_with_parent()
     if _shared_index is None or str(_shared_index.path) != index_path:
-        _shared_index = Index(Path(index_path))  # one environment per process, as LMDB requires
+        _shared_index = Index(Path(index_path), probe_first=False)  # one environment per process, as LMDB requires
     _local.worker = ChunkWorker(master, repo_id, _shared_index, verify)
 
 
