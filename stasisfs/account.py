@@ -173,7 +173,7 @@ def change_password_on_remotes(repo: Repository, old_password: str, new_password
             client = RemoteClient(remote.url, cacert=remote.cacert, name=remote.name)
             account = open_account(client, remote.user, old_password, say)
             set_password(account, new_password, changed=True)
-            remotes.set_state(remote.name, {**remotes.state(remote.name), "password_version": int(client.account()["password_version"])})
+            remotes.set_state(remote.name, {**remotes.state(remote.name), "password_version": int(client.account().get("password_version", 0))})
             say(f"remote {remote.name}: password changed for {remote.user}; every device of the account now recovers with it")
         except StasisError as exc:
             failures.append(f"{remote.name}: {exc}")
@@ -202,7 +202,7 @@ def adopt_password_from_remote(repo: Repository, remote: Remote, password: str, 
         say(f"added key slot {slot.id}; slots of the old password stay until you remove them (`stasisfs key list`, `key remove ID`)")
     remotes.set_account_slot(slot.id)
     escrow_device(account, repo, remote.device, remotes, password)  # and the server's newest escrow is this device's own again
-    remotes.set_state(remote.name, {**remotes.state(remote.name), "password_version": int(client.account()["password_version"])})
+    remotes.set_state(remote.name, {**remotes.state(remote.name), "password_version": int(client.account().get("password_version", 0))})
     return slot.id
 
 
@@ -371,7 +371,7 @@ def recover(url: str, user: str, password: str, device: str | None, target: Path
         remotes.set_escrow(key.blob)
     remotes.set_account_slot(repo.slot_id)
     remotes.set_state(remote_name, {"index": repo.list_objects("index"), "snapshots": repo.list_objects("snapshots"),
-                                    "password_version": int(client.account()["password_version"])})
+                                    "password_version": int(client.account().get("password_version", 0))})
     repo.rebuild_index(from_packs=False)
     return Recovery(repo, chosen, taken_over, skipped)
 

@@ -9,10 +9,11 @@ so no caller ever handles unverified bytes.
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import threading
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import quote
 
 import requests
@@ -60,6 +61,22 @@ def _session() -> requests.Session:
     return session
 
 
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _parses_answers(method: F) -> F:
+    """A server's JSON is untrusted input: a malformed answer is a RemoteError naming the call, never a traceback."""
+    @functools.wraps(method)
+    def wrapper(self: RemoteClient, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return method(self, *args, **kwargs)
+        except (ValueError, KeyError, TypeError, AttributeError, IndexError) as exc:
+            raise RemoteError(f"remote {self.name} sent a malformed answer to {method.__name__.replace('_', ' ')} "
+                              f"({exc.__class__.__name__})", "malformed") from None
+
+    return wrapper  # type: ignore[return-value]
+
+
 class RemoteClient:
     def __init__(self, url: str, token: str | None = None, cacert: str | None = None, name: str = "",
                  session: requests.Session | None = None) -> None:
@@ -102,6 +119,7 @@ class RemoteClient:
     def health(self) -> None:
         self._request("GET", "/health")
 
+    @_parses_answers
     def login_params(self, user: str) -> tuple[bytes, dict[str, Any], int]:
         """(salt, KDF parameters, key scheme) the account's password is derived with."""
         doc = self._request("GET", f"/users/{_seg(user)}/params").json()
@@ -110,17 +128,20 @@ class RemoteClient:
         except (KeyError, TypeError, ValueError):
             raise RemoteError(f"remote {self.name} sent malformed login parameters", "malformed") from None
 
+    @_parses_answers
     def enrol(self, user: str, code: str, verifier: bytes, kdf: dict[str, Any], device: str, envelope: bytes) -> str:
         doc = self._request("POST", "/enrol", json={"user": user, "code": code, "verifier": verifier.hex(), "kdf": kdf, "device": device,
                                                     "envelope": base64.b64encode(envelope).decode()}).json()
         return str(doc["token"])
 
+    @_parses_answers
     def login(self, user: str, verifier: bytes) -> str:
         try:
             return str(self._request("POST", f"/users/{_seg(user)}/login", json={"verifier": verifier.hex()}).json()["token"])
         except RemoteAuthError as exc:
             raise RemoteAuthError(f"remote {self.name}: wrong user name or password", exc.code, exc.status) from None
 
+    @_parses_answers
     def account(self) -> dict[str, Any]:
         return dict(self._request("GET", "/account").json())
 
@@ -131,9 +152,11 @@ class RemoteClient:
         self._request("PUT", "/account/password", json={"current": current.hex(), "salt": salt.hex(), "kdf": kdf, "verifier": verifier.hex(),
                                                          "envelope": base64.b64encode(envelope).decode(), "changed": changed})
 
+    @_parses_answers
     def devices(self) -> list[dict[str, Any]]:
         return list(self._request("GET", "/devices").json())
 
+    @_parses_answers
     def register_device(self, name: str, take_over: bool = False, host: str = "") -> tuple[str, bool]:
         """(device token, whether an existing device was taken over)."""
         doc = self._request("POST", "/devices", json={"name": name, "take_over": take_over, "host": host}).json()
@@ -143,6 +166,7 @@ class RemoteClient:
         self._request("DELETE", f"/devices/{_seg(name)}")
 
     # --- escrow ---
+    @_parses_answers
     def put_key(self, device: str, blob: bytes) -> int:
         return int(self._request("PUT", f"/devices/{_seg(device)}/key", data=blob,
                                  headers={"Content-Type": "application/octet-stream"}).json()["version"])
@@ -150,6 +174,7 @@ class RemoteClient:
     def get_key(self, device: str) -> bytes:
         return self._request("GET", f"/devices/{_seg(device)}/key").content
 
+    @_parses_answers
     def get_keys(self, device: str) -> list[tuple[int, bytes]]:
         """Every kept version of the device's escrowed key, newest first."""
         doc = self._request("GET", f"/devices/{_seg(device)}/keys").json()
@@ -191,13 +216,17 @@ class RemoteClient:
     def list_objects(self, device: str, kind: str) -> Iterator[tuple[str, int]]:
         after = ""
         while True:
-            doc = self._request("GET", f"/devices/{_seg(device)}/objects/{kind}/", params={"after": after, "limit": 5000}).json()
-            for entry in doc["objects"]:
-                yield entry["id"], int(entry["size"])
-            if not doc.get("next"):
+            page, after = self._listing_page(device, kind, after)
+            yield from page
+            if not after:
                 return
-            after = doc["next"]
 
+    @_parses_answers
+    def _listing_page(self, device: str, kind: str, after: str) -> tuple[list[tuple[str, int]], str]:
+        doc = self._request("GET", f"/devices/{_seg(device)}/objects/{kind}/", params={"after": after, "limit": 5000}).json()
+        return [(str(entry["id"]), int(entry["size"])) for entry in doc["objects"]], str(doc.get("next") or "")
+
+    @_parses_answers
     def missing(self, device: str, kind: str, ids: list[str]) -> set[str]:
         result: set[str] = set()
         for start in range(0, len(ids), 5000):

@@ -225,8 +225,11 @@ class Repository:
         self.keys = MasterKeys(master, self.id)
         self._cipher = Cipher(self.keys)
         self.slot_id = slot_id
-        settings = json.loads(self._cipher.open(bytes.fromhex(self.config["settings"]), KIND_SETTINGS))
-        self.device = settings["device"]
+        try:
+            settings = json.loads(self._cipher.open(bytes.fromhex(self.config["settings"]), KIND_SETTINGS))
+            self.device = str(settings["device"])
+        except (StasisError, ValueError, KeyError, TypeError) as exc:
+            raise IntegrityError(f"repository config at {self.path / 'config'} is damaged: its settings do not open ({exc})") from None
 
     @property
     def cipher(self) -> Cipher:

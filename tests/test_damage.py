@@ -216,3 +216,31 @@ def test_a_scrambled_cache_is_rebuilt_never_fatal(cli: Cli, command: list[str]) 
         assert b"rebuilt from the repository" in done.stderr
     assert len(cli.snapshots()) >= 3
     cli.ok("check", "--read-data")
+
+
+@pytest.mark.parametrize("body", [b"not json at all", b'{"salt": 7}', b"[]", b'{"salt": "00", "kdf": {"name": "argon2id", "iterations": "x"}}'])
+def test_a_hostile_servers_junk_answers_give_a_clear_error(cli: Cli, body: bytes) -> None:
+    import http.server
+    import threading
+
+    class Junk(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 - the http.server API
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        do_POST = do_PUT = do_GET  # noqa: N815
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Junk)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        done = cli.run("recover", f"http://127.0.0.1:{server.server_address[1]}", "--user", "alice")
+    finally:
+        server.shutdown()
+    assert done.returncode != 0 and b"Traceback" not in done.stderr, done.stderr.decode()
+    assert b"malformed" in done.stderr or b"refusing" in done.stderr
