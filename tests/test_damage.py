@@ -224,14 +224,14 @@ def test_a_hostile_servers_junk_answers_give_a_clear_error(cli: Cli, body: bytes
     import threading
 
     class Junk(http.server.BaseHTTPRequestHandler):
-        def do_GET(self) -> None:  # noqa: N802 - the http.server API
+        def do_GET(self) -> None:
             self.send_response(200)
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()
             self.wfile.write(body)
 
-        do_POST = do_PUT = do_GET  # noqa: N815
+        do_POST = do_PUT = do_GET
 
         def log_message(self, *args: object) -> None:
             pass
