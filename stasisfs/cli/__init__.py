@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import importlib
 import os
+import signal
 import sys
 
 import click
@@ -67,7 +68,13 @@ def cli() -> None:
     """
 
 
+def _interrupt(_signum: int, _frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 def main() -> None:
+    # SIGTERM (a service manager, `kill`) stops a command the way Ctrl-C does: one line, exit 130, no traceback.
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
         cli.main(prog_name="stasisfs", standalone_mode=False)
         code = damage_exit()
