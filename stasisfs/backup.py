@@ -72,6 +72,8 @@ class Backup:
         self.counters = counters or Counters()
         self.warnings: list[str] = []
         self._warn_sink = warn
+        # Set by a signal handler: the walk stops at its next entry (never mid-call into a pool, which could deadlock it).
+        self.stop = threading.Event()
         self.writer = BlobWriter(repo, dry_run=options.dry_run)
         self.summary = Summary()
         self._summary_lock = threading.Lock()
@@ -256,7 +258,10 @@ class Backup:
         signed = [self._options_fingerprint]  # hashed at once: the same digest as hashing piece by piece
         walked: list[tuple[os.DirEntry[bytes], os.stat_result, Node | None]] = []
         spec, pack_stat = self.rules.spec, STAT_SIGNATURE.pack
+        stop = self.stop
         for entry in entries:
+            if stop.is_set():
+                raise KeyboardInterrupt
             try:
                 st = entry.stat(follow_symlinks=False)
                 is_dir = stat.S_ISDIR(st.st_mode)

@@ -212,6 +212,8 @@ class Restorer:
         self._include = pathspec.GitIgnoreSpec.from_lines(options.includes) if options.includes else None
         self._made: dict[bytes, bool] = {}  # directory -> created by this run
         self._in_flight = threading.BoundedSemaphore(MAX_IN_FLIGHT)
+        # Set by a signal handler: the walk stops at its next entry (never mid-call into the pool, which could deadlock it).
+        self.stop = threading.Event()
         self._exclude = pathspec.GitIgnoreSpec.from_lines(options.excludes) if options.excludes else None
 
     def _error(self, message: str) -> None:
@@ -255,6 +257,8 @@ class Restorer:
         interrupted = False
         try:
             for path, node in self.reader.walk(root, root_path):
+                if self.stop.is_set():
+                    raise KeyboardInterrupt
                 if excluded is not None and path.startswith(excluded):
                     continue
                 if not self._selected(path, node):

@@ -10,6 +10,7 @@ import signal
 import stat
 import subprocess
 import sys
+import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -162,16 +163,23 @@ def read_credential() -> Credential:
 
 
 @contextmanager
-def interruptible() -> Iterator[None]:
-    """SIGTERM behaves like Ctrl-C here: both raise KeyboardInterrupt in the main thread, for the command to wind down."""
-    def raise_interrupt(_signum: int, _frame: object) -> None:
-        raise KeyboardInterrupt
+def interruptible(stop: threading.Event) -> Iterator[None]:
+    """SIGINT and SIGTERM set `stop`, which the work checks between items, rather than raising at any instruction:
+    a KeyboardInterrupt inside a process pool's own bookkeeping can leave it waiting forever. A second signal
+    raises at once. Whatever arrived is raised as KeyboardInterrupt when the block ends."""
+    def request_stop(_signum: int, _frame: object) -> None:
+        if stop.is_set():
+            raise KeyboardInterrupt
+        stop.set()
 
-    previous = signal.signal(signal.SIGTERM, raise_interrupt)
+    previous = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if stop.is_set():
+        raise KeyboardInterrupt
 
 
 # Every repository a command opened: after the command's own output, `damage_exit` names what was skipped.

@@ -190,7 +190,7 @@ def _backup(paths: tuple[bytes, ...], excludes: tuple[str, ...], exclude_file: s
     saved: Snapshot | None = None
     try:
         # Lists the first directories while the key is derived (that releases the GIL) and open packs are salvaged.
-        with interruptible(), ListingAhead(normalize_paths(options.paths), rules) as listed, open_repository() as repo, \
+        with ListingAhead(normalize_paths(options.paths), rules) as listed, open_repository() as repo, \
                 RepositoryLock(repo, "backup", wait=lock_wait):
             job = Backup(repo, options, counters, warn=None if json_output else warn, listed=None if from_stdin else listed)
             job.begin()  # after a killed run its workers start now, while the salvage below runs
@@ -200,9 +200,14 @@ def _backup(paths: tuple[bytes, ...], excludes: tuple[str, ...], exclude_file: s
             stop = threading.Event()
             if mode == "bar" and not from_stdin:
                 threading.Thread(target=count_tree, args=(job.options.paths, counters, stop), daemon=True).start()
+            written: list[Snapshot] = []
             with Reporter(counters, mode, "backup"):
-                snapshot = job.run_stdin(sys.stdin.buffer, stdin_filename) if from_stdin else job.run()
-            saved = None if dry_run else snapshot
+                try:
+                    with interruptible(job.stop):
+                        written.append(job.run_stdin(sys.stdin.buffer, stdin_filename) if from_stdin else job.run())
+                finally:
+                    saved = written[0] if written and not dry_run else None  # a signal after this point finds it saved
+            snapshot = written[0]
             stop.set()
             if profile is not None and profile.retention is not None and not dry_run:
                 _apply_retention(repo, profile, quiet or json_output)
@@ -424,7 +429,7 @@ def restore(ref: str, target: bytes, includes: tuple[str, ...], excludes: tuple[
                                  overwrite=overwrite, verify=verify, sparse=sparse)
         restorer = Restorer(repo, options, counters, report=lambda m: warn(m))
         try:
-            with interruptible(), Reporter(counters, Reporter.choose(False, json_output), "restore"):
+            with Reporter(counters, Reporter.choose(False, json_output), "restore"), interruptible(restorer.stop):
                 result = restorer.run(snapshot)
         except KeyboardInterrupt:
             info(f"interrupted: {restorer.result.files} files restored; run the same command to finish "
