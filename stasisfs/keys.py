@@ -216,7 +216,8 @@ def format_recovery_key(master: bytes, paper: bool = False) -> str:
     return "\n".join(lines)
 
 
-_PAPER_LINE = re.compile(r"^\s*(\d+)\s*:\s*([A-Za-z2-7 ]+?)\s*\[([A-Za-z2-7]{2})\]\s*$")
+# "1: ABCD EFGH IJKL MNOP  [XY]": the "1:" may be left out, and the spacing is free.
+_PAPER_LINE = re.compile(r"^\s*(?:(\d+)\s*[:.)])?\s*([A-Za-z2-7][A-Za-z2-7 \t-]*?)\s*\[\s*([A-Za-z2-7]{2})\s*\]\s*$")
 
 
 def parse_recovery_key(text: str) -> bytes:
@@ -225,8 +226,8 @@ def parse_recovery_key(text: str) -> bytes:
     paper = [m for m in (_PAPER_LINE.match(line) for line in lines) if m]
     chars = ""
     if paper:
-        for match in paper:
-            number, body, check = int(match[1]), _B32.sub("", match[2].upper()), match[3].upper()
+        for position, match in enumerate(paper, 1):
+            number, body, check = int(match[1] or position), _B32.sub("", match[2].upper()), match[3].upper()
             if _line_check(number, body) != check:
                 raise UsageError(f"recovery key line {number} has a typo (its checksum does not match)")
             chars += body

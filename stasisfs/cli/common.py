@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 import click
 
 from ..config import Profile, get_profile
-from ..errors import EXIT_INCOMPLETE, StasisError, UsageError
+from ..errors import EXIT_INCOMPLETE, RepositoryMissing, StasisError
 from ..keys import parse_machine_key
 from ..repository import Credential, Repository
 
@@ -78,7 +78,7 @@ def setting(name: str, env: str, from_profile: bool = True) -> str | None:
 def repo_path() -> Path:
     value = setting("repo", "STASISFS_REPO")
     if not value:
-        raise UsageError("no repository given: pass --repo DIR or set STASISFS_REPO")
+        raise RepositoryMissing("no repository given: pass --repo DIR or set STASISFS_REPO (or use a profile with --profile NAME)")
     return Path(value)
 
 
@@ -229,6 +229,11 @@ def print_json(doc: object) -> None:
 def fs(path: bytes) -> str:
     """A path for display and JSON: bytes that are not UTF-8 survive as surrogate escapes."""
     return os.fsdecode(path)
+
+
+def counted(n: int, noun: str, plural: str | None = None) -> str:
+    """`1 snapshot`, `2 snapshots`: counts read as sentences."""
+    return f"{n} {noun if n == 1 else plural or noun + 's'}"
 
 
 def human_size(n: float) -> str:

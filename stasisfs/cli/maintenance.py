@@ -10,7 +10,7 @@ from ..prune import execute, forget_snapshots, plan_prune
 from ..repository import Repository
 from ..retention import Duration, Policy, plan
 from ..snapshot import Snapshot, resolve
-from .common import fs, global_options, human_size, info, open_repository, print_json, write_line
+from .common import counted, fs, global_options, human_size, info, open_repository, print_json, write_line
 from .remote import read_maintenance_token, sync_after_backup
 
 
@@ -99,7 +99,7 @@ def forget(snapshot_refs: tuple[str, ...], keep_last: int, keep_hourly: int, kee
                 for s, keep, reasons in sorted(members, key=lambda m: m[0].time, reverse=True):
                     when = s.time.astimezone().strftime("%Y-%m-%d %H:%M:%S")
                     write_line(f"  {'keep  ' if keep else 'remove'} {s.short_id}  {when}  {', '.join(reasons) if keep else ''}".rstrip())
-            info(f"{'would remove' if dry_run else 'removing'} {len(removed)} of {len(snapshots)} snapshots")
+            info(f"{'would remove' if dry_run else 'removing'} {len(removed)} of {counted(len(snapshots), 'snapshot')}")
         if dry_run:
             return
         forget_snapshots(repo, [s.id for s in removed])

@@ -52,10 +52,29 @@ def remote_add(name: str, url: str, user: str, enrol_code: str | None, cacert: s
     """
     from .. import account
 
+    if plain_http_off_this_machine(url):
+        warn(f"{url} is plain http to another machine: your login proof, tokens and object ids travel unencrypted "
+             "(the objects themselves stay encrypted). Use https:// with --cacert for a private CA")
     with open_repository() as repo:
         password = _password_only()
         added = account.add_remote(repo, name, url, user, password, enrol_code, cacert, info)
     info(f"remote {name} added: device {added.device} of {user} at {url}; the device token is in ~/.config/stasisfs (mode 0600)")
+
+
+def plain_http_off_this_machine(url: str) -> bool:
+    import ipaddress
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    if parts.scheme != "http":
+        return False
+    host = parts.hostname or ""
+    if host == "localhost":
+        return False
+    try:
+        return not ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return True  # a host name: it may resolve anywhere
 
 
 @remote.command("list")

@@ -30,6 +30,7 @@ from ..tree import DIR, FILE, SYMLINK, Node
 from ..walk import ListingAhead, WalkRules
 from .common import (
     active_profile,
+    counted,
     fs,
     global_options,
     human_size,
@@ -178,9 +179,12 @@ def _backup(paths: tuple[bytes, ...], excludes: tuple[str, ...], exclude_file: s
             raise UsageError(f"--time {when!r} is not an ISO 8601 time") from None
         if moment.tzinfo is None:
             moment = moment.astimezone()
-    for p in paths:
-        if not os.path.lexists(p):
-            raise UsageError(f"{fs(p)} does not exist")
+    missing = [p for p in paths if not os.path.lexists(p)]
+    if missing and len(missing) == len(paths):
+        raise StasisError(f"nothing to back up: {', '.join(fs(p) for p in missing)} {'does' if len(missing) == 1 else 'do'} not exist")
+    for p in missing:  # an unplugged disk among several paths: the rest is saved, and the run exits 3
+        warn(f"{fs(p)} does not exist; backing up the other paths")
+    paths = tuple(p for p in paths if p not in missing)
     options = BackupOptions(paths=list(paths), excludes=patterns, exclude_caches=exclude_caches,
                             one_file_system=one_file_system, tags=list(tags), time=moment, dry_run=dry_run)
     counters = Counters()
@@ -233,9 +237,10 @@ def _backup(paths: tuple[bytes, ...], excludes: tuple[str, ...], exclude_file: s
             info(f"snapshot {snapshot.short_id} saved")
     if not dry_run and not json_output:  # with --json the summary line carries the id
         click.echo(snapshot.id.hex())
-    reasons = [str(w) for w in job.warnings] + [f"remote {name}: {why}" for name, why in sync_failures.items()]
-    if job.warnings and not json_output:
-        warn(f"the snapshot is incomplete: {len(job.warnings)} problems (listed above)")
+    reasons = ([f"{fs(p)} does not exist" for p in missing] + [str(w) for w in job.warnings]
+               + [f"remote {name}: {why}" for name, why in sync_failures.items()])
+    if (job.warnings or missing) and not json_output:
+        warn(f"the snapshot is incomplete: {counted(len(job.warnings) + len(missing), 'problem')} (listed above)")
     return (EXIT_INCOMPLETE if reasons else 0), snapshot, reasons
 
 
@@ -248,7 +253,7 @@ def _apply_retention(repo: Repository, profile: Profile, quiet: bool) -> None:
     if doomed:
         forget_snapshots(repo, doomed)
         if not quiet:
-            info(f"retention of profile {profile.name}: removed {len(doomed)} snapshots")
+            info(f"retention of profile {profile.name}: removed {counted(len(doomed), 'snapshot')}")
     if profile.prune and doomed:
         execute(repo, plan_prune(repo, profile.max_unused), (lambda s: None) if quiet else info)
 
@@ -267,7 +272,7 @@ def snapshots(json_output: bool) -> None:
     for s in items:
         paths = b", ".join(s.paths)
         write_line(f"{s.short_id:<9} {s.time.astimezone().strftime('%Y-%m-%d %H:%M:%S')}  {s.device:<16} {','.join(s.tags):<12} ", paths)
-    write_line(f"{len(items)} snapshots")
+    write_line(counted(len(items), "snapshot"))
 
 
 def node_json(path: bytes, node: Node) -> dict[str, object]:

@@ -1,0 +1,68 @@
+"""What a new user trips over (issue 21): each runs the command as a user would and checks exit code and words."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from conftest import Cli
+
+from stasisfs.cli.remote import plain_http_off_this_machine
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def test_no_repository_given_exits_10(cli: Cli) -> None:
+    env = {k: v for k, v in cli.env.items() if k != "STASISFS_REPO"}
+    done = Cli(env, cli.repo, cli.tmp).run("snapshots")
+    assert done.returncode == 10 and b"--repo" in done.stderr
+
+
+def test_counts_read_as_sentences(cli: Cli) -> None:
+    cli.init()
+    src = cli.tmp / "src"
+    src.mkdir()
+    (src / "a").write_text("a")
+    cli.backup(src)
+    assert cli.ok("snapshots").stdout.decode().splitlines()[-1] == "1 snapshot"
+    cli.backup(src)
+    assert cli.ok("snapshots").stdout.decode().splitlines()[-1] == "2 snapshots"
+
+
+def test_one_missing_path_among_several_saves_the_rest_and_exits_3(cli: Cli) -> None:
+    cli.init()
+    here = cli.tmp / "here"
+    here.mkdir()
+    (here / "kept.txt").write_text("still backed up")
+    unplugged = cli.tmp / "usb-disk"
+    done = cli.run("backup", here, unplugged)
+    assert done.returncode == 3 and str(unplugged).encode() in done.stderr and b"does not exist" in done.stderr
+    [snapshot] = cli.snapshots()
+    assert snapshot["paths"] == [str(here)]
+    cli.ok("restore", "latest", "--target", cli.tmp / "out")
+    assert (cli.tmp / "out" / str(here).lstrip("/") / "kept.txt").read_text() == "still backed up"
+    nothing = cli.run("backup", unplugged, cli.tmp / "also-gone")
+    assert nothing.returncode == 1 and b"nothing to back up" in nothing.stderr and b"Traceback" not in nothing.stderr
+
+
+def test_plain_http_to_another_machine_is_warned_about(cli: Cli) -> None:
+    done = cli.run("remote", "add", "home", "http://backup.example.org:8443", "--user", "alice")  # no repository: nothing is sent
+    assert b"plain http to another machine" in done.stderr and done.returncode == 10
+    assert plain_http_off_this_machine("http://10.1.2.3:80") and plain_http_off_this_machine("http://nas.local")
+    assert not plain_http_off_this_machine("http://127.0.0.1:8080") and not plain_http_off_this_machine("http://localhost:1")
+    assert not plain_http_off_this_machine("http://[::1]:8080") and not plain_http_off_this_machine("https://nas.local")
+
+
+def test_the_paper_key_is_accepted_without_line_numbers_and_pins_typos(cli: Cli) -> None:
+    cli.init()
+    paper = cli.ok("key", "export", "--paper").stdout.decode()
+    lines = [line for line in paper.splitlines() if "[" in line]
+    bare = "\n".join("   " + line.split(":", 1)[1].replace(" ", "  ") for line in lines) + "\n"
+    env = {"STASISFS_NEW_PASSWORD": "another long passphrase of words"}
+    cli.ok("key", "import", input=bare.encode(), env=env)
+    body = lines[2].split(":", 1)[1]
+    first = body.strip()[0]
+    typo = "\n".join([*lines[:2], f"3:{body.replace(first, 'B' if first != 'B' else 'C', 1)}", *lines[3:]]) + "\n"
+    wrong = cli.run("key", "import", input=typo.encode(), env=env)
+    assert wrong.returncode != 0 and b"line 3 has a typo" in wrong.stderr
+    assert len(json.loads(cli.ok("key", "list", "--json").stdout)) == 2
