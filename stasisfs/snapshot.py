@@ -78,13 +78,41 @@ class Snapshot:
         }
 
 
-def resolve(snapshots: list[Snapshot], ref: str) -> Snapshot:
-    """`latest`, a full id or a unique prefix. Raises LookupError with a user-facing message."""
+@dataclass(frozen=True)
+class SnapshotFilter:
+    """`--path` and `--tag`: a snapshot passes when it holds every path given and carries every tag given."""
+
+    paths: tuple[bytes, ...] = ()
+    tags: tuple[str, ...] = ()
+
+    def admits(self, snapshot: Snapshot) -> bool:
+        return all(holds(snapshot, p) for p in self.paths) and all(t in snapshot.tags for t in self.tags)
+
+    def describe(self) -> str:
+        parts = [f"--path {os.fsdecode(p)}" for p in self.paths] + [f"--tag {t}" for t in self.tags]
+        return " ".join(parts)
+
+
+def holds(snapshot: Snapshot, path: bytes) -> bool:
+    """Whether `path` is one of the snapshot's backed-up paths or lies under one."""
+    path = path.rstrip(b"/") or b"/"
+    return any(path == p or path.startswith(p.rstrip(b"/") + b"/") for p in snapshot.paths)
+
+
+def resolve(snapshots: list[Snapshot], ref: str, path: bytes = b"", only: SnapshotFilter | None = None) -> Snapshot:
+    """`latest`, a full id or a unique prefix. Raises LookupError with a user-facing message.
+
+    `latest` is the newest snapshot that passes `only` and, when `path` is given (`latest:PATH`), holds it.
+    """
     if not snapshots:
         raise LookupError("the repository has no snapshots yet")
     ordered = sorted(snapshots, key=lambda s: s.time)
     if ref == "latest":
-        return ordered[-1]
+        chosen = [s for s in ordered if (only is None or only.admits(s)) and (not path or holds(s, path))]
+        if not chosen:
+            what = " ".join(w for w in (f"holding {os.fsdecode(path)}" if path else "", only.describe() if only else "") if w)
+            raise LookupError(f"no snapshot {what}; `stasisfs snapshots` lists their paths and tags")
+        return chosen[-1]
     matches = [s for s in snapshots if s.id.hex().startswith(ref.lower())]
     if len(matches) == 1 and ref:
         return matches[0]

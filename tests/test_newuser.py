@@ -66,3 +66,32 @@ def test_the_paper_key_is_accepted_without_line_numbers_and_pins_typos(cli: Cli)
     wrong = cli.run("key", "import", input=typo.encode(), env=env)
     assert wrong.returncode != 0 and b"line 3 has a typo" in wrong.stderr
     assert len(json.loads(cli.ok("key", "list", "--json").stdout)) == 2
+
+
+def test_latest_with_a_path_is_the_newest_snapshot_holding_it_and_filters_narrow(cli: Cli) -> None:
+    cli.init()
+    docs, photos = cli.tmp / "Documents", cli.tmp / "Photos"
+    docs.mkdir()
+    photos.mkdir()
+    (docs / "thesis.odt").write_text("chapter one")
+    (photos / "cat.jpg").write_text("meow")
+    in_docs = cli.backup(docs, "--tag", "work")
+    cli.backup(photos)  # now the newest snapshot of all, and it does not hold Documents
+    restored = cli.run("restore", f"latest:{docs}", "--target", cli.tmp / "out")
+    assert restored.returncode == 0, restored.stderr.decode()
+    assert (cli.tmp / "out" / "thesis.odt").read_text() == "chapter one"
+    assert cli.ok("dump", f"latest:{docs}/thesis.odt").stdout == b"chapter one"
+    listed = json.loads(cli.ok("snapshots", "--json", "--tag", "work").stdout)
+    assert [s["id"] for s in listed] == [in_docs]
+    assert [s["id"] for s in json.loads(cli.ok("snapshots", "--json", "--path", str(photos)).stdout)] != [in_docs]
+    assert b"thesis.odt" in cli.ok("ls", "latest", "--path", str(docs)).stdout
+    # A path that is in no snapshot, and one missing from the snapshot chosen, each name what was looked at.
+    nowhere = cli.run("restore", f"latest:{cli.tmp / 'Music'}", "--target", cli.tmp / "out2")
+    assert nowhere.returncode == 2 and b"no snapshot holding" in nowhere.stderr
+    missing = cli.run("dump", f"latest:{docs}/gone.txt")
+    assert missing.returncode == 2 and in_docs[:8].encode() in missing.stderr and b"newest holding" in missing.stderr
+    # forget with a filter touches only what passes it.
+    again = cli.backup(docs, "--tag", "work")
+    photos_id = next(s["id"] for s in cli.snapshots() if s["id"] not in (in_docs, again))
+    cli.ok("forget", "--keep-last", "1", "--tag", "work")
+    assert sorted(s["id"] for s in cli.snapshots()) == sorted([again, photos_id])

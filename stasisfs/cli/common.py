@@ -22,6 +22,7 @@ from ..config import Profile, get_profile
 from ..errors import EXIT_INCOMPLETE, RepositoryMissing, StasisError
 from ..keys import parse_machine_key
 from ..repository import Credential, Repository
+from ..snapshot import SnapshotFilter
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -47,6 +48,25 @@ def global_options(fn: F) -> F:
         metavar = "CMD" if "command" in name else ("NAME" if name == "profile" else "PATH")
         fn = click.option(flag, name, default=None, expose_value=False, callback=_store, help=help_text, metavar=metavar)(fn)
     return fn
+
+
+def _store_filter(ctx: click.Context, param: click.Parameter, value: tuple[str, ...]) -> None:
+    if value and param.name is not None:
+        ctx.find_root().meta.setdefault("stasisfs.filter", {})[param.name] = value
+
+
+def filter_options(fn: F) -> F:
+    """`--path P` and `--tag T` (repeatable), as restic has them: they choose which snapshots `latest` and lists see."""
+    fn = click.option("--tag", "filter_tags", multiple=True, metavar="T", expose_value=False, callback=_store_filter,
+                      help="Only snapshots with this tag (repeatable: all of them).")(fn)
+    return click.option("--path", "filter_paths", multiple=True, metavar="P", expose_value=False, callback=_store_filter,
+                        help="Only snapshots that hold this path (repeatable: all of them).")(fn)
+
+
+def snapshot_filter() -> SnapshotFilter:
+    chosen = click.get_current_context().find_root().meta.get("stasisfs.filter", {})
+    paths = tuple(os.fsencode(os.path.abspath(p)) for p in chosen.get("filter_paths", ()))
+    return SnapshotFilter(paths, tuple(chosen.get("filter_tags", ())))
 
 
 def active_profile() -> Profile | None:

@@ -10,7 +10,7 @@ from ..prune import execute, forget_snapshots, plan_prune
 from ..repository import Repository
 from ..retention import Duration, Policy, plan
 from ..snapshot import Snapshot, resolve
-from .common import counted, fs, global_options, human_size, info, open_repository, print_json, write_line
+from .common import counted, filter_options, fs, global_options, human_size, info, open_repository, print_json, snapshot_filter, write_line
 from .remote import read_maintenance_token, sync_after_backup
 
 
@@ -52,6 +52,7 @@ def _prune(repo: Repository, dry_run: bool, max_unused: float, json_output: bool
 @click.option("--maintenance-token-file", type=click.Path(exists=True, dir_okay=False), metavar="F",
               help="A token from `stasisfs-server user maintenance-token`: lets the removals through on an append-only remote.")
 @click.option("--json", "json_output", is_flag=True, help="Print JSON.")
+@filter_options
 @global_options
 def forget(snapshot_refs: tuple[str, ...], keep_last: int, keep_hourly: int, keep_daily: int, keep_weekly: int, keep_monthly: int,
            keep_yearly: int, keep_within: str | None, keep_tags: tuple[str, ...], dry_run: bool, then_prune: bool, max_unused: float,
@@ -76,7 +77,8 @@ def forget(snapshot_refs: tuple[str, ...], keep_last: int, keep_hourly: int, kee
     if snapshot_refs and not policy.empty():
         raise UsageError("give either snapshots to remove or a policy, not both")
     with open_repository() as repo, RepositoryLock(repo, "forget"):
-        snapshots = repo.snapshots()
+        only = snapshot_filter()
+        snapshots = [s for s in repo.snapshots() if only.admits(s)]
         groups: dict[tuple[bytes, ...], list[tuple[Snapshot, bool, list[str]]]]
         if snapshot_refs:
             try:

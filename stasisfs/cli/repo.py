@@ -31,6 +31,7 @@ from ..walk import ListingAhead, WalkRules
 from .common import (
     active_profile,
     counted,
+    filter_options,
     fs,
     global_options,
     human_size,
@@ -40,17 +41,34 @@ from .common import (
     print_json,
     read_password,
     repo_path,
+    snapshot_filter,
     warn,
     write_line,
 )
 from .remote import sync_after_backup
 
 
-def find_snapshot(repo: Repository, ref: str) -> Snapshot:
+def find_snapshot(repo: Repository, ref: str, path: bytes = b"") -> Snapshot:
+    """The snapshot `ref` names; for `latest`, the newest that passes --path/--tag and holds `path`."""
     try:
-        return resolve(repo.snapshots(), ref)
+        return resolve(repo.snapshots(), ref, path, snapshot_filter())
     except LookupError as exc:
         raise UsageError(str(exc)) from None
+
+
+def node_in(repo: Repository, snapshot: Snapshot, ref: str, path: bytes) -> Node:
+    """The node at `path`; a path that is not there names the snapshot it looked in, and why that one."""
+    try:
+        return TreeReader(repo).node_at(snapshot.root, path)
+    except UsageError as exc:
+        why = " (the newest holding that path)" if ref == "latest" else ""
+        raise UsageError(f"{exc} {snapshot.short_id} of {snapshot.time.astimezone():%Y-%m-%d %H:%M}{why}; "
+                         f"its paths: {', '.join(fs(p) for p in snapshot.paths)}") from None
+
+
+def filtered_snapshots(repo: Repository) -> list[Snapshot]:
+    only = snapshot_filter()
+    return [s for s in repo.snapshots() if only.admits(s)]
 
 
 def split_ref(ref: str) -> tuple[str, bytes]:
@@ -260,11 +278,12 @@ def _apply_retention(repo: Repository, profile: Profile, quiet: bool) -> None:
 
 @click.command()
 @click.option("--json", "json_output", is_flag=True, help="Print a JSON list.")
+@filter_options
 @global_options
 def snapshots(json_output: bool) -> None:
-    """List snapshots, oldest first."""
+    """List snapshots, oldest first (--path and --tag narrow the list)."""
     with open_repository() as repo:
-        items = repo.snapshots()
+        items = filtered_snapshots(repo)
     if json_output:
         print_json([s.to_json() for s in items])
         return
@@ -290,14 +309,15 @@ def node_json(path: bytes, node: Node) -> dict[str, object]:
 @click.argument("path", required=False, type=click.Path(path_type=bytes))
 @click.option("--long", "-l", "long_format", is_flag=True, help="Show mode, size and time.")
 @click.option("--json", "json_output", is_flag=True, help="Print a JSON list.")
+@filter_options
 @global_options
 def ls(snapshot_ref: str, path: bytes | None, long_format: bool, json_output: bool) -> None:
-    """List everything in a snapshot, or below PATH in it."""
+    """List everything in a snapshot, or below PATH in it (`latest` with PATH: the newest snapshot holding it)."""
     with open_repository() as repo:
-        snapshot = find_snapshot(repo, snapshot_ref)
-        reader = TreeReader(repo)
         start = b"/" + (path or b"").strip(b"/")
-        top = reader.node_at(snapshot.root, start)
+        snapshot = find_snapshot(repo, snapshot_ref, start if path else b"")
+        reader = TreeReader(repo)
+        top = node_in(repo, snapshot, snapshot_ref, start)
         entries = [(p, n) for p, n in reader.walk(top, start) if p != b"/"]
     if json_output:
         print_json([node_json(p, n) for p, n in entries])
@@ -314,6 +334,7 @@ def ls(snapshot_ref: str, path: bytes | None, long_format: bool, json_output: bo
 @click.argument("pattern")
 @click.option("--snapshot", "snapshot_ref", metavar="SNAPSHOT", help="Search only this snapshot.")
 @click.option("--json", "json_output", is_flag=True, help="Print a JSON list.")
+@filter_options
 @global_options
 def find(pattern: str, snapshot_ref: str | None, json_output: bool) -> None:
     """Find files whose name (or path, if PATTERN has a /) matches a glob."""
@@ -322,7 +343,7 @@ def find(pattern: str, snapshot_ref: str | None, json_output: bool) -> None:
     results = []
     with open_repository() as repo:
         reader = TreeReader(repo)
-        chosen = [find_snapshot(repo, snapshot_ref)] if snapshot_ref else repo.snapshots()
+        chosen = [find_snapshot(repo, snapshot_ref)] if snapshot_ref else filtered_snapshots(repo)
         for snap in chosen:
             for p, n in reader.walk(reader.root_node(snap.root), b"/"):
                 if p != b"/" and fnmatch.fnmatchcase(p if on_path else n.name, pat):
@@ -338,6 +359,7 @@ def find(pattern: str, snapshot_ref: str | None, json_output: bool) -> None:
 
 @click.command()
 @click.argument("ref", metavar="SNAPSHOT:PATH")
+@filter_options
 @global_options
 def dump(ref: str) -> None:
     """Write one file from a snapshot to standard output."""
@@ -345,7 +367,7 @@ def dump(ref: str) -> None:
     if not path:
         raise UsageError("give SNAPSHOT:PATH, for example latest:/home/me/notes.txt")
     with open_repository() as repo:
-        node = TreeReader(repo).node_at(find_snapshot(repo, snapshot_ref).root, path)
+        node = node_in(repo, find_snapshot(repo, snapshot_ref, path), snapshot_ref, path)
         if node.type != FILE:
             raise UsageError(f"{fs(path)} is a {node.type}, not a file; use `stasisfs restore` for directories")
         out = sys.stdout.buffer
@@ -387,6 +409,7 @@ def diff_trees(reader: TreeReader, a: bytes | None, b: bytes | None, path: bytes
 @click.argument("first", metavar="SNAPSHOT")
 @click.argument("second", metavar="SNAPSHOT")
 @click.option("--json", "json_output", is_flag=True, help="Print a JSON document.")
+@filter_options
 @global_options
 def diff(first: str, second: str, json_output: bool) -> None:
     """Show what changed between two snapshots.
@@ -417,6 +440,7 @@ def diff(first: str, second: str, json_output: bool) -> None:
 @click.option("--verify", is_flag=True, help="Read restored files back and check them.")
 @click.option("--sparse", is_flag=True, help="Leave holes where the data is all zeros.")
 @click.option("--json", "json_output", is_flag=True, help="Print a JSON summary.")
+@filter_options
 @global_options
 def restore(ref: str, target: bytes, includes: tuple[str, ...], excludes: tuple[str, ...], overwrite: str,
             verify: bool, sparse: bool, json_output: bool) -> None:
@@ -428,7 +452,9 @@ def restore(ref: str, target: bytes, includes: tuple[str, ...], excludes: tuple[
     snapshot_ref, path = split_ref(ref)
     counters = Counters()
     with open_repository() as repo:
-        snapshot = find_snapshot(repo, snapshot_ref)
+        snapshot = find_snapshot(repo, snapshot_ref, path)
+        if path:
+            node_in(repo, snapshot, snapshot_ref, path)  # a missing path names the snapshot it was looked for in
         counters.total_files, counters.total_bytes, counters.total_known = snapshot.summary.total_files, snapshot.summary.total_bytes, True
         options = RestoreOptions(target=target, subpath=path, includes=list(includes), excludes=list(excludes),
                                  overwrite=overwrite, verify=verify, sparse=sparse)
