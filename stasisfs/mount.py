@@ -9,10 +9,12 @@ status line to a pipe. The parent returns 0 only once the mount answers.
 from __future__ import annotations
 
 import contextlib
+import errno
 import faulthandler
 import gc
 import logging
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -276,35 +278,101 @@ def _become_daemon() -> None:
     faulthandler.register(signal.SIGUSR1, file=open(log_path, "a"), all_threads=True)  # noqa: SIM115 - stacks for a hung mount
 
 
-def check_mountpoint(mountpoint: Path) -> None:
+def check_mountpoint(mountpoint: Path) -> str | None:
+    """Refuse a mount point that cannot take a mount; clear a dead stasisfs mount there first. Returns what it cleared."""
+    cleared = None
+    if is_mounted(mountpoint) and mount_is_dead(mountpoint):
+        problem = _run_unmount(shutil.which("fusermount3") or shutil.which("fusermount"), mountpoint, lazy=True)
+        if problem is not None:
+            raise StasisError(f"{mountpoint} holds a dead mount (its process ended) that cannot be cleared: {problem}; "
+                              f"try `stasisfs umount {mountpoint}`")
+        cleared = f"cleared a dead mount at {mountpoint} (its process had ended)"
     if not mountpoint.is_dir():
         raise StasisError(f"{mountpoint} is not a directory; create it first")
     if os.path.ismount(mountpoint):
         raise StasisError(f"{mountpoint} is already a mount point; `stasisfs umount {mountpoint}` first")
     if any(os.scandir(mountpoint)):
         raise StasisError(f"{mountpoint} is not empty; mount on an empty directory")
+    return cleared
 
 
-def umount(mountpoint: Path) -> str:
-    """Unmount; clears a dead mount (killed server) lazily. Returns what was done."""
+def umount(mountpoint: Path, lazy: bool = False) -> str:
+    """Unmount, and say what was done. A busy mount stays (StasisError naming who uses it) unless `lazy`;
+    a dead one (its process killed) is cleared."""
     fusermount = shutil.which("fusermount3") or shutil.which("fusermount")
-    commands = [[fusermount, "-u", str(mountpoint)], [fusermount, "-u", "-z", str(mountpoint)]] if fusermount else []
-    commands.append(["umount", "-l", str(mountpoint)])
-    errors = []
-    for command in commands:
-        done = subprocess.run(command, capture_output=True, text=True, timeout=30)
-        if done.returncode == 0:
-            return "unmounted" if "-z" not in command and "-l" not in command else "cleared a dead mount"
-        errors.append(done.stderr.strip())
-    if not _is_mounted(mountpoint):
+    if not is_mounted(mountpoint):
         raise StasisError(f"{mountpoint} is not mounted")
-    raise StasisError(f"cannot unmount {mountpoint}: {errors[-1] if errors else 'no fusermount3'}")
+    if mount_is_dead(mountpoint):
+        _run_unmount(fusermount, mountpoint, lazy=True)
+        return "cleared a dead mount (its process had ended)"
+    done = _run_unmount(fusermount, mountpoint, lazy=False)
+    if done is None:
+        return "unmounted"
+    users = processes_using(mountpoint)
+    if lazy:
+        if _run_unmount(fusermount, mountpoint, lazy=True) is None:
+            return f"detached; it goes once {_who(users)} let go" if users else "detached"
+        raise StasisError(f"cannot unmount {mountpoint}: {done}")
+    if users or "busy" in done.lower():
+        raise StasisError(f"{mountpoint} is busy: {_who(users) if users else 'something'} use{'s' if len(users) == 1 else ''} it; "
+                          "it keeps serving. Close them, or detach it anyway with `stasisfs umount --lazy`")
+    raise StasisError(f"cannot unmount {mountpoint}: {done}")
 
 
-def _is_mounted(mountpoint: Path) -> bool:
-    target = os.path.abspath(mountpoint).encode()
+def _run_unmount(fusermount: str | None, mountpoint: Path, lazy: bool) -> str | None:
+    """None on success, else the tool's complaint."""
+    command = [fusermount, "-u", *(["-z"] if lazy else []), str(mountpoint)] if fusermount else ["umount", *(["-l"] if lazy else []), str(mountpoint)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=30)
+    return None if done.returncode == 0 else (done.stderr.strip() or f"{command[0]} exited with {done.returncode}")
+
+
+def _who(users: list[tuple[int, str]]) -> str:
+    names = ", ".join(f"{name} ({pid})" for pid, name in users[:5]) + (", ..." if len(users) > 5 else "")
+    return f"{len(users)} process{'es' if len(users) != 1 else ''}: {names}"
+
+
+def processes_using(mountpoint: Path) -> list[tuple[int, str]]:
+    """(pid, command name) of processes whose working directory, root or an open file is under the mount point."""
+    inside = os.fsencode(os.path.abspath(mountpoint))
+    found = []
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        links = [f"{entry.path}/cwd", f"{entry.path}/root"]
+        with contextlib.suppress(OSError):
+            links += [f"{entry.path}/fd/{fd}" for fd in os.listdir(f"{entry.path}/fd")]
+        for link in links:
+            try:
+                target = os.readlink(os.fsencode(link))
+            except OSError:
+                continue
+            if target == inside or target.startswith(inside + b"/"):
+                try:
+                    name = Path(f"{entry.path}/comm").read_text().strip()
+                except OSError:
+                    name = "?"
+                found.append((int(entry.name), name))
+                break
+    return found
+
+
+def mount_is_dead(mountpoint: Path) -> bool:
+    try:
+        os.statvfs(mountpoint)  # stat of the root may come from the kernel's cache; statfs always asks the server
+    except OSError as exc:
+        return exc.errno == errno.ENOTCONN  # "Transport endpoint is not connected": the server is gone
+    return False
+
+
+def _unescape_mountinfo(field: bytes) -> bytes:
+    """mountinfo writes space, tab, newline and backslash in paths as octal escapes."""
+    return re.sub(rb"\\([0-7]{3})", lambda m: bytes([int(m[1], 8)]), field)
+
+
+def is_mounted(mountpoint: Path) -> bool:
+    target = os.fsencode(os.path.abspath(mountpoint))
     with open("/proc/self/mountinfo", "rb") as f:
-        return any(line.split()[4] == target for line in f)
+        return any(_unescape_mountinfo(line.split()[4]) == target for line in f)
 
 
 def log_to_stderr() -> None:

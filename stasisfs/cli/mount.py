@@ -47,7 +47,9 @@ def mount(mountpoint: Path, foreground: bool, cache_size: str, no_other_devices:
 
     cache_bytes = parse_size(cache_size)
     mountpoint = mountpoint.absolute()
-    lifecycle.check_mountpoint(mountpoint)
+    cleared = lifecycle.check_mountpoint(mountpoint)
+    if cleared:
+        info(cleared)
     with open_repository() as repo:
         others = [] if no_other_devices else _other_devices(repo)
         if foreground:
@@ -75,9 +77,14 @@ def _other_devices(repo: Repository) -> list[Repository]:
 
 @click.command()
 @click.argument("mountpoint", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--lazy", is_flag=True, help="Detach even while processes use it; it goes once they let go.")
 @global_options
-def umount(mountpoint: Path) -> None:
-    """Unmount a stasisfs mount, including one left behind by a killed process."""
+def umount(mountpoint: Path, lazy: bool) -> None:
+    """Unmount a stasisfs mount, or clear one left behind by a killed process.
+
+    A mount in use (a shell inside it, an open file) stays mounted and this
+    exits 1 naming who uses it; --lazy detaches it anyway.
+    """
     from .. import mount as lifecycle
 
-    info(f"{lifecycle.umount(mountpoint.absolute())}: {mountpoint}")
+    info(f"{lifecycle.umount(mountpoint.absolute(), lazy)}: {mountpoint}")

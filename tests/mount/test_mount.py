@@ -180,9 +180,32 @@ def test_umount_and_cleanup_after_kill(cli: Cli, mounted: Mounted) -> None:
     time.sleep(0.5)
     with pytest.raises(OSError):
         os.listdir(mounted.path)  # "Transport endpoint is not connected"
-    cli.ok("umount", mounted.path)
+    assert b"cleared a dead mount" in cli.ok("umount", mounted.path).stderr
     assert str(mounted.path) not in stasisfs_mounts()
     assert os.listdir(mounted.path) == []
+    # mount on a dead mount point clears it itself, and says so
+    mounted.start()
+    for pid in mount_pids(mounted.path):
+        os.kill(pid, signal.SIGKILL)
+    time.sleep(0.5)
+    again = cli.run("mount", mounted.path, timeout=90)
+    assert again.returncode == 0 and b"cleared a dead mount" in again.stderr, again.stderr.decode()
+    assert os.listdir(mounted.path)
+
+
+def test_a_busy_mount_stays_and_says_who_uses_it(cli: Cli, mounted: Mounted) -> None:
+    small_backup(cli)
+    mounted.start()
+    shell = subprocess.Popen(["sleep", "120"], cwd=mounted.path / "snapshots")
+    try:
+        busy = cli.run("umount", mounted.path)
+        assert busy.returncode == 1 and b"busy" in busy.stderr and b"sleep" in busy.stderr and str(shell.pid).encode() in busy.stderr
+        assert str(mounted.path) in stasisfs_mounts() and os.listdir(mounted.path / "snapshots")  # still serving
+        lazy = cli.ok("umount", "--lazy", mounted.path)
+        assert b"detached" in lazy.stderr and str(mounted.path) not in stasisfs_mounts()
+    finally:
+        shell.kill()
+        shell.wait()
 
 
 def test_sigterm_unmounts_cleanly(cli: Cli, mounted: Mounted) -> None:
