@@ -8,7 +8,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -89,27 +89,31 @@ def server(tmp_path: Path) -> Iterator[Server]:
     srv.stop()
 
 
-def enrol_concurrently(url: str, user: str, code: str, attempts: int) -> list[int]:
-    """The HTTP statuses of `attempts` enrolments with one code, all sent at the same moment."""
+def statuses_at_once(count: int, request: Callable[[int], requests.Response], prepare: Callable[[int], None] = lambda n: None) -> list[int]:
+    """The HTTP statuses of `count` requests released at the same moment (each thread prepares, then waits for the rest)."""
     import threading
 
-    import requests
-
     statuses: list[int] = []
-    start = threading.Barrier(attempts)
+    start = threading.Barrier(count)
 
-    def attempt(n: int) -> None:
+    def one(n: int) -> None:
+        prepare(n)
         start.wait()
-        answer = requests.post(f"{url}/v1/enrol", json={"user": user, "code": code, "verifier": "22" * 32, "kdf": TEST_KDF,
-                                                        "device": f"dev{n}", "envelope": TEST_ENVELOPE}, timeout=60)
-        statuses.append(answer.status_code)
+        statuses.append(request(n).status_code)
 
-    threads = [threading.Thread(target=attempt, args=(n,)) for n in range(attempts)]
+    threads = [threading.Thread(target=one, args=(n,)) for n in range(count)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
     return statuses
+
+
+def enrol_concurrently(url: str, user: str, code: str, attempts: int) -> list[int]:
+    """The HTTP statuses of `attempts` enrolments with one code, all sent at the same moment."""
+    return statuses_at_once(attempts, lambda n: requests.post(
+        f"{url}/v1/enrol", json={"user": user, "code": code, "verifier": "22" * 32, "kdf": TEST_KDF, "device": f"dev{n}",
+                                 "envelope": TEST_ENVELOPE}, timeout=60))
 
 
 def from_address(address: str) -> requests.Session:

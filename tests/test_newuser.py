@@ -94,4 +94,4 @@ def test_latest_with_a_path_is_the_newest_snapshot_holding_it_and_filters_narrow
     again = cli.backup(docs, "--tag", "work")
     photos_id = next(s["id"] for s in cli.snapshots() if s["id"] not in (in_docs, again))
     cli.ok("forget", "--keep-last", "1", "--tag", "work")
-    assert sorted(s["id"] for s in cli.snapshots()) == sorted([again, photos_id])
+    assert sorted(str(s["id"]) for s in cli.snapshots()) == sorted([again, photos_id])

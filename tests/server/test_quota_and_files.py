@@ -5,12 +5,11 @@ from __future__ import annotations
 import hashlib
 import os
 import stat
-import threading
 from pathlib import Path
 
 import pytest
 import requests
-from server_fixture import TEST_ENVELOPE, TEST_KDF, Server, new_database
+from server_fixture import TEST_ENVELOPE, TEST_KDF, Server, new_database, statuses_at_once
 
 pytestmark = pytest.mark.timeout(180)
 OBJECT = 1000
@@ -26,22 +25,10 @@ def enrol(server: Server, quota: int) -> tuple[str, str]:
 
 
 def upload_at_once(server: Server, token: str, count: int) -> list[int]:
-    start = threading.Barrier(count)
-    statuses: list[int] = []
-
-    def one(n: int) -> None:
-        data = os.urandom(OBJECT)
-        start.wait()
-        answer = requests.put(f"{server.url}/v1/devices/laptop/objects/data/{hashlib.sha256(data).hexdigest()}", data=data,
-                              headers={"Authorization": f"Bearer {token}"}, timeout=60)
-        statuses.append(answer.status_code)
-
-    threads = [threading.Thread(target=one, args=(n,)) for n in range(count)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    return statuses
+    bodies = [os.urandom(OBJECT) for _ in range(count)]
+    return statuses_at_once(count, lambda n: requests.put(
+        f"{server.url}/v1/devices/laptop/objects/data/{hashlib.sha256(bodies[n]).hexdigest()}", data=bodies[n],
+        headers={"Authorization": f"Bearer {token}"}, timeout=60))
 
 
 def quota_holds_under_concurrency(server: Server) -> None:
