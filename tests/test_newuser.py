@@ -92,6 +92,6 @@ def test_latest_with_a_path_is_the_newest_snapshot_holding_it_and_filters_narrow
     assert missing.returncode == 2 and in_docs[:8].encode() in missing.stderr and b"newest holding" in missing.stderr
     # forget with a filter touches only what passes it.
     again = cli.backup(docs, "--tag", "work")
-    photos_id = next(s["id"] for s in cli.snapshots() if s["id"] not in (in_docs, again))
+    photos_id = next(str(s["id"]) for s in cli.snapshots() if s["id"] not in (in_docs, again))
     cli.ok("forget", "--keep-last", "1", "--tag", "work")
     assert sorted(str(s["id"]) for s in cli.snapshots()) == sorted([again, photos_id])
