@@ -17,7 +17,7 @@ import subprocess
 import sys
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -129,9 +129,13 @@ class Schedule:
     profile: str | None = None
     every_missed: bool = False
     args: list[str] = field(default_factory=list)
+    created: str = ""  # ISO time the schedule was added: due times before it are not missed runs
+    # The XDG directories as they were when it was added: cron's bare environment would find other ones.
+    dirs: dict[str, str] = field(default_factory=dict)
 
     def command(self, executable: list[str]) -> str:
-        parts = [*executable, "--repo", self.repo, "--key-file", self.key_file]
+        parts = [f"{name}={value}" for name, value in sorted(self.dirs.items())]
+        parts = (["env", *parts] if parts else []) + [*executable, "--repo", self.repo, "--key-file", self.key_file]
         if self.profile:
             parts += ["--profile", self.profile]
         parts += ["backup", "--quiet", "--schedule", self.name]
@@ -153,6 +157,26 @@ class Schedule:
         from croniter import croniter
 
         return croniter(self.cron, before or datetime.now().astimezone()).get_prev(datetime)  # type: ignore[no-any-return]
+
+
+def xdg_dirs() -> dict[str, str]:
+    """This user's config, cache and state directories, absolute, as a cron line must name them."""
+    home = os.path.expanduser("~")
+    defaults = {"XDG_CONFIG_HOME": ".config", "XDG_CACHE_HOME": ".cache", "XDG_STATE_HOME": os.path.join(".local", "state")}
+    return {name: os.path.abspath(os.environ.get(name) or os.path.join(home, default)) for name, default in defaults.items()}
+
+
+MISSED_GRACE_S = 15 * 60  # a run still going, or a few minutes late, is not missed
+
+
+def missed_due_time(schedule: Schedule, last_success: str | None, now: datetime) -> datetime | None:
+    """The last due time with no success since, once its grace has passed; None when nothing is missed."""
+    due = schedule.previous_run(now - timedelta(seconds=MISSED_GRACE_S))
+    if schedule.created and due < datetime.fromisoformat(schedule.created):
+        return None
+    if last_success is not None and datetime.fromisoformat(last_success) >= due:
+        return None
+    return due
 
 
 def executable() -> list[str]:

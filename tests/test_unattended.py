@@ -79,7 +79,7 @@ def test_cron_line_runs_in_crons_environment_without_secrets(cli: Cli, crontab: 
     table = current_crontab()
     assert table.startswith(before) and PASSWORD not in table and "STASISFS_" not in table
     line = table.splitlines()[-1]
-    assert line.startswith("15 3 * * * /") and "--key-file" in line and "--repo" in line
+    assert line.startswith("15 3 * * * env XDG_CACHE_HOME=/") and "--key-file" in line and "--repo" in line
     code, argvs = run_like_cron(cli, cron_command("nightly"), watch=True)
     assert code == 0
     assert any("backup" in a and "--schedule nightly" in a for a in argvs), "the watch saw the run"
@@ -230,3 +230,40 @@ on-failure = "env > {seen}"
     env = seen.read_text()
     assert "STASISFS_RESULT=" in env and "STASISFS_PROFILE=home" in env
     assert PASSWORD not in env and "STASISFS_PASSWORD" not in env and str(secret_file) not in env
+
+
+def test_a_profile_schedule_under_a_custom_config_home_runs_and_a_missed_one_is_flagged(cli: Cli, crontab: None) -> None:
+    custom = cli.tmp / "elsewhere" / "config"
+    env = {"XDG_CONFIG_HOME": str(custom)}
+    cli.ok("init", env=env)
+    src = source(cli)
+    custom.joinpath("stasisfs").mkdir(parents=True, exist_ok=True)
+    custom.joinpath("stasisfs", "config.toml").write_text(f'''
+[profiles.docs]
+repository = "{cli.repo}"
+paths = ["{src}"]
+''')
+    cli.ok("schedule", "add", "docs", "--profile", "docs", "--cron", "0 * * * *", env=env)
+    line = current_crontab().splitlines()[-1]
+    assert f"XDG_CONFIG_HOME={custom}" in line and "STASISFS_" not in line
+    code, _ = run_like_cron(cli, cron_command("docs"))
+    assert code == 0 and len(cli.snapshots()) == 1
+    assert cli.run("status", env=env).returncode == 0
+    # The schedule was added yesterday and its last due time has no success: missed, and status says so.
+    schedules = custom / "stasisfs" / "schedules.json"
+    doc = json.loads(schedules.read_text())
+    doc["docs"]["created"] = "2000-01-01T00:00:00+00:00"
+    schedules.write_text(json.dumps(doc))
+    runs = next((cli.tmp / "home" / ".local" / "state" / "stasisfs").glob("runs.json"))
+    runs.write_text("{}")
+    missed = cli.run("status", env=env)
+    assert missed.returncode == 1 and b"MISSED" in missed.stdout and b"missed: schedule:docs" in missed.stderr
+    # A run that cannot even start (its profile is gone) is recorded where status and the log show it.
+    custom.joinpath("stasisfs", "config.toml").write_text("")
+    code, _ = run_like_cron(cli, cron_command("docs"))
+    assert code != 0
+    report = json.loads(cli.run("status", "--json", env=env).stdout)
+    entry = next(e for e in report["entries"] if e["name"] == "schedule:docs")
+    assert entry["last_run"]["result"] == "failed" and "docs" in entry["last_run"]["reason"]
+    log = (cli.tmp / "home" / ".local" / "state" / "stasisfs" / "docs.log").read_text()
+    assert "error:" in log and "docs" in log

@@ -136,10 +136,18 @@ def backup(paths: tuple[bytes, ...], excludes: tuple[str, ...], exclude_file: st
     """
     from .. import unattended
 
-    profile = active_profile()
-    run_key = f"schedule:{schedule_name}" if schedule_name else (f"profile:{profile.name}" if profile else f"repo:{repo_path().absolute()}")
     if schedule_name:
         unattended.log_to_rotating_file(schedule_name)
+        try:
+            profile = active_profile()
+        except StasisError as exc:  # a run that cannot even start is a failed run, in the log and in `status`
+            info(f"stasisfs: error: {exc}")
+            unattended.record_run(f"schedule:{schedule_name}", unattended.RunRecord(unattended.now_iso(), 0.0, "failed", str(exc)))
+            raise
+    else:
+        profile = active_profile()
+    run_key = f"schedule:{schedule_name}" if schedule_name else (f"profile:{profile.name}" if profile else f"repo:{repo_path().absolute()}")
+    if schedule_name:
         known = unattended.schedules().get(schedule_name)
         if every_missed and known is not None and run_key and not unattended.missed(known, run_key):
             info(f"schedule {schedule_name}: nothing missed since {known.previous_run().isoformat(timespec='minutes')}")

@@ -57,7 +57,8 @@ def schedule_add(name: str, backup_args: tuple[str, ...], cron: str, every_misse
     key_file = config_root() / "keys" / f"{name}.key"
     with open_repository() as repo:
         add_machine_key(repo, key_file, f"schedule {name}")
-        entry = unattended.Schedule(name, cron, str(repo.path), str(key_file), str(profile) if profile else None, every_missed, list(backup_args))
+        entry = unattended.Schedule(name, cron, str(repo.path), str(key_file), str(profile) if profile else None, every_missed, list(backup_args),
+                                    created=unattended.now_iso(), dirs=unattended.xdg_dirs())
     line = entry.line(unattended.executable())
     try:
         unattended.install_line(name, line)
@@ -156,16 +157,21 @@ def status(json_output: bool, max_age: str | None) -> None:
     now = datetime.now().astimezone()
     rows: list[dict[str, Any]] = []
     overdue: list[str] = []
+    missed: list[str] = []
     for key, repo, entry in _entries():
         record = runs.get(key, {})
         success = record.get("last_success")
         row = {"name": key, "repository": repo, "last_run": record.get("last"), "last_success": success,
                "next_run": entry.next_run().isoformat(timespec="minutes") if entry else None, "remotes": _remote_states(repo)}
+        due = unattended.missed_due_time(entry, success["started"] if success else None, now) if entry else None
+        row["missed"] = due.isoformat(timespec="minutes") if due else None
+        if due is not None:
+            missed.append(key)
         rows.append(row)
         if limit is not None and (success is None or datetime.fromisoformat(success["started"]) < limit.before(now)):
             overdue.append(key)
     if json_output:
-        print_json({"entries": rows, "overdue": overdue})
+        print_json({"entries": rows, "overdue": overdue, "missed": missed})
     else:
         for row in rows:
             last = row["last_run"] or {}
@@ -179,12 +185,17 @@ def status(json_output: bool, max_age: str | None) -> None:
             write_line(f"  last success {success['started'] if success else 'never'}")
             if row["next_run"]:
                 write_line(f"  next run     {row['next_run']}")
+            if row["missed"]:
+                write_line(f"  MISSED       the run due {row['missed']} did not succeed; see {unattended.state_root()}/"
+                           f"{row['name'].split(':', 1)[1]}.log")
             for remote, state in row["remotes"].items():
                 pending = f", {state['pending_deletes']} deletions pending" if state["pending_deletes"] else ""
                 write_line(f"  remote {remote}: last sync {state['last_sync'] or 'never'}{pending}")
         if not rows:
             info("nothing to report: no profiles, schedules or --repo")
-    if overdue:
-        if not json_output:
-            warn(f"overdue (no success within {max_age}): {', '.join(overdue)}")
+    if overdue and not json_output:
+        warn(f"overdue (no success within {max_age}): {', '.join(overdue)}")
+    if missed and not json_output:
+        warn(f"missed: {', '.join(missed)} did not succeed at their last due time")
+    if overdue or missed:
         sys.exit(1)
