@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 from .errors import IntegrityError, StasisError, UsageError
 from .pack import BlobEntry, decode_index, open_blob, parse_pack, unreadable_blobs
+from .progress import counted
 from .remotes import Remote
 from .repository import Repository
 from .storage import storage_id
@@ -86,7 +87,7 @@ class Checker:
         if read_data or subset:
             packs = sorted(self.pack_sizes)
             chosen = parse_subset(subset)(packs) if subset else packs
-            self.say(f"reading {len(chosen)} of {len(packs)} packs")
+            self.say(f"reading {len(chosen)} of {counted(len(packs), 'pack')}")
             for pack_id in chosen:
                 self._read_pack(pack_id)
         if self.damaged_packs:
@@ -97,10 +98,11 @@ class Checker:
         from .repair import affected_files
 
         for line in sorted(affected_files(self.repo, self.lost_chunks)):
-            self.error(f"affected: {line}")
+            self.say(f"affected: {line}")  # what the damage costs, not further problems: the count stays one per damage
         # --read-data: a damaged pack on a remote has the right size, so only reading it finds it again.
         where = f"`stasisfs repair --remote {self.remote.name} --read-data`" if self.remote is not None else "`stasisfs repair` (from a remote's copy)"
-        self.report.notes.append(f"{len(self.damaged_packs)} damaged packs; {where} heals them if a good copy exists")
+        self.report.notes.append(f"{counted(len(self.damaged_packs), 'damaged pack')}; {where} heals {'it' if len(self.damaged_packs) == 1 else 'them'} "
+                                 "if a good copy exists")
 
     def _check_local_index(self) -> None:
         state = self.repo.index_state()
@@ -127,7 +129,7 @@ class Checker:
         if self.remote is not None:
             self._check_remote_holds_everything(self.remote)
             return
-        self.say(f"checking {len(self.pack_sizes)} packs")
+        self.say(f"checking {counted(len(self.pack_sizes), 'pack')}")
         on_disk = set(self.repo.list_packs())
         remote = self.repo.remote_packs
         on_remote = {bytes.fromhex(i): n for i, n in remote.listing()} if remote is not None and on_disk < self.pack_sizes.keys() else {}
@@ -237,7 +239,7 @@ class Checker:
         seen_trees: set[bytes] = set()
         snapshots = self.repo.snapshots()
         self.report.snapshots = len(snapshots)
-        self.say(f"checking {len(snapshots)} snapshots")
+        self.say(f"checking {counted(len(snapshots), 'snapshot')}")
         for snapshot in snapshots:
             stack: list[tuple[bytes, bytes]] = [(snapshot.root, b"")]
             while stack:

@@ -25,6 +25,20 @@ class Counters:
             self.bytes_done += nbytes
 
 
+def counted(n: int, noun: str, plural: str | None = None) -> str:
+    """`1 snapshot`, `2 snapshots`: counts read as sentences."""
+    return f"{n} {noun if n == 1 else plural or noun + 's'}"
+
+
+def iec(n: float) -> str:
+    """Bytes in IEC units (KiB, MiB, ...), one decimal: the family every figure stasisfs prints uses."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
 class Reporter:
     """Renders `Counters` until stopped. mode: 'bar', 'json' or 'quiet'."""
 
@@ -62,23 +76,25 @@ class Reporter:
             return
         # Imported here: runs under cron or with -q never draw a bar, and rich takes a while to load.
         from rich.console import Console
-        from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
+        from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
 
         c = self.counters
         with Progress(
             TextColumn(f"[bold]{self.label}"),
             BarColumn(),
             TextColumn("{task.fields[files]} files"),
-            DownloadColumn(),
-            TransferSpeedColumn(),
+            DownloadColumn(binary_units=True),  # IEC units, as every summary line uses
+            TextColumn("{task.fields[speed]}"),
             TimeRemainingColumn(),
             console=Console(stderr=True),
             transient=True,
         ) as bar:
-            task = bar.add_task(self.label, total=None, files="0")
+            task = bar.add_task(self.label, total=None, files="0", speed="")
             while not self._stop.wait(0.2):
                 total = c.total_bytes if c.total_known else None
-                bar.update(task, completed=c.bytes_done, total=total, files=f"{c.files_done}/{c.total_files}" if c.total_known else str(c.files_done))
+                elapsed = max(time.monotonic() - self._started, 1e-3)
+                bar.update(task, completed=c.bytes_done, total=total, speed=f"{iec(c.bytes_done / elapsed)}/s",
+                           files=f"{c.files_done}/{c.total_files}" if c.total_known else str(c.files_done))
 
     def _emit_json(self) -> None:
         c = self.counters

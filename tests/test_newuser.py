@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 from conftest import Cli
@@ -95,3 +96,21 @@ def test_latest_with_a_path_is_the_newest_snapshot_holding_it_and_filters_narrow
     photos_id = next(str(s["id"]) for s in cli.snapshots() if s["id"] not in (in_docs, again))
     cli.ok("forget", "--keep-last", "1", "--tag", "work")
     assert sorted(str(s["id"]) for s in cli.snapshots()) == sorted([again, photos_id])
+
+
+def test_one_damaged_pack_is_one_problem_and_verify_says_what_it_checked(cli: Cli) -> None:
+    cli.init()
+    src = cli.tmp / "src"
+    src.mkdir()
+    for n in range(5):
+        (src / f"f{n}").write_bytes(os.urandom(300_000))
+    cli.backup(src)
+    verified = cli.ok("restore", "latest", "--target", cli.tmp / "out", "--verify")
+    assert b"restored 5 files" in verified.stderr and b"verified: 5 files read back from disk match their chunk ids" in verified.stderr
+    pack = next(p for p in sorted((cli.repo / "data").rglob("*")) if p.is_file())
+    data = bytearray(pack.read_bytes())
+    data[1000] ^= 0xFF
+    pack.write_bytes(bytes(data))
+    checked = cli.run("check", "--read-data")
+    assert checked.returncode == 1 and b"check found 1 problem\n" in checked.stderr, checked.stderr.decode()
+    assert checked.stderr.count(b"affected: ") >= 1

@@ -21,6 +21,7 @@ import click
 from ..config import Profile, get_profile
 from ..errors import EXIT_INCOMPLETE, RepositoryMissing, StasisError
 from ..keys import parse_machine_key
+from ..progress import counted, iec
 from ..repository import Credential, Repository
 from ..snapshot import SnapshotFilter
 
@@ -251,17 +252,8 @@ def fs(path: bytes) -> str:
     return os.fsdecode(path)
 
 
-def counted(n: int, noun: str, plural: str | None = None) -> str:
-    """`1 snapshot`, `2 snapshots`: counts read as sentences."""
-    return f"{n} {noun if n == 1 else plural or noun + 's'}"
-
-
-def human_size(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1024
-    return f"{n:.1f} TiB"
+human_size = iec  # one formatter of sizes for bars and summaries alike
+__all__ = ["counted", "human_size"]  # re-exported for the commands
 
 
 def write_line(*parts: str | bytes) -> None:

@@ -480,8 +480,12 @@ def restore(ref: str, target: bytes, includes: tuple[str, ...], excludes: tuple[
         print_json({"message_type": "summary", "snapshot_id": snapshot.id.hex(), "files_restored": result.files,
                     "bytes_restored": result.bytes, "files_skipped": result.skipped, "errors": result.errors})
     else:
-        info(f"restored {result.files} files, {human_size(result.bytes)} from snapshot {snapshot.short_id} to {fs(target)}"
-             + (f"; {result.skipped} existing files left alone" if result.skipped else ""))
+        info(f"restored {counted(result.files, 'file')}, {human_size(result.bytes)} from snapshot {snapshot.short_id} to {fs(target)}"
+             + (f"; {counted(result.skipped, 'existing file')} left alone" if result.skipped else ""))
+        if verify:
+            failed = sum("failed verification" in e for e in result.errors)
+            info(f"verified: {counted(result.files - failed, 'file')} read back from disk match their chunk ids"
+                 + (f"; {failed} did not (listed above)" if failed else ""))
     if result.errors:
         raise StasisError(f"restore incomplete: {len(result.errors)} files could not be restored (listed above)")
 
@@ -506,7 +510,7 @@ def check(read_data: bool, read_data_subset: str | None, remote_name: str | None
     for note in report.notes:
         info(f"note: {note}")
     if not report.ok:
-        raise StasisError(f"check found {len(report.errors)} problems")
+        raise StasisError(f"check found {counted(len(report.errors), 'problem')}")
     info(f"no errors were found ({report.snapshots} snapshots, {report.trees} trees"
          + (f", {report.packs_read} packs read)" if report.packs_read else ")"))
 
