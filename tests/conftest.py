@@ -53,6 +53,15 @@ class Cli:
         for part in (self.repo, self.tmp / "cache", self.tmp / "home" / ".config"):
             shutil.rmtree(part, ignore_errors=True)
 
+    def tree(self, files: dict[str, str | bytes], name: str = "src") -> Path:
+        """A directory of files under this test's temp dir, to back up."""
+        root = self.tmp / name
+        root.mkdir(parents=True, exist_ok=True)
+        for rel, content in files.items():
+            (root / rel).parent.mkdir(parents=True, exist_ok=True)
+            (root / rel).write_bytes(content.encode() if isinstance(content, str) else content)
+        return root
+
     def snapshots(self) -> list[dict[str, object]]:
         return json.loads(self.ok("snapshots", "--json").stdout)  # type: ignore[no-any-return]
 

@@ -21,9 +21,7 @@ def test_no_repository_given_exits_10(cli: Cli) -> None:
 
 def test_counts_read_as_sentences(cli: Cli) -> None:
     cli.init()
-    src = cli.tmp / "src"
-    src.mkdir()
-    (src / "a").write_text("a")
+    src = cli.tree({"a": "a"})
     cli.backup(src)
     assert cli.ok("snapshots").stdout.decode().splitlines()[-1] == "1 snapshot"
     cli.backup(src)
@@ -100,11 +98,7 @@ def test_latest_with_a_path_is_the_newest_snapshot_holding_it_and_filters_narrow
 
 def test_one_damaged_pack_is_one_problem_and_verify_says_what_it_checked(cli: Cli) -> None:
     cli.init()
-    src = cli.tmp / "src"
-    src.mkdir()
-    for n in range(5):
-        (src / f"f{n}").write_bytes(os.urandom(300_000))
-    cli.backup(src)
+    cli.backup(cli.tree({f"f{n}": os.urandom(300_000) for n in range(5)}))
     verified = cli.ok("restore", "latest", "--target", cli.tmp / "out", "--verify")
     assert b"restored 5 files" in verified.stderr and b"verified: 5 files read back from disk match their chunk ids" in verified.stderr
     pack = next(p for p in sorted((cli.repo / "data").rglob("*")) if p.is_file())
