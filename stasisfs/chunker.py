@@ -51,3 +51,13 @@ class Chunker:
             remainder = filled - consumed
             self._buf[:remainder] = self._buf[consumed:filled]
             filled = remainder
+
+
+def zero_run_lengths(seed: int) -> list[int]:
+    """The lengths of the chunks a long run of zero bytes is cut into under this seed (the steady state, not the tail).
+
+    A hole in a sparse file is such a run: the mount reports those chunks as unallocated blocks.
+    """
+    zeros = memoryview(bytes(4 * CHUNK_MAX))
+    lengths = [chunk.length for chunk in FastCDC(CHUNK_AVG, min_size=CHUNK_MIN, max_size=CHUNK_MAX, seed=seed).cut_buf(zeros)]
+    return sorted(set(lengths[:-1])) or lengths

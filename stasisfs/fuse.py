@@ -80,10 +80,15 @@ def pushable_content(entry: Entry) -> list[bytes] | None:
 class SnapshotFs(pyfuse3.Operations):
     supports_dot_lookup = False
 
-    def __init__(self, vfs: Vfs, total_bytes: int = 0, threads: int = 4) -> None:
+    def __init__(self, vfs: Vfs, total_bytes: int = 0, threads: int = 4, hole_chunks: dict[bytes, int] | None = None,
+                 storage: str | None = None) -> None:
+        """`hole_chunks`: ids (and lengths) of the all-zero chunks, reported as unallocated blocks so that du and
+        `cp --sparse=auto` see holes; `storage`: the repository's directory, whose free space statfs reports."""
         super().__init__()
         self.vfs = vfs
         self.total_bytes = total_bytes
+        self.hole_chunks = hole_chunks or {}
+        self.storage = storage
         self.limiter = trio.CapacityLimiter(threads)
         self._prefetch_from: dict[int, int] = {}  # directory -> position advised up to
         self._last_opened: dict[int, int] = {}  # directory -> position of the file opened last in it
@@ -112,12 +117,20 @@ class SnapshotFs(pyfuse3.Operations):
         attrs.st_size = a.size
         attrs.st_rdev = a.rdev
         attrs.st_blksize = 65536
-        attrs.st_blocks = (a.size + 511) // 512
+        attrs.st_blocks = (self._allocated(entry) + 511) // 512
         attrs.st_atime_ns = attrs.st_mtime_ns = attrs.st_ctime_ns = a.mtime_ns
         timeout = VIEW_TIMEOUT if entry.dynamic else CONTENT_TIMEOUT
         attrs.entry_timeout = timeout
         attrs.attr_timeout = timeout
         return attrs
+
+    def _allocated(self, entry: Entry) -> int:
+        """Bytes a file really stores: its size less the all-zero chunks (holes)."""
+        size = entry.attr.size
+        holes = self.hole_chunks
+        if holes and entry.node is not None and entry.node.content:
+            size -= sum(holes.get(chunk_id, 0) for chunk_id in entry.node.content)
+        return max(size, 0)
 
     async def _loaded(self, ino: int) -> Entry:
         # Runs for every directory request: the checks are inline, with no awaits unless there is work.
@@ -319,8 +332,14 @@ class SnapshotFs(pyfuse3.Operations):
     async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
         data = pyfuse3.StatvfsData()
         data.f_bsize = data.f_frsize = 4096
-        data.f_blocks = max(1, self.total_bytes // 4096)
-        data.f_bfree = data.f_bavail = 0
+        free = 0
+        if self.storage is not None:
+            with contextlib.suppress(OSError):
+                where = os.statvfs(self.storage)
+                free = where.f_bavail * where.f_frsize
+        # df shows the repository's size as used and the free space of the disk it lives on.
+        data.f_blocks = max(1, (self.total_bytes + free) // 4096)
+        data.f_bfree = data.f_bavail = free // 4096
         data.f_files = self.vfs.entry_count
         data.f_ffree = data.f_favail = 0
         data.f_namemax = 255

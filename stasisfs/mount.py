@@ -144,7 +144,10 @@ def serve(repo: Repository, mountpoint: Path, cache_bytes: int, on_ready: Callab
         assert isinstance(source, RepositorySource)
         source = MultiSource(source, [RepositorySource(other) for other in others])
     vfs = Vfs(source, uid=os.getuid(), gid=os.getgid(), cache_bytes=cache_bytes, own_device=repo.device if others else None)
-    ops = SnapshotFs(vfs, total_bytes=total)
+    from .chunker import zero_run_lengths
+
+    holes = {repo.master_keys.chunk_id_of(bytes(n)): n for n in zero_run_lengths(repo.master_keys.chunker_seed)}
+    ops = SnapshotFs(vfs, total_bytes=total, hole_chunks=holes, storage=str(repo.path))
     try:
         pyfuse3.init(ops, str(mountpoint), set(MOUNT_OPTIONS))
     except RuntimeError as exc:

@@ -290,3 +290,26 @@ def test_a_sequential_reader_is_served_from_pushed_pages(cli: Cli, mounted: Moun
     pushed = re.search(r"read-ahead helper: pushed (\d+) files", log)
     # All but the first file or two: a directory listed while a reader streams gets its first files pushed too.
     assert pushed and int(pushed.group(1)) >= 190, log[-2000:]
+
+
+def test_sparse_files_show_their_holes_and_cp_keeps_them(cli: Cli, mounted: Mounted) -> None:
+    cli.init()
+    src = cli.tmp / "src"
+    src.mkdir()
+    image = src / "disk.img"
+    with open(image, "wb") as f:
+        f.write(os.urandom(1 << 20))
+        f.truncate(64 << 20)  # a 62 MiB hole
+        f.seek((64 << 20) - (1 << 20))
+        f.write(os.urandom(1 << 20))
+    cli.backup(src)
+    mounted.start()
+    seen = in_snapshot(mounted, src) / "disk.img"
+    st = os.stat(seen)
+    assert st.st_size == 64 << 20 and st.st_blocks * 512 < 16 << 20, f"{st.st_blocks * 512} bytes allocated"
+    copy = cli.tmp / "copy.img"
+    subprocess.run(["cp", "--sparse=auto", str(seen), str(copy)], check=True, timeout=120)
+    assert copy.read_bytes() == image.read_bytes()
+    assert os.stat(copy).st_blocks * 512 < 16 << 20, "cp wrote the hole out in full"
+    fs = os.statvfs(mounted.path)
+    assert fs.f_bavail > 0 and fs.f_blocks > fs.f_bavail  # df: the repository's size used, the disk's free space free
