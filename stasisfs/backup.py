@@ -601,18 +601,36 @@ def normalize_paths(paths: list[bytes]) -> list[bytes]:
     return result
 
 
-def count_tree(paths: list[bytes], counters: Counters, stop: threading.Event) -> None:
-    """The scanner behind the progress bar's total and ETA; runs beside the backup."""
+def count_tree(paths: list[bytes], counters: Counters, stop: threading.Event, rules: WalkRules | None = None) -> None:
+    """The scanner behind the progress bar's total and ETA; runs beside the backup.
+
+    It follows the walk's own rules (excludes, one file system, skipped directories) and counts regular
+    files only, as the summary does, so the bar's total and the summary's count agree.
+    """
     for top in paths:
-        for dirpath, _dirnames, filenames in os.walk(top):
+        try:
+            root_dev = os.lstat(top).st_dev
+        except OSError:
+            continue
+        stack = [top]
+        while stack:
             if stop.is_set():
                 return
-            for name in filenames:
+            directory = stack.pop()
+            try:
+                entries = list(os.scandir(directory))
+            except OSError:
+                continue
+            for entry in entries:
                 try:
-                    st = os.lstat(os.path.join(dirpath, name))
+                    st = entry.stat(follow_symlinks=False)
                 except OSError:
                     continue
-                counters.total_files += 1
-                counters.total_bytes += st.st_size if stat.S_ISREG(st.st_mode) else 0
+                if stat.S_ISDIR(st.st_mode):
+                    if rules is None or rules.descends(entry.path, st, root_dev):
+                        stack.append(entry.path)
+                elif stat.S_ISREG(st.st_mode) and (rules is None or not rules.excluded(entry.path, False)):
+                    counters.total_files += 1
+                    counters.total_bytes += st.st_size
     counters.total_known = True
 

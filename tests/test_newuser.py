@@ -108,3 +108,23 @@ def test_one_damaged_pack_is_one_problem_and_verify_says_what_it_checked(cli: Cl
     checked = cli.run("check", "--read-data")
     assert checked.returncode == 1 and b"check found 1 problem\n" in checked.stderr, checked.stderr.decode()
     assert checked.stderr.count(b"affected: ") >= 1
+
+
+def test_the_progress_total_counts_what_the_summary_counts(cli: Cli) -> None:
+    import re
+    import threading
+
+    from stasisfs.backup import count_tree
+    from stasisfs.progress import Counters
+    from stasisfs.walk import WalkRules
+
+    cli.init()
+    src = cli.tree({"a.txt": "a", "b.iso": "big", "sub/c.txt": "c", "skip/d.txt": "d"})
+    (src / "link").symlink_to("a.txt")
+    os.mkfifo(src / "fifo")
+    excludes = ["*.iso", "skip/"]
+    done = cli.ok("backup", src, *[arg for pattern in excludes for arg in ("--exclude", pattern)])
+    processed = int(re.search(rb"processed (\d+) files", done.stderr)[1])  # type: ignore[index]
+    counters = Counters()
+    count_tree([os.fsencode(src)], counters, threading.Event(), WalkRules(excludes, False, cli.repo))
+    assert counters.total_files == processed == 2

@@ -229,7 +229,7 @@ def _backup(paths: tuple[bytes, ...], excludes: tuple[str, ...], exclude_file: s
             repo.index_orphan_packs()
             stop = threading.Event()
             if mode == "bar" and not from_stdin:
-                threading.Thread(target=count_tree, args=(job.options.paths, counters, stop), daemon=True).start()
+                threading.Thread(target=count_tree, args=(job.options.paths, counters, stop, job.rules), daemon=True).start()
             written: list[Snapshot] = []
             with Reporter(counters, mode, "backup"):
                 try:
