@@ -128,3 +128,19 @@ def test_the_progress_total_counts_what_the_summary_counts(cli: Cli) -> None:
     counters = Counters()
     count_tree([os.fsencode(src)], counters, threading.Event(), WalkRules(excludes, False, cli.repo))
     assert counters.total_files == processed == 2
+
+
+def test_the_summary_counts_agree_with_each_other(cli: Cli) -> None:
+    import re
+
+    cli.init()
+    src = cli.tree({"base": "data", "large": os.urandom(20_000_000), "sub/x": "x"})
+    for n in range(5):
+        os.link(src / "base", src / f"hard{n}")
+    (src / "link").symlink_to("base")
+    os.mkfifo(src / "fifo")
+    done = cli.ok("backup", src).stderr
+    new = int(re.search(rb"files: (\d+) new", done)[1])  # type: ignore[index]
+    processed = int(re.search(rb"processed (\d+) files", done)[1])  # type: ignore[index]
+    assert new == processed == 8, done.decode()
+    assert b"MB" not in done and b"KB" not in done  # IEC units throughout
