@@ -22,6 +22,8 @@ LAST_RELEASE = "c8b3172"  # the last landed commit before key scheme 2 (issue 17
 
 
 def last_release(into: Path) -> Path:
+    if subprocess.run(["git", "-C", str(ROOT), "cat-file", "-e", f"{LAST_RELEASE}^{{commit}}"], capture_output=True).returncode != 0:
+        pytest.skip(f"this checkout lacks the history of {LAST_RELEASE} (a shallow clone): the migration test needs it")
     archive = subprocess.run(["git", "-C", str(ROOT), "archive", LAST_RELEASE, "stasisfs", "stasisfs_server"],
                              capture_output=True, check=True, timeout=60).stdout
     with tarfile.open(fileobj=BytesIO(archive)) as tar:
