@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import threading
+import time
 from pathlib import Path
 
 from conftest import Cli
@@ -90,9 +92,25 @@ def test_a_resumed_run_snapshot_matches_the_tree(cli: Cli) -> None:
     (src / "sub").mkdir()
     for i in range(30):
         (src / "sub" / f"n{i}").write_text(str(i))
-    crash_after_30_files(cli, src)
-    resumed = cli.backup(src)
-    fresh = cli.backup(src)  # forward, everything cached
-    listing = [cli.ok("ls", snap, "--json").stdout for snap in (resumed, fresh)]
-    assert listing[0] == listing[1]
-    assert json.loads(cli.ok("diff", resumed, fresh, "--json").stdout)["changes"] == []
+    stop = threading.Event()
+
+    def write_beside_src() -> None:  # what any other process does to /tmp: src's ancestors change meanwhile
+        while not stop.is_set():
+            (cli.tmp / "noise").write_text(str(time.monotonic()))
+            (cli.tmp / "noise").unlink()
+            time.sleep(0.005)
+
+    noise = threading.Thread(target=write_beside_src, daemon=True)
+    noise.start()
+    try:
+        crash_after_30_files(cli, src)
+        resumed = cli.backup(src)
+        fresh = cli.backup(src)  # forward, everything cached
+    finally:
+        stop.set()
+        noise.join()
+    # Only what the test controls: src's ancestors (/tmp and its parents) change whenever anything else writes there.
+    listing = [cli.ok("ls", snap, str(src), "--json").stdout for snap in (resumed, fresh)]
+    assert listing[0] == listing[1] and len(json.loads(listing[0])) > FILES
+    changes = json.loads(cli.ok("diff", resumed, fresh, "--json").stdout)["changes"]
+    assert [c for c in changes if str(src) in json.dumps(c)] == []
