@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 
 import pytest
 from conftest import Cli
@@ -35,9 +36,22 @@ def assert_no_orphan_workers(marker: str) -> None:
     assert workers_of(marker) == [], "worker processes outlived the killed backup (they hold the key)"
 
 
+def packed_bytes(cli: Cli) -> int:
+    return sum(p.stat().st_size for p in cli.repo.glob("data/*/*"))
+
+
+# The moment of the kill, chosen by what the run has done so far (never by a fixed sleep).
+MOMENTS: dict[str, Callable[[Cli], bool]] = {
+    "workers started": lambda cli: bool(workers_of(cli.env["XDG_CACHE_HOME"])),
+    "a pack open": lambda cli: bool(list(cli.repo.glob("data/.tmp-pack-*"))),
+    "first pack written": lambda cli: packed_bytes(cli) > 0,
+    "half written": lambda cli: packed_bytes(cli) >= 36_000_000,
+}
+
+
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("delay", [0.05, 0.4, 0.9, 1.6])
-def test_kill_during_backup_then_check_and_resume(cli: Cli, delay: float) -> None:
+@pytest.mark.parametrize("moment", list(MOMENTS))
+def test_kill_during_backup_then_check_and_resume(cli: Cli, moment: str) -> None:
     cli.init()
     src = cli.tmp / "src"
     src.mkdir()
@@ -47,12 +61,16 @@ def test_kill_during_backup_then_check_and_resume(cli: Cli, delay: float) -> Non
         (src / f"small{i}.txt").write_text(f"small file {i}\n" * 20)
     proc = subprocess.Popen([sys.executable, "-m", "stasisfs", "backup", str(src)], env=cli.env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    time.sleep(delay)
+    reached = MOMENTS[moment]
+    deadline = time.monotonic() + 120
+    while proc.poll() is None and not reached(cli) and time.monotonic() < deadline:
+        time.sleep(0.002)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
+    assert proc.returncode == -signal.SIGKILL, f"the backup finished before {moment!r}; the test data is too small"
     assert_no_orphan_workers(cli.env["XDG_CACHE_HOME"])
     cli.ok("check", "--read-data")
-    written_before = sum(p.stat().st_size for p in cli.repo.glob("data/*/*"))
+    written_before = packed_bytes(cli)
     summary = cli.ok("backup", src, "--json").stdout.decode().splitlines()[-1]
     import json
 
