@@ -5,7 +5,7 @@ Every encrypted object is a *sealed box*:
     version (1 byte = 1) | session id (16) | nonce (12) | AES-256-GCM ciphertext + tag (16)
 
 The AES key of a box is HKDF-SHA256(encryption key, salt=session id). A writer
-draws a fresh random session id per process and counts nonces from zero under
+draws a fresh random session id per process and counts nonces from one under
 it, so a nonce can never repeat without any coordination through storage.
 """
 

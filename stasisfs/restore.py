@@ -1,7 +1,8 @@
 """Restore with restic 0.17's path and overwrite rules.
 
-Directories are created while walking; file contents are written by a thread
-pool; hard links are made once their first path exists; directory metadata
+Directories are created while walking; file contents are written in batches by
+worker processes (`pools.py`; threads where processes cannot start), each file
+under a temporary name renamed into place when complete; hard links are made once their first path exists; directory metadata
 is applied last, deepest first, because writing into a directory changes its
 mtime. A chunk that fails authentication is never written: the file is left
 out and reported.
