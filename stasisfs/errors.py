@@ -1,4 +1,4 @@
-"""User-facing errors, each carrying the exit code of interface.md.
+"""User-facing errors, each carrying its exit code (restic's table, listed in README.md).
 
     StasisError                 exit 1, fatal: nothing was saved
     ├── UsageError              exit 2

@@ -447,8 +447,8 @@ class Vfs:
         """Load, breadth first, the trees of unloaded directories below this loaded one, up to `max_trees`.
 
         A walker (find, a file manager) opens them next. Loaded here in one run, they cost less than
-        loaded one per opened directory (`find -ls` on the bench tree: 2.68 s against 2.86 s), and a
-        directory marked `subdirs_read` costs nothing more when opened. Only trees at hand without
+        loaded one per opened directory (docs/architecture.md has the figures), and a directory
+        marked `subdirs_read` costs nothing more when opened. Only trees at hand without
         waiting on storage are loaded; the directories whose trees would wait are returned (for
         `advise_trees`), and what lies below them is left for later.
         """

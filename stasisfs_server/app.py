@@ -2,7 +2,7 @@
 
 Blocking work (database, store, hashing) runs in worker threads; the event loop
 only moves bytes. Every refusal is a JSON `{"code": stable code, "detail": sentence}`
-with the status of interface.md; clients act on `code`, never on the sentence.
+with the statuses and codes of docs/format.md; clients act on `code`, never on the sentence.
 """
 
 from __future__ import annotations

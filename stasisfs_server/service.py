@@ -41,7 +41,7 @@ DEFAULT_LOGIN_KDF: dict[str, Any] = {"name": "argon2id", "iterations": 4, "memor
 
 
 class Refused(Exception):
-    """A refusal: HTTP status, a stable machine-readable code (interface.md) and a sentence for people."""
+    """A refusal: HTTP status, a stable machine-readable code (docs/format.md lists them) and a sentence for people."""
 
     def __init__(self, status: int, code: str, detail: str) -> None:
         super().__init__(detail)
