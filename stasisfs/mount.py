@@ -14,7 +14,6 @@ import faulthandler
 import gc
 import logging
 import os
-import re
 import shutil
 import signal
 import subprocess
@@ -23,6 +22,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from . import mountinfo
 from .errors import IntegrityError, StasisError
 from .pagepush import PagePusher, fuse_device_fd
 from .reader import TreeReader
@@ -204,12 +204,10 @@ def widen_readahead(mountpoint: Path) -> None:
     Only root may change it (through the mount's bdi in sysfs); for others it stays as it was.
     """
     # Never stat the mountpoint here: that would ask this very process, which is not serving yet.
-    target = str(mountpoint)
-    with contextlib.suppress(OSError, IndexError), open("/proc/self/mountinfo") as f:  # not root: readahead stays as it was
-        for line in f:
-            fields = line.split()
-            if fields[4].encode().decode("unicode_escape") == target:
-                Path(f"/sys/class/bdi/{fields[2]}/read_ahead_kb").write_text(f"{READAHEAD_KB}\n")
+    entry = mountinfo.mount_at(os.fsencode(mountpoint))
+    if entry is not None:
+        with contextlib.suppress(OSError):  # not root: readahead stays as it was
+            Path(f"/sys/class/bdi/{entry.device}/read_ahead_kb").write_text(f"{READAHEAD_KB}\n")
 
 
 def mount_detached(repo: Repository, mountpoint: Path, cache_bytes: int, others: list[Repository] | None = None) -> None:
@@ -367,15 +365,8 @@ def mount_is_dead(mountpoint: Path) -> bool:
     return False
 
 
-def _unescape_mountinfo(field: bytes) -> bytes:
-    """mountinfo writes space, tab, newline and backslash in paths as octal escapes."""
-    return re.sub(rb"\\([0-7]{3})", lambda m: bytes([int(m[1], 8)]), field)
-
-
 def is_mounted(mountpoint: Path) -> bool:
-    target = os.fsencode(os.path.abspath(mountpoint))
-    with open("/proc/self/mountinfo", "rb") as f:
-        return any(_unescape_mountinfo(line.split()[4]) == target for line in f)
+    return mountinfo.mount_at(os.fsencode(os.path.abspath(mountpoint))) is not None
 
 
 def log_to_stderr() -> None:

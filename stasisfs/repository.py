@@ -665,18 +665,10 @@ MEMORY_FILESYSTEMS = {"tmpfs", "ramfs"}
 
 def filesystem_type(path: Path) -> str:
     """The type of the filesystem holding `path`, from the longest matching mount point."""
-    target = os.path.realpath(path)
-    best, kind = "", ""
-    try:
-        with open("/proc/self/mountinfo") as f:
-            for line in f:
-                left, _, right = line.partition(" - ")
-                mountpoint = left.split()[4].encode().decode("unicode_escape")
-                if (target == mountpoint or target.startswith(mountpoint.rstrip("/") + "/")) and len(mountpoint) >= len(best):
-                    best, kind = mountpoint, right.split()[0]
-    except OSError:
-        return ""
-    return kind
+    from . import mountinfo
+
+    entry = mountinfo.containing(os.fsencode(os.path.realpath(path)))
+    return os.fsdecode(entry.fstype) if entry is not None else ""
 
 
 def keyslots_id_ok(slot_id: str) -> bool:

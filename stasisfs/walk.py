@@ -25,18 +25,10 @@ from .repository import cache_root
 
 def stasisfs_mountpoints() -> set[bytes]:
     """Mounted stasisfs filesystems: never descend into them (or stat a dead one)."""
-    result = set()
-    try:
-        with open("/proc/self/mountinfo", "rb") as f:
-            for line in f:
-                left, _, right = line.partition(b" - ")
-                fstype, source = ([*right.split(), b"", b""])[:2]
-                if fstype.startswith(b"fuse") and (b"stasisfs" in fstype or source.startswith(b"stasisfs")):
-                    mountpoint = left.split()[4].decode("unicode_escape").encode("latin-1")
-                    result.add(mountpoint)
-    except OSError:
-        return result  # no /proc: nothing is known to be mounted
-    return result
+    from . import mountinfo
+
+    return {entry.mountpoint for entry in mountinfo.read()
+            if entry.fstype.startswith(b"fuse") and (b"stasisfs" in entry.fstype or entry.source.startswith(b"stasisfs"))}
 
 
 class WalkRules:

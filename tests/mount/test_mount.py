@@ -313,3 +313,32 @@ def test_sparse_files_show_their_holes_and_cp_keeps_them(cli: Cli, mounted: Moun
     assert os.stat(copy).st_blocks * 512 < 16 << 20, "cp wrote the hole out in full"
     fs = os.statvfs(mounted.path)
     assert fs.f_bavail > 0 and fs.f_blocks > fs.f_bavail  # df: the repository's size used, the disk's free space free
+
+
+def test_a_mount_point_named_with_a_space_and_an_accent_is_a_mount_like_any(cli: Cli, tmp_path: Path) -> None:
+    from stasisfs.mountinfo import mount_at
+
+    src = small_backup(cli)
+    odd = tmp_path / "café mnt"
+    odd.mkdir()
+    cli.ok("mount", odd, timeout=90)
+    try:
+        entry = mount_at(os.fsencode(odd))
+        assert entry is not None and str(odd) in stasisfs_mounts_decoded()
+        if os.geteuid() == 0:  # only root may widen it, at a plain path and at this one alike (it does so once FUSE's INIT is done)
+            setting = Path(f"/sys/class/bdi/{entry.device}/read_ahead_kb")
+            deadline = time.monotonic() + 10
+            while setting.read_text().strip() != "1024" and time.monotonic() < deadline:
+                time.sleep(0.1)
+            assert setting.read_text().strip() == "1024"
+        assert (odd / "snapshots" / "latest" / str(src).lstrip("/") / "f").read_text() == "x"
+    finally:
+        done = cli.run("umount", odd)
+    assert done.returncode == 0 and b"unmounted" in done.stderr, done.stderr.decode()
+    assert mount_at(os.fsencode(odd)) is None
+
+
+def stasisfs_mounts_decoded() -> list[str]:
+    from stasisfs.mountinfo import read
+
+    return [os.fsdecode(e.mountpoint) for e in read() if b"stasisfs" in e.fstype]
