@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import UsageError
-from .remotes import config_root
+from .paths import config_root
 from .retention import Duration, Policy
 
 STRING_KEYS = {"repository", "password-file", "password-command", "key-file", "on-success", "on-failure"}

@@ -19,7 +19,7 @@ from pathlib import Path
 from .crypto import KIND_LOCK
 from .errors import IntegrityError, RepositoryLocked
 from .repository import Repository, hostname, pad_small, unpad_small
-from .storage import write_atomic
+from .storage import process_alive, write_atomic
 
 REFRESH_EVERY = 300
 STALE_AFTER = 1800
@@ -30,16 +30,6 @@ def boot_id() -> str:
         return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
     except OSError:
         return ""
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 class RepositoryLock:
@@ -78,7 +68,7 @@ class RepositoryLock:
         if doc is None:
             return True
         if doc.get("host") == hostname():
-            return doc.get("boot_id") != boot_id() or not _pid_alive(int(str(doc.get("pid", 0))))
+            return doc.get("boot_id") != boot_id() or not process_alive(int(str(doc.get("pid", 0))))
         return time.time() - float(str(doc.get("time", 0))) > STALE_AFTER
 
     def _check_others(self) -> None:

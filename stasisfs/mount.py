@@ -25,6 +25,7 @@ from pathlib import Path
 from . import mountinfo
 from .errors import IntegrityError, StasisError
 from .pagepush import PagePusher, fuse_device_fd
+from .paths import state_root
 from .reader import TreeReader
 from .repository import Repository
 from .snapshot import Snapshot
@@ -115,11 +116,7 @@ class MultiSource:
             self._route(chunk_ids[0]).advise(chunk_ids)
 
 
-def state_dir() -> Path:
-    base = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
-    path = Path(base) / "stasisfs"
-    path.mkdir(parents=True, exist_ok=True, mode=0o700)
-    return path
+state_dir = state_root  # where a detached mount logs
 
 
 def serve(repo: Repository, mountpoint: Path, cache_bytes: int, on_ready: Callable[[], None], others: list[Repository] | None = None) -> None:

@@ -14,21 +14,17 @@ password changed on another device can replace it (`key passwd --from-remote`).
 
 from __future__ import annotations
 
-import os
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .errors import UsageError
+from .paths import config_root
 from .storage import read_json_file, write_atomic, write_json_file
 
 if TYPE_CHECKING:
     from .remote import RemoteClient
 
 
-def config_root() -> Path:
-    base = os.environ.get("XDG_CONFIG_HOME") or os.path.join(os.path.expanduser("~"), ".config")
-    return Path(base) / "stasisfs"
 
 
 @dataclass

@@ -40,11 +40,12 @@ from .pack import (
     parse_header,
     read_trailer,
 )
+from .paths import cache_root
 from .snapshot import Snapshot
 
 if TYPE_CHECKING:
     from .packcache import RemotePacks
-from .storage import TEMP_PREFIX, fsync_dir, is_object_name, read_verified, storage_id, sweep_temp_files, write_atomic, writer_alive
+from .storage import TEMP_PREFIX, fsync_dir, is_object_name, read_verified, storage_id, sweep_temp_files, write_all, write_atomic, writer_alive
 
 FORMAT_VERSION = 1
 SMALL_OBJECT_FLOOR = 1024
@@ -62,9 +63,6 @@ class Credential:
     machine_repo: str | None = None
 
 
-def cache_root() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "stasisfs"
 
 
 def pad_small(plaintext: bytes) -> bytes:
@@ -604,10 +602,8 @@ class PackFile:
         return cls(repo, tmp, fd)
 
     def _write_all(self, fd: int, data: bytes) -> None:
-        view = memoryview(data)
         try:
-            while view:
-                view = view[os.write(fd, view) :]
+            write_all(fd, data)
         except OSError as exc:
             self.discard()
             if exc.errno == errno.ENOSPC:

@@ -31,18 +31,13 @@ from .progress import Counters
 from .reader import TreeReader
 from .repository import Repository
 from .snapshot import Snapshot
+from .storage import write_all
 from .tree import DIR, FILE, SYMLINK, Node
 
 OVERWRITE_MODES = ("always", "if-changed", "if-newer", "never")
 SPARSE_BLOCK = 64 * 1024
 MAX_IN_FLIGHT = 8  # batches queued for the writers
 _ZERO_BLOCK = bytes(SPARSE_BLOCK)
-
-
-def write_all(fd: int, data: bytes | memoryview) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view) :]
 
 
 PARTIAL_PREFIX = b".stasisfs-partial-"

@@ -28,15 +28,30 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def write_all(fd: int, data: bytes | memoryview) -> None:
+    """os.write until everything is written: a write may take less than it was given."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+def process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # alive, and someone else's
+    return True
+
+
 def write_atomic(path: Path, data: bytes | memoryview | list[bytes], mode: int = 0o600, sync: bool = True) -> None:
     tmp = path.with_name(f"{TEMP_PREFIX}{path.name}.{os.getpid()}")
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
         try:
             for part in data if isinstance(data, list) else [data]:
-                view = memoryview(part)
-                while view:
-                    view = view[os.write(fd, view) :]
+                write_all(fd, part)
             if sync:
                 os.fsync(fd)
         finally:
@@ -89,13 +104,7 @@ def writer_alive(temp_name: str) -> bool:
         pid = int(temp_name.rsplit(".", 1)[1])
     except (ValueError, IndexError):
         return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # alive, and someone else's
-    return True
+    return process_alive(pid)
 
 
 def sweep_temp_files(directory: Path) -> None:

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import StasisError, UsageError
-from .remotes import config_root
+from .paths import XDG_DEFAULTS, config_root, state_root, xdg_dir
 from .storage import read_json_file, write_json_file
 
 MARKER = "# stasisfs-schedule:"
@@ -32,11 +32,6 @@ LOGS_KEPT = 5
 HOOK_TIMEOUT = 300
 
 
-def state_root() -> Path:
-    base = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
-    path = Path(base) / "stasisfs"
-    path.mkdir(parents=True, exist_ok=True, mode=0o700)
-    return path
 
 
 # --- run records --------------------------------------------------------------------------------
@@ -161,9 +156,7 @@ class Schedule:
 
 def xdg_dirs() -> dict[str, str]:
     """This user's config, cache and state directories, absolute, as a cron line must name them."""
-    home = os.path.expanduser("~")
-    defaults = {"XDG_CONFIG_HOME": ".config", "XDG_CACHE_HOME": ".cache", "XDG_STATE_HOME": os.path.join(".local", "state")}
-    return {name: os.path.abspath(os.environ.get(name) or os.path.join(home, default)) for name, default in defaults.items()}
+    return {name: str(xdg_dir(name)) for name in XDG_DEFAULTS}
 
 
 MISSED_GRACE_S = 15 * 60  # a run still going, or a few minutes late, is not missed

@@ -20,7 +20,7 @@ from types import TracebackType
 
 import pathspec
 
-from .repository import cache_root
+from .paths import cache_root
 
 
 def stasisfs_mountpoints() -> set[bytes]:

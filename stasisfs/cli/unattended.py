@@ -15,7 +15,8 @@ from .. import keys as keyslots
 from .. import unattended
 from ..config import load_profiles
 from ..errors import StasisError, UsageError
-from ..remotes import DeviceRemotes, config_root
+from ..paths import config_root, state_root
+from ..remotes import DeviceRemotes
 from ..repository import Repository
 from ..retention import Duration
 from .common import global_options, info, open_repository, print_json, setting, warn, write_line
@@ -186,7 +187,7 @@ def status(json_output: bool, max_age: str | None) -> None:
             if row["next_run"]:
                 write_line(f"  next run     {row['next_run']}")
             if row["missed"]:
-                write_line(f"  MISSED       the run due {row['missed']} did not succeed; see {unattended.state_root()}/"
+                write_line(f"  MISSED       the run due {row['missed']} did not succeed; see {state_root()}/"
                            f"{row['name'].split(':', 1)[1]}.log")
             for remote, state in row["remotes"].items():
                 pending = f", {state['pending_deletes']} deletions pending" if state["pending_deletes"] else ""

@@ -8,6 +8,8 @@ import secrets
 from collections.abc import Iterator
 from pathlib import Path
 
+from stasisfs.storage import write_all
+
 from . import ObjectNotFound, ObjectStore
 
 TEMP_PREFIX = ".tmp-"
@@ -33,9 +35,7 @@ class FileStore(ObjectStore):
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
             try:
                 for part in data if isinstance(data, list) else [data]:
-                    view = memoryview(part)
-                    while view:
-                        view = view[os.write(fd, view) :]
+                    write_all(fd, part)
                 os.fsync(fd)
             finally:
                 os.close(fd)
