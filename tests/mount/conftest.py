@@ -27,15 +27,22 @@ def force_unmount(path: str) -> None:
 
 
 @pytest.fixture(scope="session", autouse=True)
-def sweep_stale_mounts() -> Iterator[None]:
+def sweep_stale_mounts(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Clear mounts that earlier test runs left, never those of this run's other xdist workers."""
     if not os.path.exists("/dev/fuse"):
         pytest.skip("no /dev/fuse on this machine")
+    base = tmp_path_factory.getbasetemp()
+    this_run = str(base.parent if base.name.startswith("popen-gw") else base)
+
+    def stale(path: str) -> bool:
+        return "pytest" in path and not path.startswith(this_run + "/")
+
     for path in stasisfs_mounts():
-        if "pytest" in path:
+        if stale(path):
             force_unmount(path)
     yield
     for path in stasisfs_mounts():
-        if "pytest" in path:
+        if path.startswith(str(base) + "/"):  # this worker's own leftovers
             force_unmount(path)
 
 
