@@ -3,8 +3,8 @@
 The walk runs on the calling thread; changed small files are read, cut, hashed,
 compressed and sealed in batches by worker processes (`pools.py`: spawned, each
 with its own GIL and session key; threads where processes cannot start), and
-large files by a thread pool (blake3, zstd, AES-GCM and file reads release the GIL). Trees are written bottom-up once their children are
-known. Order of durability: packs, index objects, snapshot.
+large files by a thread pool (blake3, zstd, AES-GCM and file reads release the
+GIL). Trees are written bottom-up once their children are known. Order of durability: packs, index objects, snapshot.
 """
 
 from __future__ import annotations

@@ -8,6 +8,7 @@ name, its header matches the index, and every blob decrypts to its id.
 
 from __future__ import annotations
 
+import json
 import os
 import random
 from collections.abc import Callable, Sequence
@@ -183,8 +184,6 @@ class Checker:
 
     def _check_escrow(self, remote: Remote) -> None:
         """The escrowed key cannot be opened here (that needs the password), but it must name this repository."""
-        import json
-
         from .remotes import DeviceRemotes
 
         assert self.client is not None

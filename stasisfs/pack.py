@@ -13,6 +13,7 @@ A pack is
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import struct
@@ -257,22 +258,24 @@ def open_blob(cipher: Cipher, entry: BlobEntry, box: bytes | memoryview, verify:
     return data
 
 
-def unreadable_blobs(cipher: Cipher, entries: Iterable[BlobEntry], data: bytes | memoryview) -> set[bytes]:
-    """Chunk ids whose sealed box in `data` (a pack's bytes, damaged or short) fails to open or to match its id.
+def blobs_in(cipher: Cipher, entries: Iterable[BlobEntry], data: bytes | memoryview) -> Iterator[tuple[BlobEntry, bytes | None]]:
+    """Each entry with its plaintext from `data` (a pack's bytes, damaged or short), or None where its own sealed box
+    is cut off, fails to open or does not match its id.
 
     Damage is judged per box: a flipped byte costs the one chunk whose box it hit, not the whole pack.
     """
     view = memoryview(data)
-    bad = set()
     for entry in entries:
-        if entry.offset + entry.length > len(view):
-            bad.add(entry.chunk_id)
-            continue
-        try:
-            open_blob(cipher, entry, view[entry.offset : entry.offset + entry.length])
-        except (IntegrityError, ValueError, zstandard.ZstdError):
-            bad.add(entry.chunk_id)
-    return bad
+        plain = None
+        if entry.offset + entry.length <= len(view):
+            with contextlib.suppress(IntegrityError, ValueError, zstandard.ZstdError):
+                plain = open_blob(cipher, entry, view[entry.offset : entry.offset + entry.length])
+        yield entry, plain
+
+
+def unreadable_blobs(cipher: Cipher, entries: Iterable[BlobEntry], data: bytes | memoryview) -> set[bytes]:
+    """Chunk ids whose own sealed box in `data` is lost (see `blobs_in`)."""
+    return {entry.chunk_id for entry, plain in blobs_in(cipher, entries, data) if plain is None}
 
 
 def authentic_prefix(cipher: Cipher, entries: list[BlobEntry], content: bytes) -> list[BlobEntry]:

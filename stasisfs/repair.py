@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from .errors import StasisError
-from .pack import BLOB_TREE, PackInfo, open_blob, unreadable_blobs
+from .pack import BLOB_TREE, PackInfo, blobs_in, unreadable_blobs
 from .packer import BlobWriter
 from .remote import RemoteClient
 from .remotes import DeviceRemotes, Remote
@@ -60,16 +60,7 @@ def salvage_blobs(repo: Repository, pack: PackInfo) -> list[tuple[bytes, int, by
         data = repo.pack_path(pack.pack_id).read_bytes()
     except OSError:
         return []
-    view = memoryview(data)
-    good = []
-    for entry in pack.blobs:
-        if entry.offset + entry.length > len(view):
-            continue
-        try:
-            good.append((entry.chunk_id, entry.kind, open_blob(repo.cipher, entry, view[entry.offset : entry.offset + entry.length])))
-        except (StasisError, ValueError):
-            continue
-    return good
+    return [(entry.chunk_id, entry.kind, plain) for entry, plain in blobs_in(repo.cipher, pack.blobs, data) if plain is not None]
 
 
 def affected_files(repo: Repository, lost_chunks: set[bytes]) -> Iterator[str]:

@@ -2,7 +2,8 @@
 
 Directories are created while walking; file contents are written in batches by
 worker processes (`pools.py`; threads where processes cannot start), each file
-under a temporary name renamed into place when complete; hard links are made once their first path exists; directory metadata
+under a temporary name renamed into place when complete; hard links are made
+once their first path exists; directory metadata
 is applied last, deepest first, because writing into a directory changes its
 mtime. A chunk that fails authentication is never written: the file is left
 out and reported.
@@ -64,6 +65,7 @@ def write_sparse(fd: int, data: bytes) -> None:
 @dataclass
 class FileOutcome:
     restored: bool = False
+    verified: bool = False
     bytes: int = 0
     errors: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
@@ -108,8 +110,10 @@ class FileWriter:
             outcome.errors.append(f"cannot write {os.fsdecode(final)}: {exc.strerror}")
             return outcome
         os.close(fd)
-        if self.verify and not self._verify(dest, node):
-            outcome.errors.append(f"{os.fsdecode(final)} failed verification after restore")
+        if self.verify:
+            outcome.verified = self._verify(dest, node)
+            if not outcome.verified:
+                outcome.errors.append(f"{os.fsdecode(final)} failed verification after restore")
         try:
             outcome.warnings += apply_metadata(dest, node, self.as_root)
         except OSError as exc:
@@ -190,6 +194,7 @@ class RestoreResult:
     files: int = 0
     bytes: int = 0
     skipped: int = 0
+    verified: int = 0  # with --verify: files read back from disk that matched their chunk ids
     errors: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
 
@@ -400,6 +405,7 @@ class Restorer:
             if outcome.restored:
                 self.result.files += 1
                 self.result.bytes += outcome.bytes
+            self.result.verified += outcome.verified
         for message in outcome.errors:
             self._report(message)
         self.counters.add(files=1 if outcome.restored else 0, nbytes=outcome.bytes)

@@ -150,33 +150,38 @@ class Syncer:
 
         The remote's snapshot list decides what is live: packs and index objects are deleted only while
         every snapshot the remote holds is one this copy knows, because local prune kept exactly what
-        those need. A snapshot only the remote has (another copy wrote it) holds every deletion back.
+        those need. A snapshot only the remote has (another copy wrote it) holds pack and index deletions back.
         """
         pending: dict[str, list[str]] = state.get("delete", {})
         if self.maintenance_token and any(pending.values()):
             client = RemoteClient(remote.url, self.maintenance_token, remote.cacert, name=remote.name)
-        for kind in ("snapshots", "index", "data"):  # the reverse of the write order
-            if kind != "snapshots" and pending.get(kind):
-                unknown = sorted({i for i, _ in client.list_objects(remote.device, "snapshots")} - set(self.repo.list_objects("snapshots")))
-                if unknown:
-                    report.warnings.append(f"remote {remote.name} holds {len(unknown)} snapshot(s) this copy does not (e.g. {unknown[0][:16]}); "
-                                           f"{sum(len(v) for k, v in pending.items() if k != 'snapshots')} pack and index deletion(s) wait "
-                                           "so that nothing they use is lost")
-                    break
-            left = []
-            for object_id in pending.get(kind, []):
-                try:
-                    if client.delete_object(remote.device, kind, object_id):
-                        report.deleted += 1
-                except RemoteError as exc:
-                    if exc.code != "append_only":
-                        raise
-                    left.append(object_id)
-            if left:
-                report.warnings.append(f"remote {remote.name} is append-only: {len(left)} {kind} object(s) this device deleted stay there "
-                                       "until its operator runs maintenance with a maintenance token")
-            pending[kind] = left
+        self._delete(remote, client, "snapshots", pending, report)  # the reverse of the write order
+        if pending.get("index") or pending.get("data"):
+            unknown = sorted({i for i, _ in client.list_objects(remote.device, "snapshots")} - set(self.repo.list_objects("snapshots")))
+            if unknown:
+                report.warnings.append(f"remote {remote.name} holds {len(unknown)} snapshot(s) this copy does not (e.g. {unknown[0][:16]}); "
+                                       f"{len(pending.get('index', [])) + len(pending.get('data', []))} pack and index deletion(s) wait "
+                                       "so that nothing they use is lost")
+            else:
+                for kind in ("index", "data"):
+                    self._delete(remote, client, kind, pending, report)
         state["delete"] = {k: v for k, v in pending.items() if v}
+
+    @staticmethod
+    def _delete(remote: Remote, client: RemoteClient, kind: str, pending: dict[str, list[str]], report: SyncReport) -> None:
+        left = []
+        for object_id in pending.get(kind, []):
+            try:
+                if client.delete_object(remote.device, kind, object_id):
+                    report.deleted += 1
+            except RemoteError as exc:
+                if exc.code != "append_only":
+                    raise
+                left.append(object_id)
+        if left:
+            report.warnings.append(f"remote {remote.name} is append-only: {len(left)} {kind} object(s) this device deleted stay there "
+                                   "until its operator runs maintenance with a maintenance token")
+        pending[kind] = left
 
     def _check_account(self, remote: Remote, client: RemoteClient, state: dict[str, Any], report: SyncReport) -> None:
         """Tell the user when the account password changed elsewhere, so the local slots can follow."""

@@ -182,9 +182,8 @@ def create_app(service: Service, max_object: int = MAX_OBJECT_BYTES) -> ASGIApp:
     @app.exception_handler(Refused)
     async def refused(_request: Request, exc: Refused) -> JSONResponse:
         headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
-        if exc.status == 429:
-            seconds = re.search(r"(\d+) s", exc.detail)
-            headers = {"Retry-After": seconds[1] if seconds else "60"}
+        if exc.retry_after is not None:
+            headers = {"Retry-After": str(exc.retry_after)}
         return JSONResponse(refusal(exc.code, exc.detail), status_code=exc.status, headers=headers)
 
     @app.exception_handler(HTTPException)

@@ -43,11 +43,12 @@ DEFAULT_LOGIN_KDF: dict[str, Any] = {"name": "argon2id", "iterations": 4, "memor
 class Refused(Exception):
     """A refusal: HTTP status, a stable machine-readable code (docs/format.md lists them) and a sentence for people."""
 
-    def __init__(self, status: int, code: str, detail: str) -> None:
+    def __init__(self, status: int, code: str, detail: str, retry_after: int | None = None) -> None:
         super().__init__(detail)
         self.status = status
         self.code = code
         self.detail = detail
+        self.retry_after = retry_after  # seconds, for a 429
 
     @property
     def reason(self) -> str:
@@ -239,8 +240,8 @@ class Service:
         wait = throttle.wait_seconds(moment, failures(LoginFailure.user_name == name, LoginFailure.address == address),
                                      failures(LoginFailure.address == address), failures(LoginFailure.user_name == name))
         if wait > 0:
-            raise Refused(429, "rate_limited", f"too many failed logins from this address; try again in {math.ceil(wait)} s",
-                          ) from None
+            seconds = math.ceil(wait)
+            raise Refused(429, "rate_limited", f"too many failed logins from this address; try again in {seconds} s", retry_after=seconds)
 
     def _record_failure(self, s: Session, name: str, address: str) -> None:
         s.execute(delete(LoginFailure).where(LoginFailure.at < now() - throttle.WINDOW))

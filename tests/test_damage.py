@@ -234,7 +234,7 @@ def test_a_hostile_servers_junk_answers_give_a_clear_error(cli: Cli, body: bytes
         do_POST = do_PUT = do_GET
 
         def log_message(self, *args: object) -> None:
-            pass
+            """Silent: http.server would log every request to stderr."""
 
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Junk)
     threading.Thread(target=server.serve_forever, daemon=True).start()

@@ -483,8 +483,8 @@ def restore(ref: str, target: bytes, includes: tuple[str, ...], excludes: tuple[
         info(f"restored {counted(result.files, 'file')}, {human_size(result.bytes)} from snapshot {snapshot.short_id} to {fs(target)}"
              + (f"; {counted(result.skipped, 'existing file')} left alone" if result.skipped else ""))
         if verify:
-            failed = sum("failed verification" in e for e in result.errors)
-            info(f"verified: {counted(result.files - failed, 'file')} read back from disk match their chunk ids"
+            failed = result.files - result.verified
+            info(f"verified: {counted(result.verified, 'file')} read back from disk match their chunk ids"
                  + (f"; {failed} did not (listed above)" if failed else ""))
     if result.errors:
         raise StasisError(f"restore incomplete: {len(result.errors)} files could not be restored (listed above)")
