@@ -36,12 +36,12 @@ def contents(root: Path) -> dict[str, bytes]:
     return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).digest() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
-def interrupt_when(cli: Cli, args: list[str], ready: Callable[[], bool], sig: int) -> tuple[subprocess.CompletedProcess[bytes], float]:
-    """Run the CLI in its own process group; when `ready()`, signal the whole group. Returns the result and the seconds it took to end."""
+def interrupt_when(cli: Cli, args: list[str], ready: Callable[[int], bool], sig: int) -> tuple[subprocess.CompletedProcess[bytes], float]:
+    """Run the CLI in its own process group; when `ready(pid)`, signal the whole group. Returns the result and the seconds it took to end."""
     proc = subprocess.Popen([sys.executable, "-m", "stasisfs", *args], env=cli.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             start_new_session=True)
     deadline = time.monotonic() + 120
-    while not ready() and proc.poll() is None and time.monotonic() < deadline:
+    while not ready(proc.pid) and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.005)
     assert proc.poll() is None, "the command finished before the moment came; the tree is too small for this machine"
     os.killpg(proc.pid, sig)
@@ -60,7 +60,7 @@ def test_an_interrupted_restore_stops_cleanly_and_a_rerun_finishes_it_exactly(cl
     src = make_tree(cli.tmp / "src")
     cli.backup(src)
     target = cli.tmp / "out"
-    done, took = interrupt_when(cli, ["restore", "latest", "--target", str(target)], lambda: restored_files(target) >= at_files, sig)
+    done, took = interrupt_when(cli, ["restore", "latest", "--target", str(target)], lambda _pid: restored_files(target) >= at_files, sig)
     assert done.returncode == 130, done.stderr.decode()
     assert b"interrupted: " in done.stderr and b"run the same command to finish" in done.stderr
     assert b"Traceback" not in done.stderr and took < 15
@@ -83,7 +83,7 @@ def test_an_interrupted_backup_stops_cleanly_and_the_next_run_is_exact(cli: Cli,
     def written() -> int:
         return sum(len(files) for _, _, files in os.walk(packs))
 
-    done, took = interrupt_when(cli, ["backup", str(src)], lambda: written() >= at_packs, sig)
+    done, took = interrupt_when(cli, ["backup", str(src)], lambda _pid: written() >= at_packs, sig)
     assert b"Traceback" not in done.stderr and took < 15
     if done.returncode == 0:  # the snapshot was saved just before the signal
         assert b"was saved" in done.stderr
@@ -93,3 +93,19 @@ def test_an_interrupted_backup_stops_cleanly_and_the_next_run_is_exact(cli: Cli,
     cli.ok("restore", "latest", "--target", cli.tmp / "out")
     assert contents(cli.tmp / "out" / str(src).lstrip("/")) == contents(src)
     cli.ok("check", "--read-data")
+
+
+def reads_a_pack(pid: int) -> bool:
+    """Whether the process has a pack file open: a moment inside `check --read-data` that no sleep has to guess."""
+    try:
+        return any("/data/" in os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd"))
+    except OSError:
+        return False
+
+
+def test_any_other_long_command_interrupted_says_so_in_one_line(cli: Cli) -> None:
+    cli.init()
+    cli.backup(make_tree(cli.tmp / "src"))
+    done, took = interrupt_when(cli, ["check", "--read-data"], reads_a_pack, signal.SIGINT)
+    assert done.returncode == 130 and done.stderr.decode().strip().splitlines()[-1] == "stasisfs: interrupted", done.stderr.decode()
+    assert b"Traceback" not in done.stderr and took < 15

@@ -83,7 +83,8 @@ def main() -> None:
     except StasisError as exc:
         click.echo(f"stasisfs: error: {exc}", err=True)
         sys.exit(exc.exit_code)
-    except click.exceptions.Abort:
+    except click.exceptions.Abort:  # click's form of a KeyboardInterrupt (or EOF at a prompt)
+        click.echo("stasisfs: interrupted", err=True)
         sys.exit(EXIT_INTERRUPTED)
     except click.exceptions.NoArgsIsHelpError as exc:
         click.echo(exc.ctx.get_help() if exc.ctx else str(exc))
