@@ -107,7 +107,7 @@ class Passthrough(pyfuse3.Operations):
 
 def main() -> None:
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-    from stasisfs.mount import widen_readahead
+    from stasisfs.mount.lifecycle import widen_readahead
 
     source, mountpoint = os.fsencode(os.path.abspath(sys.argv[1])), sys.argv[2]
     pyfuse3.init(Passthrough(source), mountpoint, {"fsname=passthrough", "ro", "default_permissions"})

@@ -30,9 +30,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import UsageError
-from .paths import config_root
-from .retention import Duration, Policy
+from stasisfs.errors import UsageError
+from stasisfs.format.retention import Duration, Policy
+from stasisfs.system.paths import config_root
 
 STRING_KEYS = {"repository", "password-file", "password-command", "key-file", "on-success", "on-failure"}
 LIST_KEYS = {"paths", "exclude", "tags", "remotes"}

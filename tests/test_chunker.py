@@ -1,7 +1,7 @@
 import io
 import os
 
-from stasisfs.chunker import CHUNK_MAX, CHUNK_MIN, WINDOW, Chunker
+from stasisfs.format.chunker import CHUNK_MAX, CHUNK_MIN, WINDOW, Chunker
 
 
 def cut(data: bytes, seed: int = 7, step: int | None = None) -> list[bytes]:
@@ -29,7 +29,7 @@ def test_cut_points_do_not_depend_on_the_window() -> None:
     assert whole == shifted
     from pyfastcdc import FastCDC
 
-    from stasisfs.chunker import CHUNK_AVG
+    from stasisfs.format.chunker import CHUNK_AVG
 
     reference = [bytes(c.data) for c in FastCDC(CHUNK_AVG, min_size=CHUNK_MIN, max_size=CHUNK_MAX, seed=7).cut_buf(data)]
     assert whole == reference

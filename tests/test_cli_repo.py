@@ -212,8 +212,8 @@ def test_lock_blocks_second_writer_and_stale_lock_is_broken(cli: Cli) -> None:
     src = make_tree(cli.tmp / "src")
     holder = subprocess.Popen(
         [sys.executable, "-c",
-         "import sys, time; from pathlib import Path; from stasisfs.repository import Repository, Credential;"
-         "from stasisfs.locking import RepositoryLock;"
+         "import sys, time; from pathlib import Path; from stasisfs.repo.repository import Repository, Credential;"
+         "from stasisfs.repo.locking import RepositoryLock;"
          f"r = Repository(Path({str(cli.repo)!r})); r.unlock(Credential(password={PASSWORD!r}));"
          "l = RepositoryLock(r, 'test holder'); l.acquire(); print('held', flush=True); time.sleep(60)"],
         env=cli.env, stdout=subprocess.PIPE,

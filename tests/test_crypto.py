@@ -1,7 +1,7 @@
 import pytest
 
-from stasisfs.crypto import KIND_CHUNK, KIND_SNAPSHOT, Cipher, MasterKeys, padded_size, padme
 from stasisfs.errors import IntegrityError
+from stasisfs.format.crypto import KIND_CHUNK, KIND_SNAPSHOT, Cipher, MasterKeys, padded_size, padme
 
 
 @pytest.fixture

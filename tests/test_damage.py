@@ -153,8 +153,8 @@ def test_one_flipped_byte_in_a_big_pack_loses_exactly_the_file_it_hit(cli: Cli, 
 
     from conftest import PASSWORD
 
-    from stasisfs.pack import BLOB_DATA
-    from stasisfs.repository import Credential, Repository
+    from stasisfs.format.pack import BLOB_DATA
+    from stasisfs.repo.repository import Credential, Repository
 
     cli.init()
     src = cli.tmp / "src"

@@ -10,8 +10,8 @@ import pytest
 import trio
 from test_vfs import MemorySource, walk
 
-from stasisfs.fuse import SnapshotFs
-from stasisfs.vfs import Vfs
+from stasisfs.mount.fuse import SnapshotFs
+from stasisfs.mount.vfs import Vfs
 
 CTX = pyfuse3.RequestContext()
 

@@ -107,7 +107,7 @@ def test_nothing_readable_in_repository_or_cache(cli: Cli) -> None:
 
 def test_every_pack_is_padded(cli: Cli) -> None:
     backed_up(cli)
-    from stasisfs.crypto import padme
+    from stasisfs.format.crypto import padme
 
     for pack in packs(cli):
         size = pack.stat().st_size

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from stasisfs.mountinfo import parse, unescape
+from stasisfs.system.mountinfo import parse, unescape
 
 LINE = b"36 35 0:45 / %s rw,relatime shared:1 - fuse.stasisfs stasisfs rw,user_id=0\n"
 

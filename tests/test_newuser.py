@@ -114,9 +114,9 @@ def test_the_progress_total_counts_what_the_summary_counts(cli: Cli) -> None:
     import re
     import threading
 
-    from stasisfs.backup import count_tree
+    from stasisfs.backup.pipeline import count_tree
+    from stasisfs.backup.walk import WalkRules
     from stasisfs.progress import Counters
-    from stasisfs.walk import WalkRules
 
     cli.init()
     src = cli.tree({"a.txt": "a", "b.iso": "big", "sub/c.txt": "c", "skip/d.txt": "d"})

@@ -3,9 +3,9 @@ import os
 
 import pytest
 
-from stasisfs.crypto import KIND_CHUNK, Cipher, MasterKeys, padme
 from stasisfs.errors import IntegrityError
-from stasisfs.pack import (
+from stasisfs.format.crypto import KIND_CHUNK, Cipher, MasterKeys, padme
+from stasisfs.format.pack import (
     BLOB_DATA,
     BLOB_TREE,
     BlobEntry,

@@ -6,7 +6,7 @@ import os
 import select
 import struct
 
-from stasisfs.pagepush import FUSE_NOTIFY_STORE, decode_request, encode_requests, store_message
+from stasisfs.mount.pagepush import FUSE_NOTIFY_STORE, decode_request, encode_requests, store_message
 
 
 def test_a_store_message_is_a_fuse_notify_store() -> None:

@@ -10,8 +10,8 @@ from pathlib import Path
 
 from conftest import Cli
 
-from stasisfs.index import Index
-from stasisfs.testing import CRASH_ENV
+from stasisfs.repo.index import Index
+from stasisfs.system.crashpoints import CRASH_ENV
 
 FILES = 70  # 40 files after the 30th record: more than the 32 MiB between two checkpoints, so one always comes
 

@@ -11,8 +11,8 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
-from stasisfs.retention import Duration, Policy, apply_policy, plan
-from stasisfs.snapshot import Snapshot
+from stasisfs.format.retention import Duration, Policy, apply_policy, plan
+from stasisfs.format.snapshot import Snapshot
 
 NEW_YORK = ZoneInfo("America/New_York")
 UTC_ZONE = ZoneInfo("UTC")

@@ -2,8 +2,8 @@ from datetime import UTC, datetime
 
 import pytest
 
-from stasisfs.snapshot import Snapshot, resolve
-from stasisfs.tree import DIR, FILE, SYMLINK, Node, decode_tree, encode_tree
+from stasisfs.format.snapshot import Snapshot, resolve
+from stasisfs.format.tree import DIR, FILE, SYMLINK, Node, decode_tree, encode_tree
 
 
 def test_tree_roundtrip_with_hostile_names() -> None:

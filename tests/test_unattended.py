@@ -199,8 +199,8 @@ def test_a_stale_lock_is_broken_under_cron(cli: Cli, crontab: None) -> None:
     cli.ok("schedule", "add", "nightly", "--cron", "15 3 * * *", "--", str(src))
     holder = subprocess.Popen(
         [sys.executable, "-c",
-         "import time; from pathlib import Path; from stasisfs.repository import Repository, Credential;"
-         "from stasisfs.locking import RepositoryLock;"
+         "import time; from pathlib import Path; from stasisfs.repo.repository import Repository, Credential;"
+         "from stasisfs.repo.locking import RepositoryLock;"
          f"r = Repository(Path({str(cli.repo)!r})); r.unlock(Credential(password={PASSWORD!r}));"
          "l = RepositoryLock(r, 'a run that gets killed'); l.acquire(); print('held', flush=True); time.sleep(60)"],
         env=cli.env, stdout=subprocess.PIPE)

@@ -9,9 +9,9 @@ from typing import Any
 
 import pytest
 
-from stasisfs.snapshot import Snapshot
-from stasisfs.tree import DIR, FILE, SYMLINK, Node
-from stasisfs.vfs import ROOT_INODE, NotFound, Vfs, snapshot_names
+from stasisfs.format.snapshot import Snapshot
+from stasisfs.format.tree import DIR, FILE, SYMLINK, Node
+from stasisfs.mount.vfs import ROOT_INODE, NotFound, Vfs, snapshot_names
 
 
 class MemorySource:

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from stasisfs.backup import Backup, BackupOptions
-from stasisfs.reader import TreeReader
-from stasisfs.repository import Repository
-from stasisfs.walk import ListingAhead, WalkRules
+from stasisfs.backup.pipeline import Backup, BackupOptions
+from stasisfs.backup.walk import ListingAhead, WalkRules
+from stasisfs.repo.repository import Repository
+from stasisfs.repo.trees import TreeReader
 
 HOUR_AGO = time.time() - 3600
 
@@ -77,5 +77,5 @@ def test_a_file_rewritten_after_the_listing_is_backed_up_as_it_is_now(tmp_path: 
     reader = TreeReader(repo)
     node = reader.node_at(snapshot.root, bytes(target))
     assert node.size == len(target.read_bytes())
-    assert b"".join(repo.load_blob(chunk_id) for chunk_id in node.content) == target.read_bytes()
+    assert b"".join(repo.blobs.load(chunk_id) for chunk_id in node.content) == target.read_bytes()
     repo.close()

@@ -10,9 +10,9 @@ import sys
 
 import click
 
-from .. import __version__
-from ..errors import EXIT_FATAL, EXIT_INTERRUPTED, EXIT_USAGE, StasisError
-from .common import damage_exit, global_options
+from stasisfs import __version__
+from stasisfs.cli.common import damage_exit, global_options
+from stasisfs.errors import EXIT_FATAL, EXIT_INTERRUPTED, EXIT_USAGE, StasisError
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 

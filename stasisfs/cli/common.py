@@ -18,12 +18,16 @@ from typing import Any, TypeVar
 
 import click
 
-from ..config import Profile, get_profile
-from ..errors import EXIT_INCOMPLETE, RepositoryMissing, StasisError
-from ..keys import parse_machine_key
-from ..progress import counted, iec
-from ..repository import Credential, Repository
-from ..snapshot import SnapshotFilter
+from stasisfs import jobs
+from stasisfs.config import Profile, get_profile
+from stasisfs.errors import EXIT_INCOMPLETE, RepositoryMissing, StasisError, UsageError
+from stasisfs.format import keyslots
+from stasisfs.format.keyslots import parse_machine_key
+from stasisfs.format.snapshot import SnapshotFilter
+from stasisfs.progress import counted, iec
+from stasisfs.remote.packcache import attach_thin_packs
+from stasisfs.remote.sync import SyncReport
+from stasisfs.repo.repository import Credential, Repository
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -209,7 +213,7 @@ _opened: list[Repository] = []
 
 @contextmanager
 def open_repository(unlock: bool = True) -> Iterator[Repository]:
-    repo = Repository(repo_path())
+    repo = attach_thin_packs(Repository(repo_path()))
     _opened.append(repo)
     try:
         if unlock:
@@ -260,3 +264,49 @@ def write_line(*parts: str | bytes) -> None:
     """Write to stdout as bytes, so file names that are not UTF-8 come out unchanged."""
     out = sys.stdout.buffer
     out.write(b"".join(p if isinstance(p, bytes) else p.encode() for p in parts) + b"\n")
+
+
+def report_sync(reports: list[SyncReport], failures: dict[str, str]) -> None:
+    for report in reports:
+        for line in report.warnings:
+            warn(line)
+        deleted = f", {report.deleted} deleted" if report.deleted else ""
+        info(f"synced to {report.remote}: {report.uploaded} objects uploaded ({human_size(report.uploaded_bytes)}), "
+             f"{report.already_there} already there{deleted}")
+    for name, reason in failures.items():
+        warn(f"sync to remote {name} failed: {reason}. The local snapshot is safe; the next sync or backup catches up")
+
+
+def read_maintenance_token(path: str | None) -> str | None:
+    if path is None:
+        return None
+    try:
+        return Path(path).read_text().strip().splitlines()[-1]
+    except (OSError, IndexError) as exc:
+        raise UsageError(f"cannot read the maintenance token from {path}: {exc}") from None
+
+
+def sync_after_change(repo: Repository, json_output: bool, maintenance_token: str | None = None,
+                      names: list[str] | None = None) -> dict[str, str]:
+    """Sync to every remote, or to `names` (after backup, forget, prune), and say how it went. Returns failures: exit 3."""
+    outcome = jobs.sync_after_change(repo, names, maintenance_token)
+    if not json_output:
+        report_sync(outcome.reports, outcome.failures)
+    return outcome.failures
+
+
+def read_recovery_key(source: str | None) -> bytes:
+    """A recovery key from a file, or from standard input (typed or pasted, ending with an empty line)."""
+    if source:
+        text = Path(source).read_text()
+    elif sys.stdin.isatty():
+        click.echo("Type or paste the recovery key, then an empty line:", err=True)
+        lines = []
+        for line in sys.stdin:
+            if not line.strip():
+                break
+            lines.append(line)
+        text = "".join(lines)
+    else:
+        text = sys.stdin.read()
+    return keyslots.parse_recovery_key(text)

@@ -8,24 +8,23 @@ from pathlib import Path
 
 import click
 
-from .. import keys as keyslots
-from ..errors import EXIT_INCOMPLETE, StasisError, UsageError
-from ..remotes import DeviceRemotes
-from ..repository import Repository
-from ..storage import write_atomic
-from .common import global_options, info, open_repository, print_json, prompt_password, read_password, repo_path, warn, write_line
-
-
-def add_machine_key(repo: Repository, key_file: Path, label: str) -> keyslots.KeySlot:
-    """A random machine key slot, its key written to `key_file` (0600): what cron uses instead of the password."""
-    if key_file.exists():
-        raise UsageError(f"{key_file} already exists; choose a new file name")
-    secret = os.urandom(32)
-    slot = keyslots.wrap(repo.master_keys.master, repo.id, secret, keyslots.SLOT_MACHINE, {"name": "none"}, label)
-    key_file.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    write_atomic(key_file, keyslots.format_machine_key(repo.id, slot.id, secret).encode(), mode=0o600)
-    repo.add_slot(slot)
-    return slot
+from stasisfs import jobs
+from stasisfs.cli.common import (
+    global_options,
+    info,
+    open_repository,
+    print_json,
+    prompt_password,
+    read_password,
+    read_recovery_key,
+    repo_path,
+    warn,
+    write_line,
+)
+from stasisfs.errors import EXIT_INCOMPLETE, StasisError, UsageError
+from stasisfs.format import keyslots
+from stasisfs.remote.devices import DeviceRemotes
+from stasisfs.repo.repository import Repository
 
 
 def _new_password(repo: Repository) -> str:
@@ -66,7 +65,7 @@ def key_add(machine_file: Path | None, label: str) -> None:
     with open_repository() as repo:
         master = repo.master_keys.master
         if machine_file is not None:
-            slot = add_machine_key(repo, machine_file, label or "machine")
+            slot = jobs.add_machine_key(repo, machine_file, label or "machine")
             info(f"added machine key slot {slot.id}; key written to {machine_file} (mode 0600)")
         else:
             click.echo("Enter the password for the new slot.", err=True)
@@ -132,7 +131,7 @@ def key_passwd(from_remote: str | None) -> None:
             if slot.id == repo.slot_id:
                 DeviceRemotes(repo.id).set_account_slot(fresh.id)
         info(f"password changed ({len(replaced)} slot{'s' if len(replaced) != 1 else ''} re-wrapped)")
-        from ..account import change_password_on_remotes  # the HTTP stack, only when needed
+        from stasisfs.remote.account import change_password_on_remotes  # the HTTP stack, only when needed
 
         failures = change_password_on_remotes(repo, old_password, new_password, info)
     for failure in failures:
@@ -142,7 +141,7 @@ def key_passwd(from_remote: str | None) -> None:
 
 
 def _adopt_password(remote_name: str) -> None:
-    from ..account import adopt_password_from_remote  # the HTTP stack, only when needed
+    from stasisfs.remote.account import adopt_password_from_remote  # the HTTP stack, only when needed
 
     if os.environ.get("STASISFS_KEY_FILE"):
         raise UsageError("this needs the account's password, not a machine key")
@@ -152,23 +151,6 @@ def _adopt_password(remote_name: str) -> None:
         password = read_password()
         slot_id = adopt_password_from_remote(repo, remote, password, info)
     info(f"this device now opens with the account's current password (key slot {slot_id})")
-
-
-def read_recovery_key(source: str | None) -> bytes:
-    """A recovery key from a file, or from standard input (typed or pasted, ending with an empty line)."""
-    if source:
-        text = Path(source).read_text()
-    elif sys.stdin.isatty():
-        click.echo("Type or paste the recovery key, then an empty line:", err=True)
-        lines = []
-        for line in sys.stdin:
-            if not line.strip():
-                break
-            lines.append(line)
-        text = "".join(lines)
-    else:
-        text = sys.stdin.read()
-    return keyslots.parse_recovery_key(text)
 
 
 def _prompt_new_or_env(repo: Repository) -> str:

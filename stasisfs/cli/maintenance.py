@@ -4,34 +4,49 @@ from __future__ import annotations
 
 import click
 
-from ..errors import EXIT_INCOMPLETE, UsageError
-from ..locking import RepositoryLock
-from ..prune import execute, forget_snapshots, plan_prune
-from ..repository import Repository
-from ..retention import Duration, Policy, plan
-from ..snapshot import Snapshot, resolve
-from .common import counted, filter_options, fs, global_options, human_size, info, open_repository, print_json, snapshot_filter, write_line
-from .remote import read_maintenance_token, sync_after_backup
+from stasisfs import jobs
+from stasisfs.cli.common import (
+    counted,
+    filter_options,
+    fs,
+    global_options,
+    human_size,
+    info,
+    open_repository,
+    print_json,
+    read_maintenance_token,
+    snapshot_filter,
+    sync_after_change,
+    write_line,
+)
+from stasisfs.errors import EXIT_INCOMPLETE, UsageError
+from stasisfs.format.retention import Duration, Policy
+from stasisfs.ops.prune import PrunePlan, forget_snapshots
+from stasisfs.repo.locking import RepositoryLock
+from stasisfs.repo.repository import Repository
 
 
 def _prune(repo: Repository, dry_run: bool, max_unused: float, json_output: bool) -> dict[str, object]:
-    say = (lambda s: None) if json_output else info
-    prune_plan = plan_prune(repo, max_unused, say)
+    say = jobs.quiet if json_output else info
+
+    def announce(prune_plan: PrunePlan) -> None:
+        if not json_output:
+            info(f"{len(prune_plan.packs)} packs: {human_size(prune_plan.used_bytes)} used, {human_size(prune_plan.unused_bytes)} unused")
+            info(f"{'would delete' if dry_run else 'deleting'} {len(prune_plan.delete)} unused packs and "
+                 f"{'would repack' if dry_run else 'repacking'} {len(prune_plan.repack)}; "
+                 f"about {human_size(prune_plan.reclaimed_bytes)} {'could be' if dry_run else 'will be'} freed")
+
+    outcome = jobs.prune(repo, max_unused, dry_run, say, before_execute=announce)
+    prune_plan = outcome.plan
     summary: dict[str, object] = {
         "packs": len(prune_plan.packs), "packs_deleted": len(prune_plan.delete), "packs_repacked": len(prune_plan.repack),
         "used_bytes": prune_plan.used_bytes, "unused_bytes": prune_plan.unused_bytes, "reclaimable_bytes": prune_plan.reclaimed_bytes,
         "dry_run": dry_run,
     }
-    if not json_output:
-        info(f"{len(prune_plan.packs)} packs: {human_size(prune_plan.used_bytes)} used, {human_size(prune_plan.unused_bytes)} unused")
-        info(f"{'would delete' if dry_run else 'deleting'} {len(prune_plan.delete)} unused packs and "
-             f"{'would repack' if dry_run else 'repacking'} {len(prune_plan.repack)}; "
-             f"about {human_size(prune_plan.reclaimed_bytes)} {'could be' if dry_run else 'will be'} freed")
-    if not dry_run:
-        report = execute(repo, prune_plan, say)
-        summary.update(bytes_freed=report.bytes_freed, packs_written=report.packs_written)
+    if outcome.report is not None:
+        summary.update(bytes_freed=outcome.report.bytes_freed, packs_written=outcome.report.packs_written)
         if not json_output:
-            info(f"prune done: {human_size(report.bytes_freed)} freed, {report.packs_written} new packs")
+            info(f"prune done: {human_size(outcome.report.bytes_freed)} freed, {outcome.report.packs_written} new packs")
     return summary
 
 
@@ -77,18 +92,8 @@ def forget(snapshot_refs: tuple[str, ...], keep_last: int, keep_hourly: int, kee
     if snapshot_refs and not policy.empty():
         raise UsageError("give either snapshots to remove or a policy, not both")
     with open_repository() as repo, RepositoryLock(repo, "forget"):
-        only = snapshot_filter()
-        snapshots = [s for s in repo.snapshots() if only.admits(s)]
-        groups: dict[tuple[bytes, ...], list[tuple[Snapshot, bool, list[str]]]]
-        if snapshot_refs:
-            try:
-                doomed = [resolve(snapshots, ref) for ref in snapshot_refs]
-            except LookupError as exc:
-                raise UsageError(str(exc)) from None
-            groups = {(): [(s, False, ["named"]) for s in doomed]}
-        else:
-            groups = {key: [(d.snapshot, d.keep, d.reasons) for d in decisions] for key, decisions in plan(snapshots, policy).items()}
-        removed = [s for members in groups.values() for s, keep, _ in members if not keep]
+        forget_plan = jobs.plan_forget(repo, snapshot_filter(), list(snapshot_refs), policy)
+        groups, removed = forget_plan.groups, forget_plan.removed
         if json_output:
             print_json([{"paths": [fs(p) for p in key],
                          "keep": [{"id": s.id.hex(), "time": s.time.isoformat(), "reasons": r} for s, k, r in members if k],
@@ -101,13 +106,13 @@ def forget(snapshot_refs: tuple[str, ...], keep_last: int, keep_hourly: int, kee
                 for s, keep, reasons in sorted(members, key=lambda m: m[0].time, reverse=True):
                     when = s.time.astimezone().strftime("%Y-%m-%d %H:%M:%S")
                     write_line(f"  {'keep  ' if keep else 'remove'} {s.short_id}  {when}  {', '.join(reasons) if keep else ''}".rstrip())
-            info(f"{'would remove' if dry_run else 'removing'} {len(removed)} of {counted(len(snapshots), 'snapshot')}")
+            info(f"{'would remove' if dry_run else 'removing'} {len(removed)} of {counted(forget_plan.considered, 'snapshot')}")
         if dry_run:
             return
         forget_snapshots(repo, [s.id for s in removed])
         if then_prune:
             _prune(repo, False, max_unused, json_output)
-        failures = {} if no_sync else sync_after_backup(repo, json_output, read_maintenance_token(maintenance_token_file))
+        failures = {} if no_sync else sync_after_change(repo, json_output, read_maintenance_token(maintenance_token_file))
     if failures:
         raise SystemExit(EXIT_INCOMPLETE)
 
@@ -134,7 +139,7 @@ def prune(dry_run: bool, max_unused: float, no_sync: bool, maintenance_token_fil
         raise UsageError("--max-unused is a percentage between 0 and 100")
     with open_repository() as repo, RepositoryLock(repo, "prune"):
         summary = _prune(repo, dry_run, max_unused, json_output)
-        failures = {} if dry_run or no_sync else sync_after_backup(repo, json_output, read_maintenance_token(maintenance_token_file))
+        failures = {} if dry_run or no_sync else sync_after_change(repo, json_output, read_maintenance_token(maintenance_token_file))
     if json_output:
         print_json({**summary, "sync_failed": failures})
     if failures:

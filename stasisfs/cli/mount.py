@@ -6,9 +6,9 @@ from pathlib import Path
 
 import click
 
-from ..errors import StasisError, UsageError
-from ..repository import Repository
-from .common import global_options, info, open_repository, read_password, setting, warn
+from stasisfs.cli.common import global_options, info, open_repository, read_password, setting, warn
+from stasisfs.errors import StasisError, UsageError
+from stasisfs.repo.repository import Repository
 
 SIZE_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
 
@@ -43,7 +43,7 @@ def mount(mountpoint: Path, foreground: bool, cache_size: str, no_other_devices:
 
     Returns once the filesystem is serving. Unmount with `stasisfs umount MOUNTPOINT`.
     """
-    from .. import mount as lifecycle
+    from stasisfs.mount import lifecycle
 
     cache_bytes = parse_size(cache_size)
     mountpoint = mountpoint.absolute()
@@ -62,11 +62,11 @@ def mount(mountpoint: Path, foreground: bool, cache_size: str, no_other_devices:
 
 def _other_devices(repo: Repository) -> list[Repository]:
     """Other devices of the user whose escrowed keys open with the password; none without remotes or a password."""
-    from ..remotes import DeviceRemotes
+    from stasisfs.remote.devices import DeviceRemotes
 
     if not DeviceRemotes(repo.id).all() or setting("key_file", "STASISFS_KEY_FILE"):
         return []
-    from ..account import open_other_devices
+    from stasisfs.remote.account import open_other_devices
 
     try:
         return open_other_devices(repo, read_password(), info)
@@ -85,6 +85,6 @@ def umount(mountpoint: Path, lazy: bool) -> None:
     A mount in use (a shell inside it, an open file) stays mounted and this
     exits 1 naming who uses it; --lazy detaches it anyway.
     """
-    from .. import mount as lifecycle
+    from stasisfs.mount import lifecycle
 
     info(f"{lifecycle.umount(mountpoint.absolute(), lazy)}: {mountpoint}")

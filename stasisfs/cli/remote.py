@@ -3,19 +3,17 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import click
 
-from ..errors import EXIT_INCOMPLETE, UsageError
-from ..progress import Counters, Reporter
-from ..remotes import DeviceRemotes
-from ..repository import Repository
-from .common import global_options, human_size, info, open_repository, print_json, read_password, repo_path, warn
+from stasisfs.cli.common import global_options, human_size, info, open_repository, print_json, read_password, repo_path, report_sync, warn
+from stasisfs.errors import EXIT_INCOMPLETE, UsageError
+from stasisfs.progress import Counters, Reporter
+from stasisfs.remote.devices import DeviceRemotes
 
 if TYPE_CHECKING:
-    from ..sync import SyncReport
+    pass
 
 # The HTTP stack (requests) is imported inside the commands that use it: every other command starts faster.
 
@@ -50,7 +48,7 @@ def remote_add(name: str, url: str, user: str, enrol_code: str | None, cacert: s
     bring everything back on a new machine with the URL, user name and password.
     Nothing else is uploaded yet: run `stasisfs sync`, or the next backup syncs.
     """
-    from .. import account
+    from stasisfs.remote import account
 
     if plain_http_off_this_machine(url):
         warn(f"{url} is plain http to another machine: your login proof, tokens and object ids travel unencrypted "
@@ -107,17 +105,6 @@ def remote_remove(name: str) -> None:
     info(f"remote {name} removed")
 
 
-def report_sync(reports: list[SyncReport], failures: dict[str, str]) -> None:
-    for report in reports:
-        for line in report.warnings:
-            warn(line)
-        deleted = f", {report.deleted} deleted" if report.deleted else ""
-        info(f"synced to {report.remote}: {report.uploaded} objects uploaded ({human_size(report.uploaded_bytes)}), "
-             f"{report.already_there} already there{deleted}")
-    for name, reason in failures.items():
-        warn(f"sync to remote {name} failed: {reason}. The local snapshot is safe; the next sync or backup catches up")
-
-
 @click.command()
 @click.argument("names", nargs=-1)
 @click.option("--pull", is_flag=True, help="Instead of uploading, download what the local copy lacks (completes a recovered, thin repository).")
@@ -131,7 +118,7 @@ def sync(names: tuple[str, ...], pull: bool, limit_upload: int | None, json_outp
     Uploading needs no password: the objects are already encrypted and the
     device token (in ~/.config/stasisfs) authorises it.
     """
-    from ..sync import Syncer, sync_all
+    from stasisfs.remote.sync import Syncer, sync_all
 
     counters = Counters()
     # Pushing needs neither the key nor the lock (see Syncer.push); pulling rebuilds the index, so it unlocks.
@@ -179,8 +166,8 @@ def recover(url: str, user: str, device: str | None, remote_name: str, cacert: s
     authenticated with the device's key; objects that are not (junk, damage)
     are named and left out, and recover then exits 3.
     """
-    from .. import account
-    from .key import read_recovery_key
+    from stasisfs.cli.common import read_recovery_key
+    from stasisfs.remote import account
 
     target = repo_path()
     password = _password_only()
@@ -236,8 +223,8 @@ def devices_revoke(name: str, remote_name: str | None) -> None:
         remotes = DeviceRemotes(repo.id).select([remote_name] if remote_name else [])
     if not remotes:
         raise UsageError("no remotes configured")
-    from .. import account
-    from ..remote import RemoteClient
+    from stasisfs.remote import account
+    from stasisfs.remote.client import RemoteClient
 
     password = _password_only()
     for target in remotes:
@@ -245,31 +232,3 @@ def devices_revoke(name: str, remote_name: str | None) -> None:
         account.open_account(client, target.user, password, info)
         client.revoke_device(name)
         info(f"device {name} revoked on {target.name}")
-
-
-def read_maintenance_token(path: str | None) -> str | None:
-    if path is None:
-        return None
-    try:
-        return Path(path).read_text().strip().splitlines()[-1]
-    except (OSError, IndexError) as exc:
-        raise UsageError(f"cannot read the maintenance token from {path}: {exc}") from None
-
-
-def sync_after_backup(repo: Repository, json_output: bool, maintenance_token: str | None = None,
-                      names: list[str] | None = None) -> dict[str, str]:
-    """Sync to every remote, or to `names` (after backup, forget, prune). Returns failures, which make the command exit 3."""
-    remotes = DeviceRemotes(repo.id)
-    if not remotes.all():
-        return {}
-    from ..remote import DeviceRetired
-    from ..sync import sync_all
-
-    try:
-        reports, failures = sync_all(repo, remotes, names or [], maintenance_token=maintenance_token)
-    except DeviceRetired as exc:
-        raise DeviceRetired(f"{exc}. What this command wrote is in the local repository only", exc.code, exc.status) from None
-    if not json_output:
-        report_sync(reports, failures)
-    return failures
-

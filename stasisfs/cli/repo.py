@@ -11,24 +11,11 @@ import time
 from datetime import datetime
 
 import click
-import msgspec
 
-from ..backup import Backup, BackupOptions, count_tree, normalize_paths
-from ..check import Checker
-from ..config import Profile
-from ..errors import EXIT_INCOMPLETE, EXIT_INTERRUPTED, StasisError, UsageError
-from ..keys import password_weakness
-from ..locking import RepositoryLock
-from ..packer import salvage_open_packs
-from ..progress import Counters, Reporter
-from ..reader import TreeReader
-from ..remotes import DeviceRemotes
-from ..repository import Repository
-from ..restore import OVERWRITE_MODES, RestoreOptions, Restorer
-from ..snapshot import Snapshot, resolve
-from ..tree import DIR, FILE, SYMLINK, Node
-from ..walk import ListingAhead, WalkRules
-from .common import (
+from stasisfs import jobs
+from stasisfs.backup.pipeline import Backup, BackupOptions, count_tree, normalize_paths
+from stasisfs.backup.walk import ListingAhead, WalkRules
+from stasisfs.cli.common import (
     active_profile,
     counted,
     filter_options,
@@ -42,10 +29,21 @@ from .common import (
     read_password,
     repo_path,
     snapshot_filter,
+    sync_after_change,
     warn,
     write_line,
 )
-from .remote import sync_after_backup
+from stasisfs.errors import EXIT_INCOMPLETE, EXIT_INTERRUPTED, StasisError, UsageError
+from stasisfs.format.keyslots import password_weakness
+from stasisfs.format.snapshot import Snapshot, resolve
+from stasisfs.format.tree import FILE, SYMLINK, Node
+from stasisfs.ops.check import Checker
+from stasisfs.ops.restore import OVERWRITE_MODES, RestoreOptions, Restorer
+from stasisfs.progress import Counters, Reporter
+from stasisfs.remote.devices import DeviceRemotes
+from stasisfs.repo.locking import RepositoryLock
+from stasisfs.repo.repository import Repository
+from stasisfs.repo.trees import TreeReader
 
 
 def find_snapshot(repo: Repository, ref: str, path: bytes = b"") -> Snapshot:
@@ -134,7 +132,7 @@ def backup(paths: tuple[bytes, ...], excludes: tuple[str, ...], exclude_file: st
     With --profile, the profile supplies the paths, excludes and tags, applies
     its retention policy afterwards and runs its on-success/on-failure hooks.
     """
-    from .. import unattended
+    from stasisfs.schedule import unattended
 
     if schedule_name:
         unattended.log_to_rotating_file(schedule_name)
@@ -224,9 +222,7 @@ def _backup(paths: tuple[bytes, ...], excludes: tuple[str, ...], exclude_file: s
                 RepositoryLock(repo, "backup", wait=lock_wait):
             job = Backup(repo, options, counters, warn=None if json_output else warn, listed=None if from_stdin else listed)
             job.begin()  # after a killed run its workers start now, while the salvage below runs
-            salvage_open_packs(repo)  # resume: chunks a killed run packed are reused, even from its open packs
-            repo.sweep()
-            repo.index_orphan_packs()
+            jobs.prepare_backup(repo)  # resume: chunks a killed run packed are reused, even from its open packs
             stop = threading.Event()
             if mode == "bar" and not from_stdin:
                 threading.Thread(target=count_tree, args=(job.options.paths, counters, stop, job.rules), daemon=True).start()
@@ -240,8 +236,12 @@ def _backup(paths: tuple[bytes, ...], excludes: tuple[str, ...], exclude_file: s
             snapshot = written[0]
             stop.set()
             if profile is not None and profile.retention is not None and not dry_run:
-                _apply_retention(repo, profile, quiet or json_output)
-            sync_failures = {} if dry_run or no_sync else sync_after_backup(repo, json_output, names=profile.remotes if profile else None)
+                assert profile.retention is not None
+                removed = jobs.apply_retention(repo, profile.retention, profile.prune, profile.max_unused,
+                                               say=jobs.quiet if quiet or json_output else info)
+                if removed and not (quiet or json_output):
+                    info(f"retention of profile {profile.name}: removed {counted(removed, 'snapshot')}")
+            sync_failures = {} if dry_run or no_sync else sync_after_change(repo, json_output, names=profile.remotes if profile else None)
     except KeyboardInterrupt:
         if saved is None:
             info("interrupted: nothing saved; the next run resumes and reuses what this one stored")
@@ -268,20 +268,6 @@ def _backup(paths: tuple[bytes, ...], excludes: tuple[str, ...], exclude_file: s
     if (job.warnings or missing) and not json_output:
         warn(f"the snapshot is incomplete: {counted(len(job.warnings) + len(missing), 'problem')} (listed above)")
     return (EXIT_INCOMPLETE if reasons else 0), snapshot, reasons
-
-
-def _apply_retention(repo: Repository, profile: Profile, quiet: bool) -> None:
-    from ..prune import execute, forget_snapshots, plan_prune
-    from ..retention import plan
-
-    assert profile.retention is not None
-    doomed = [d.snapshot.id for decisions in plan(repo.snapshots(), profile.retention).values() for d in decisions if not d.keep]
-    if doomed:
-        forget_snapshots(repo, doomed)
-        if not quiet:
-            info(f"retention of profile {profile.name}: removed {counted(len(doomed), 'snapshot')}")
-    if profile.prune and doomed:
-        execute(repo, plan_prune(repo, profile.max_unused), (lambda s: None) if quiet else info)
 
 
 @click.command()
@@ -380,37 +366,8 @@ def dump(ref: str) -> None:
             raise UsageError(f"{fs(path)} is a {node.type}, not a file; use `stasisfs restore` for directories")
         out = sys.stdout.buffer
         for chunk_id in node.content:
-            out.write(repo.load_blob(chunk_id))
+            out.write(repo.blobs.load(chunk_id))
         out.flush()
-
-
-def diff_trees(reader: TreeReader, a: bytes | None, b: bytes | None, path: bytes, out: list[tuple[str, bytes]]) -> None:
-    """Compare two trees; identical subtree ids are skipped without being read."""
-    if a == b:
-        return
-    left = {n.name: n for n in reader.tree(a)} if a else {}
-    right = {n.name: n for n in reader.tree(b)} if b else {}
-    for name in sorted(left.keys() | right.keys()):
-        child = path.rstrip(b"/") + b"/" + name
-        old, new = left.get(name), right.get(name)
-        if new is None:
-            out.append(("-", child + (b"/" if old and old.type == DIR else b"")))
-            if old and old.type == DIR:
-                diff_trees(reader, old.subtree, None, child, out)
-        elif old is None:
-            out.append(("+", child + (b"/" if new.type == DIR else b"")))
-            if new.type == DIR:
-                diff_trees(reader, None, new.subtree, child, out)
-        elif old.type != new.type:
-            out.append(("T", child))
-        elif new.type == DIR:
-            if msgspec.structs.replace(old, subtree=None) != msgspec.structs.replace(new, subtree=None):
-                out.append(("U", child + b"/"))
-            diff_trees(reader, old.subtree, new.subtree, child, out)
-        elif old.content != new.content or old.target != new.target:
-            out.append(("M", child))
-        elif old != new:
-            out.append(("U", child))
 
 
 @click.command()
@@ -426,8 +383,7 @@ def diff(first: str, second: str, json_output: bool) -> None:
     """
     with open_repository() as repo:
         a, b = find_snapshot(repo, first), find_snapshot(repo, second)
-        changes: list[tuple[str, bytes]] = []
-        diff_trees(TreeReader(repo), a.root, b.root, b"/", changes)
+        changes = jobs.diff_snapshots(repo, a, b)
     counts = {k: sum(1 for c, _ in changes if c == k) for k in "+-MUT"}
     if json_output:
         print_json({"first": a.id.hex(), "second": b.id.hex(), "changes": [{"modifier": c, "path": fs(p)} for c, p in changes],
@@ -531,7 +487,7 @@ def repair(ctx: click.Context, remote_name: str | None, read_data: bool) -> None
     """
     if ctx.invoked_subcommand is not None:
         return
-    from ..repair import heal_local, heal_metadata, heal_remote
+    from stasisfs.ops.repair import heal_local, heal_metadata, heal_remote
 
     healed_objects: list[str] = []
     with open_repository() as repo, RepositoryLock(repo, "repair"):
@@ -561,7 +517,7 @@ def repair_snapshots_command(forget_originals: bool) -> None:
     remains lost is dropped: files that need a lost chunk, and the contents of
     directories whose listing is lost. Repaired snapshots are tagged `repaired`.
     """
-    from ..repair import repair_snapshots
+    from stasisfs.ops.repair import repair_snapshots
 
     with open_repository() as repo, RepositoryLock(repo, "repair snapshots"):
         result = repair_snapshots(repo, forget_originals, info)

@@ -11,16 +11,16 @@ from typing import Any
 
 import click
 
-from .. import keys as keyslots
-from .. import unattended
-from ..config import load_profiles
-from ..errors import StasisError, UsageError
-from ..paths import config_root, state_root
-from ..remotes import DeviceRemotes
-from ..repository import Repository
-from ..retention import Duration
-from .common import global_options, info, open_repository, print_json, setting, warn, write_line
-from .key import add_machine_key
+from stasisfs import jobs
+from stasisfs.cli.common import global_options, info, open_repository, print_json, setting, warn, write_line
+from stasisfs.config import load_profiles
+from stasisfs.errors import StasisError, UsageError
+from stasisfs.format import keyslots
+from stasisfs.format.retention import Duration
+from stasisfs.remote.devices import DeviceRemotes
+from stasisfs.repo.repository import Repository
+from stasisfs.schedule import unattended
+from stasisfs.system.paths import config_root, state_root
 
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
@@ -57,7 +57,7 @@ def schedule_add(name: str, backup_args: tuple[str, ...], cron: str, every_misse
     profile = click.get_current_context().find_root().meta.get("stasisfs.settings", {}).get("profile") or os.environ.get("STASISFS_PROFILE")
     key_file = config_root() / "keys" / f"{name}.key"
     with open_repository() as repo:
-        add_machine_key(repo, key_file, f"schedule {name}")
+        jobs.add_machine_key(repo, key_file, f"schedule {name}")
         entry = unattended.Schedule(name, cron, str(repo.path), str(key_file), str(profile) if profile else None, every_missed, list(backup_args),
                                     created=unattended.now_iso(), dirs=unattended.xdg_dirs())
     line = entry.line(unattended.executable())

@@ -8,7 +8,7 @@ import secrets
 from collections.abc import Iterator
 from pathlib import Path
 
-from stasisfs.storage import write_all
+from stasisfs.repo.storage import write_all
 
 from . import ObjectNotFound, ObjectStore
 

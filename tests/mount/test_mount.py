@@ -38,7 +38,7 @@ def damage_blob(cli: Cli, path: Path, blob: str) -> None:
     """Flip a byte inside a blob of `path` in the latest snapshot: `blob` is "content[0]" (its first chunk) or "subtree" (its tree)."""
     locate = subprocess.run(
         [sys.executable, "-c",
-         "from pathlib import Path; from stasisfs.repository import Repository, Credential; from stasisfs.reader import TreeReader;"
+         "from pathlib import Path; from stasisfs.repo.repository import Repository, Credential; from stasisfs.repo.trees import TreeReader;"
          f"r = Repository(Path({str(cli.repo)!r})); r.unlock(Credential(password={PASSWORD!r}));"
          f"n = TreeReader(r).node_at(r.snapshots()[-1].root, {os.fsencode(path)!r}); loc = r.index.lookup(n.{blob});"
          "print(r.pack_path(loc.pack_id), loc.offset + loc.length // 2)"],
@@ -272,7 +272,7 @@ def test_a_sequential_reader_is_served_from_pushed_pages(cli: Cli, mounted: Moun
             (src / f"d{d:02d}" / f"g{i}").write_bytes(rng.randbytes(rng.randrange(1, 20_000)))
     cli.backup(src)
     mounted.start()
-    helpers = subprocess.run(["pgrep", "-f", "stasisfs.pagepush"], capture_output=True, text=True).stdout.split()
+    helpers = subprocess.run(["pgrep", "-f", "stasisfs.mount.pagepush"], capture_output=True, text=True).stdout.split()
     assert helpers, "the mount starts its read-ahead helper"
     view = in_snapshot(mounted, src)
     out = cli.tmp / "out"
@@ -316,7 +316,7 @@ def test_sparse_files_show_their_holes_and_cp_keeps_them(cli: Cli, mounted: Moun
 
 
 def test_a_mount_point_named_with_a_space_and_an_accent_is_a_mount_like_any(cli: Cli, tmp_path: Path) -> None:
-    from stasisfs.mountinfo import mount_at
+    from stasisfs.system.mountinfo import mount_at
 
     src = small_backup(cli)
     odd = tmp_path / "café mnt"
@@ -339,6 +339,6 @@ def test_a_mount_point_named_with_a_space_and_an_accent_is_a_mount_like_any(cli:
 
 
 def stasisfs_mounts_decoded() -> list[str]:
-    from stasisfs.mountinfo import read
+    from stasisfs.system.mountinfo import read
 
     return [os.fsdecode(e.mountpoint) for e in read() if b"stasisfs" in e.fstype]

@@ -1,0 +1,637 @@
+"""Backup: walk -> files cache -> chunk -> dedup -> pack, then trees, then the snapshot.
+
+The walk runs on the calling thread; changed small files are read, cut, hashed,
+compressed and sealed in batches by worker processes (`pools.py`: spawned, each
+with its own GIL and session key; threads where processes cannot start), and
+large files by a thread pool (blake3, zstd, AES-GCM and file reads release the
+GIL). Trees are written bottom-up once their children are known. Order of durability: packs, index objects, snapshot.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import stat
+import struct
+import sys
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from functools import partial
+from typing import BinaryIO
+
+import blake3
+
+from stasisfs.backup.walk import ListingAhead, WalkRules
+from stasisfs.backup.workers import FileResult, init_worker, open_for_backup, process_files, use_index_in_threads
+from stasisfs.format.chunker import Chunker, ReadInto
+from stasisfs.format.pack import BLOB_DATA, BLOB_TREE
+from stasisfs.format.snapshot import Snapshot, Summary
+from stasisfs.format.tree import DIR, FILE, Node, encode_tree, split_path
+from stasisfs.progress import Counters
+from stasisfs.repo.index import FileRecord
+from stasisfs.repo.packer import BlobWriter
+from stasisfs.repo.repository import Repository
+from stasisfs.system.crashpoints import crash_point
+from stasisfs.system.fsmeta import node_from_stat
+from stasisfs.system.pools import StartingPool
+
+CACHEDIR_SIGNATURE = b"Signature: 8a477f597d28d172789f06886806bc55"
+LARGE_FILE = 16 * 1024 * 1024  # larger files stream through a parent thread instead of a worker process
+# How far the walk runs ahead of the trees written: enough to keep workers fed, little enough to bound memory.
+CHECKPOINT_EVERY = 0.25  # seconds between saves of the files cache (and the open packs' journals) during a run,
+CHECKPOINT_BYTES = 32 << 20  # or this much file data, whichever comes first
+DIR_CHECKPOINT_EVERY = 2.0  # directory records too, less often: each one first makes the open packs durable
+SEAL_AHEAD = 6  # chunks of one large file hashed, compressed and sealed at once (threads: those release the GIL)
+MAX_PENDING_ITEMS = 512
+MAX_PENDING_BYTES = 12 * 1024 * 1024
+MAX_PENDING_DIRS = 1024
+STAT_SIGNATURE = struct.Struct("<HIIIQqqQQQQ")
+
+
+@dataclass
+class BackupOptions:
+    paths: list[bytes]
+    excludes: list[str] = field(default_factory=list)
+    exclude_caches: bool = False
+    one_file_system: bool = False
+    tags: list[str] = field(default_factory=list)
+    time: datetime | None = None
+    dry_run: bool = False
+    workers: int = max(2, min(4, os.cpu_count() or 2))
+
+
+class Backup:
+    def __init__(self, repo: Repository, options: BackupOptions, counters: Counters | None = None,
+                 warn: Callable[[str], None] | None = None, listed: ListingAhead | None = None) -> None:
+        self.repo = repo
+        self.options = options
+        self.counters = counters or Counters()
+        self.warnings: list[str] = []
+        self._warn_sink = warn
+        # Set by a signal handler: the walk stops at its next entry (never mid-call into a pool, which could deadlock it).
+        self.stop = threading.Event()
+        self.writer = BlobWriter(repo, dry_run=options.dry_run)
+        self.summary = Summary()
+        self._summary_lock = threading.Lock()
+        self.keys = repo.master_keys
+        self.index = repo.index
+        self._chunkers = threading.local()
+        self._file_records: list[tuple[bytes, bytes]] = []  # encoded: written once the packs are safe
+        self._records_saved = 0  # how many of them a checkpoint already wrote
+        self._last_checkpoint = time.monotonic()
+        self._bytes_since_checkpoint = 0
+        self._dir_records: list[tuple[bytes, bytes]] = []  # dir key -> signature | tree id, likewise
+        self._dirs_saved = 0
+        self._last_dir_checkpoint = time.monotonic()
+        self._options_fingerprint = repr((sorted(options.excludes), options.exclude_caches, options.one_file_system)).encode()
+        self._hardlinks: dict[tuple[int, int], Future[Node | None] | PendingFile] = {}
+        self._jobs: deque[DirJob] = deque()
+        self._batch = BatchQueue(self)
+        self._procs: Executor | None = None
+        self._starting: StartingPool | None = None  # spawned early for a resumed run
+        self._sealers = ThreadPoolExecutor(options.workers, thread_name_prefix="backup-seal")  # threads start on first use
+        self._pending_items = 0
+        self._pending_bytes = 0
+        self._procs_lock = threading.Lock()
+        self.rules = WalkRules(options.excludes, options.one_file_system, repo.path)  # now that the cache exists
+        self._begun = False
+        self._listed = listed
+
+    # --- reporting ---
+    def warn(self, message: str) -> None:
+        self.warnings.append(message)
+        if self._warn_sink is not None:
+            self._warn_sink(message)
+
+    # --- content ---
+    def _chunker(self) -> Chunker:
+        chunker = getattr(self._chunkers, "chunker", None)
+        if chunker is None:
+            chunker = self._chunkers.chunker = Chunker(self.keys.chunker_seed)
+        return chunker
+
+    def _store_chunk(self, data: bytes | memoryview) -> bytes:
+        chunk_id = self.keys.chunk_id_of(data)
+        if self.writer.add(chunk_id, BLOB_DATA, data):
+            with self._summary_lock:
+                self.summary.data_added += len(data)
+        return chunk_id
+
+    def store_stream(self, readinto: ReadInto) -> tuple[list[bytes], int]:
+        """Cut a stream in order; its chunks are sealed on several threads, a bounded number at a time."""
+        content: list[bytes] = []
+        size = 0
+        sealing: deque[Future[bytes]] = deque()
+        for data in self._chunker().cut(readinto):
+            sealing.append(self._sealers.submit(self._store_chunk, bytes(data)))  # the cutter reuses its window
+            size += len(data)
+            self.counters.add(nbytes=len(data))
+            if len(sealing) >= SEAL_AHEAD:
+                content.append(sealing.popleft().result())
+        content.extend(future.result() for future in sealing)
+        return content, size
+
+    def _read_file(self, path: bytes, node: Node, st: os.stat_result) -> Node | None:
+        """Large files, in a parent thread: streamed chunk by chunk, so memory stays bounded."""
+        result = FileResult()
+        try:
+            fd = open_for_backup(path)
+        except OSError as exc:
+            result.error = f"cannot read {os.fsdecode(path)}: {exc.strerror}; skipped"
+            return self._complete(path, node, st, result)
+        try:
+            result.content, result.size = self.store_stream(lambda view: os.readv(fd, [view]))
+            after = os.fstat(fd)
+            result.changed = (after.st_mtime_ns, after.st_size) != (st.st_mtime_ns, st.st_size) or result.size != st.st_size
+        except OSError as exc:
+            result.error = f"cannot read {os.fsdecode(path)}: {exc.strerror}; skipped"
+        finally:
+            os.close(fd)
+        return self._complete(path, node, st, result, counted=True)
+
+    def _complete(self, path: bytes, node: Node, st: os.stat_result, result: FileResult, counted: bool = False) -> Node | None:
+        """Fold a file's chunking result into the snapshot (parent side): pack new blobs, note the file."""
+        if result.error is not None:
+            self.warn(result.error)
+            return None
+        for chunk_id, box, raw_length in result.new_blobs:
+            if self.writer.add_sealed(chunk_id, BLOB_DATA, box, raw_length):
+                with self._summary_lock:
+                    self.summary.data_added += raw_length
+        node.content, node.size = result.content, result.size
+        if result.changed:
+            self.warn(f"{os.fsdecode(path)} changed while it was being read; the snapshot holds what was read")
+        else:
+            record = FileRecord(st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns, tuple(node.content))
+            self._file_records.append((self.keys.path_key(path), record.encode()))
+            self._checkpoint(result.size)
+        self.counters.add(files=1, nbytes=0 if counted else result.size)
+        return node
+
+    def _checkpoint(self, nbytes: int) -> None:
+        """Save the files cache as the run goes, so a killed run's successor skips what it finished.
+
+        Safe before the packs are: a record counts only while all its chunks are in the index, and a
+        chunk enters the index only once its pack is durable (see `Index.unchanged_content`), or once
+        the next run salvaged it from this run's open packs (`salvage_open_packs`).
+        """
+        now = time.monotonic()
+        self._bytes_since_checkpoint += nbytes
+        if self.options.dry_run or (now - self._last_checkpoint < CHECKPOINT_EVERY and self._bytes_since_checkpoint < CHECKPOINT_BYTES):
+            return
+        self._last_checkpoint, self._bytes_since_checkpoint = now, 0
+        batch = self._file_records[self._records_saved :]
+        self._records_saved = len(self._file_records)
+        self.writer.journal()  # the blobs behind these records become salvageable
+        self.index.put_file_records(batch)
+        crash_point("backup-checkpointed", self._records_saved)
+        if now - self._last_dir_checkpoint >= DIR_CHECKPOINT_EVERY and not self.warnings and len(self._dir_records) > self._dirs_saved:
+            # A directory record names a tree whose whole subtree must be stored: make every blob written
+            # so far durable first (closing the open packs early), then the records are safe to keep.
+            self._last_dir_checkpoint = now
+            self.writer.flush()
+            dirs = self._dir_records[self._dirs_saved :]
+            self._dirs_saved = len(self._dir_records)
+            self.index.put_file_records(dirs)
+
+    # --- the walk ---
+    def _file_node(self, pool: ThreadPoolExecutor, path: bytes, node: Node, st: os.stat_result, listed_ahead: bool = False) -> PendingItem:
+        known, content = self.index.unchanged_content(self.keys.path_key(path), st)
+        if content is not None:
+            node.content = content
+            with self._summary_lock:
+                self.summary.files_unmodified += 1
+            self.counters.add(files=1, nbytes=st.st_size)
+            return node
+        if listed_ahead:  # about to be read: take its stat as it is now, not as it was when listed
+            with contextlib.suppress(OSError):  # gone since: reading it reports that
+                fresh = os.lstat(path)
+                if stat.S_ISREG(fresh.st_mode) and (fresh.st_ino, fresh.st_ctime_ns, fresh.st_mtime_ns) != (st.st_ino, st.st_ctime_ns, st.st_mtime_ns):
+                    node, st = node_from_stat(node.name, path, fresh), fresh
+        with self._summary_lock:
+            if known:
+                self.summary.files_changed += 1
+            else:
+                self.summary.files_new += 1
+        key = node.hardlink_key
+        if key is not None and key in self._hardlinks:
+            return LinkedFile(self, self._hardlinks[key], node, path, st)
+        item: Future[Node | None] | PendingFile = (
+            pool.submit(self._read_file, path, node, st) if st.st_size >= LARGE_FILE else self._batch.add(path, node, st)
+        )
+        if key is not None:
+            self._hardlinks[key] = item
+        return item
+
+    def _save_tree(self, nodes: list[Node]) -> bytes:
+        data = encode_tree(nodes)
+        tree_id = self.keys.chunk_id_of(data)
+        if self.writer.add(tree_id, BLOB_TREE, data):
+            with self._summary_lock:
+                self.summary.dirs_new += 1
+        return tree_id
+
+    def _is_cache_dir(self, path: bytes) -> bool:
+        try:
+            with open(os.path.join(path, b"CACHEDIR.TAG"), "rb") as f:
+                return f.read(len(CACHEDIR_SIGNATURE)) == CACHEDIR_SIGNATURE
+        except OSError:
+            return False
+
+    def _save_dir(self, pool: ThreadPoolExecutor, path: bytes, dir_node: Node, root_dev: int) -> bytes:
+        """Walk one real directory (subdirectories recursively) and queue its tree; returns its signature.
+
+        The signature hashes every entry's stat (ctime moves on any content, mode, owner or
+        xattr change) and the subdirectories' signatures. When it matches the one recorded
+        with the directory's last tree, that tree is reused without building a node.
+        """
+        listed = self._listed.take(path) if self._listed is not None else None
+        try:
+            entries = listed if listed is not None else list(os.scandir(path))  # trees are sorted when encoded
+        except OSError as exc:
+            self.warn(f"cannot list {os.fsdecode(path)}: {exc.strerror}; saved as empty")
+            entries = []
+        signed = [self._options_fingerprint]  # hashed at once: the same digest as hashing piece by piece
+        walked: list[tuple[os.DirEntry[bytes], os.stat_result, Node | None]] = []
+        spec, pack_stat = self.rules.spec, STAT_SIGNATURE.pack
+        stop = self.stop
+        for entry in entries:
+            if stop.is_set():
+                raise KeyboardInterrupt
+            try:
+                st = entry.stat(follow_symlinks=False)
+                is_dir = stat.S_ISDIR(st.st_mode)
+                if spec is not None and self.rules.excluded(entry.path, is_dir):
+                    continue
+                dir_entry_node = node_from_stat(entry.name, entry.path, st) if is_dir else None
+            except OSError as exc:
+                self.warn(f"cannot read {os.fsdecode(entry.path)}: {exc.strerror}; skipped")
+                continue
+            signed.append(pack_stat(len(entry.name), st.st_mode, st.st_uid, st.st_gid, st.st_size, st.st_mtime_ns,
+                                    st.st_ctime_ns, st.st_ino, st.st_dev, st.st_nlink, st.st_rdev))
+            signed.append(entry.name)
+            if dir_entry_node is not None:
+                child_signature = self._subdir(pool, entry.path, dir_entry_node, st, root_dev)
+                if child_signature is None:
+                    continue  # its stat stays signed: a CACHEDIR.TAG appearing or going changes it
+                signed.append(child_signature)
+            walked.append((entry, st, dir_entry_node))
+        digest = blake3.blake3(b"".join(signed)).digest()
+        dir_key = self.keys.path_key(b"dir\0" + path)
+        cached = self.index.cached_tree(dir_key, digest)
+        if cached is not None:
+            dir_node.subtree = cached  # its record stands as it is: nothing to write
+            files = [st for _, st, n in walked if n is None and stat.S_ISREG(st.st_mode)]
+            with self._summary_lock:
+                self.summary.files_unmodified += len(files)
+            self.counters.add(files=len(files), nbytes=sum(st.st_size for st in files))
+            return digest
+        pending: list[PendingItem] = []
+        queued_bytes = 0
+        for entry, st, dir_entry_node in walked:
+            if dir_entry_node is not None:
+                pending.append(dir_entry_node)
+                continue
+            try:
+                node = node_from_stat(entry.name, entry.path, st)
+            except OSError as exc:
+                self.warn(f"cannot read {os.fsdecode(entry.path)}: {exc.strerror}; skipped")
+                continue
+            if node.type == FILE:
+                item = self._file_node(pool, entry.path, node, st, listed is not None)
+                if not isinstance(item, Node):
+                    queued_bytes += st.st_size
+                pending.append(item)
+            else:
+                pending.append(node)
+        self._jobs.append(DirJob(dir_node, pending, queued_bytes, dir_key, digest))
+        self._pending_items += len(pending)
+        self._pending_bytes += queued_bytes
+        self._drain(MAX_PENDING_ITEMS)
+        return digest
+
+    def _drain(self, max_pending: int) -> None:
+        """Write queued trees, oldest first, until at most `max_pending` entries wait.
+
+        Jobs are queued in post-order, so a tree is always written after the trees of its
+        subdirectories; not waiting at each directory keeps the workers busy across them.
+        """
+        while self._jobs and (
+            self._pending_items > max_pending or self._pending_bytes > MAX_PENDING_BYTES or len(self._jobs) > MAX_PENDING_DIRS
+        ):
+            job = self._jobs.popleft()
+            self._pending_items -= len(job.items)
+            self._pending_bytes -= job.queued_bytes
+            nodes = []
+            for item in job.items:
+                result = item if isinstance(item, Node) else item.result()
+                if result is not None:
+                    nodes.append(result)
+            job.node.subtree = self._save_tree(nodes)
+            if job.dir_key:
+                self._dir_records.append((job.dir_key, job.signature + job.node.subtree))
+
+    def _subdir(self, pool: ThreadPoolExecutor, path: bytes, node: Node, st: os.stat_result, root_dev: int) -> bytes | None:
+        """Descend into a directory and return its signature; None to leave it out of the snapshot entirely."""
+        if self.rules.skipped(path, st):
+            return None
+        if self.options.exclude_caches and self._is_cache_dir(path):
+            return None
+        if self.options.one_file_system and st.st_dev != root_dev:
+            node.subtree = self._save_tree([])  # keep the mount point, not what is mounted on it
+            return b"mount point"
+        return self._save_dir(pool, path, node, root_dev)
+
+    def _save_path(self, pool: ThreadPoolExecutor, path: bytes) -> Node | None:
+        """One backed-up path as a node (directories recursively)."""
+        try:
+            st = os.lstat(path)
+            node = node_from_stat(os.path.basename(path) or b"/", path, st)
+        except OSError as exc:
+            self.warn(f"cannot read {os.fsdecode(path)}: {exc.strerror}; skipped")
+            return None
+        if node.type == DIR:
+            return node if self._subdir(pool, path, node, st, st.st_dev) is not None else None
+        if node.type == FILE:
+            item = self._file_node(pool, path, node, st)
+            return item if isinstance(item, Node) else item.result()
+        return node
+
+    def _build_root(self, pool: ThreadPoolExecutor, paths: list[bytes]) -> bytes:
+        """A tree for `/` holding every backed-up path, with the real metadata of the directories above them."""
+
+        def build(prefix: list[bytes], targets: list[list[bytes]]) -> list[Node]:
+            by_name: dict[bytes, list[list[bytes]]] = {}
+            for parts in targets:
+                by_name.setdefault(parts[len(prefix)], []).append(parts)
+            nodes = []
+            for name, group in sorted(by_name.items()):
+                here = [*prefix, name]
+                full = b"/" + b"/".join(here)
+                if any(len(parts) == len(here) for parts in group):
+                    node = self._save_path(pool, full)
+                else:
+                    try:
+                        node = node_from_stat(name, full, os.lstat(full))
+                    except OSError as exc:
+                        self.warn(f"cannot read {os.fsdecode(full)}: {exc.strerror}; skipped")
+                        continue
+                    children = build(here, group)
+                    self._drain(0)
+                    node.subtree = self._save_tree(children)
+                if node is not None:
+                    nodes.append(node)
+            return nodes
+
+        top = build([], [split_path(p) for p in paths])
+        self._drain(0)
+        return self._save_tree(top)
+
+    def begin(self) -> None:
+        """Mark the run as started in the index; after a killed run, start the workers at once (once).
+
+        Called before a resume's salvage, so the workers start while it runs; `run` calls it otherwise.
+        """
+        if self._begun or self.options.dry_run:
+            return
+        self._begun = True
+        if self.index.start_backup_run():
+            # The last run was killed: its finished part is crossed quickly, so have the workers ready. They are
+            # spawned here, on the main thread (see pools), and the wait for them runs while the salvage does.
+            starting = self._start_workers()
+            with self._procs_lock:
+                self._starting = starting
+            threading.Thread(target=lambda: self.procs, name="backup-start-workers", daemon=True).start()
+
+    def run(self) -> Snapshot:
+        started = time.monotonic()
+        sys.setrecursionlimit(max(sys.getrecursionlimit(), 20000))
+        paths = normalize_paths(self.options.paths)
+        if self._listed is not None:
+            self._listed.stop()  # the walk takes over: two threads walking only contend for the GIL
+        self.begin()
+        try:
+            with ThreadPoolExecutor(1, thread_name_prefix="backup-large") as pool:
+                root = self._build_root(pool, paths)
+            return self._finish(root, paths, started)
+        except BaseException:
+            self.writer.abort()
+            raise
+        finally:
+            self._shutdown()
+
+    def _shutdown(self) -> None:
+        self._sealers.shutdown(cancel_futures=True)
+        with self._procs_lock:  # waits for a pool still starting
+            if self._procs is not None:
+                self._procs.shutdown(cancel_futures=True)
+
+    @property
+    def procs(self) -> Executor:
+        """The chunking workers, started on first use: a run with nothing changed starts none."""
+        with self._procs_lock:
+            if self._procs is None:
+                self._procs = (self._starting or self._start_workers()).ready()
+            return self._procs
+
+    def _start_workers(self) -> StartingPool:
+        """Worker processes (own GILs); threads when processes cannot be started here."""
+        initargs = (self.keys.master, self.keys.repo_id, str(self.index.path), self.writer.verify)
+        return StartingPool(self.options.workers, "backup", init_worker, initargs, partial(use_index_in_threads, self.index))
+
+    def run_stdin(self, stream: BinaryIO, filename: str) -> Snapshot:
+        started = time.monotonic()
+        name = os.fsencode(filename.strip("/")) or b"stdin"
+        try:
+            content, size = self.store_stream(fill_from(stream))
+        finally:
+            self._shutdown()
+        now = time.time_ns()
+        node = Node(name=name, type=FILE, mode=0o644, uid=os.getuid(), gid=os.getgid(), mtime_ns=now, size=size, content=content)
+        self.summary.files_new = 1
+        root = self._save_tree([node])
+        return self._finish(root, [b"/" + name], started)
+
+    def _finish(self, root: bytes, paths: list[bytes], started: float) -> Snapshot:
+        self.writer.flush()
+        if not self.options.dry_run:
+            self.index.put_file_records(self._file_records[self._records_saved :])
+            if not self.warnings:  # a tree that left out an unreadable file must not be reused silently
+                self.index.put_file_records(self._dir_records[self._dirs_saved :])
+        s = self.summary
+        s.total_files = self.counters.files_done
+        s.total_bytes = self.counters.bytes_done
+        s.duration_s = round(time.monotonic() - started, 3)
+        snapshot = Snapshot(
+            time=self.options.time or datetime.now(UTC).astimezone(),
+            device=self.repo.device,
+            paths=paths,
+            root=root,
+            tags=list(self.options.tags),
+            summary=s,
+            incomplete=list(self.warnings),
+        )
+        if not self.options.dry_run:
+            self.repo.save_snapshot(snapshot)
+            self.index.end_backup_run()
+        return snapshot
+
+
+def fill_from(stream: BinaryIO) -> ReadInto:
+    """A readinto for pipes, whose short reads do not mean end of input: fill the view or hit EOF."""
+    raw = stream.readinto  # type: ignore[attr-defined]
+
+    def readinto(view: memoryview) -> int:
+        total = 0
+        while total < len(view):
+            n = raw(view[total:])
+            if not n:
+                break
+            total += n
+        return total
+
+    return readinto
+
+
+class PendingFile:
+    """One file's place in a `ProcessBatch`."""
+
+    __slots__ = ("batch", "position")
+
+    def __init__(self, batch: ProcessBatch, position: int) -> None:
+        self.batch, self.position = batch, position
+
+    def result(self) -> Node | None:
+        return self.batch.resolve()[self.position]
+
+
+class LinkedFile:
+    """Another name of an inode already queued: its content is read once."""
+
+    __slots__ = ("backup", "first", "node", "path", "st")
+
+    def __init__(self, backup: Backup, first: Future[Node | None] | PendingFile, node: Node, path: bytes, st: os.stat_result) -> None:
+        self.backup, self.first, self.node, self.path, self.st = backup, first, node, path, st
+
+    def result(self) -> Node | None:
+        first = self.first.result()
+        if first is None:
+            return None
+        return self.backup._complete(self.path, self.node, self.st, FileResult(content=first.content, size=first.size))
+
+
+class ProcessBatch:
+    """Files sent to a worker process together, to spread the cost of a round trip."""
+
+    MAX_FILES = 64
+    MAX_BYTES = 4 * 1024 * 1024
+
+    def __init__(self, backup: Backup) -> None:
+        self.backup = backup
+        self.jobs: list[tuple[bytes, Node, os.stat_result]] = []
+        self.bytes = 0
+        self.future: Future[list[FileResult]] | None = None
+        self.nodes: list[Node | None] | None = None
+
+    @property
+    def full(self) -> bool:
+        return len(self.jobs) >= self.MAX_FILES or self.bytes >= self.MAX_BYTES
+
+    @property
+    def sent(self) -> bool:
+        return self.future is not None or self.nodes is not None
+
+    def submit(self) -> None:
+        if not self.sent:
+            self.future = self.backup.procs.submit(process_files, [(p, st.st_size, st.st_mtime_ns) for p, _, st in self.jobs])
+
+    def resolve(self) -> list[Node | None]:
+        if self.nodes is None:
+            self.submit()
+            assert self.future is not None
+            future, self.future = self.future, None
+            results = future.result()
+            self.nodes = [self.backup._complete(p, node, st, r) for (p, node, st), r in zip(self.jobs, results, strict=True)]
+            self.jobs = []  # the sealed boxes are packed now: let them go
+        return self.nodes
+
+
+class BatchQueue:
+    """The batch being filled; a batch is sent when full, or as soon as anyone waits on it."""
+
+    def __init__(self, backup: Backup) -> None:
+        self.backup = backup
+        self.current = ProcessBatch(backup)
+
+    def add(self, path: bytes, node: Node, st: os.stat_result) -> PendingFile:
+        batch = self.current
+        if batch.sent or batch.full:
+            batch = self.current = ProcessBatch(self.backup)
+        batch.jobs.append((path, node, st))
+        batch.bytes += st.st_size
+        if batch.full:
+            batch.submit()
+        return PendingFile(batch, len(batch.jobs) - 1)
+
+
+PendingItem = Node | Future[Node | None] | PendingFile | LinkedFile
+
+
+@dataclass(slots=True)
+class DirJob:
+    """A walked directory whose tree is written once its entries are known."""
+
+    node: Node
+    items: list[PendingItem]
+    queued_bytes: int = 0  # file bytes sent to workers, whose sealed results wait in memory
+    dir_key: bytes = b""  # keyed path hash, for the directory cache
+    signature: bytes = b""
+
+
+def normalize_paths(paths: list[bytes]) -> list[bytes]:
+    """Absolute, normalised, deduplicated; a path inside another given path is dropped."""
+    result: list[bytes] = []
+    for p in sorted({os.path.normpath(os.path.abspath(p)) for p in paths}):
+        if not any(p == q or p.startswith(q.rstrip(b"/") + b"/") for q in result):
+            result.append(p)
+    return result
+
+
+def count_tree(paths: list[bytes], counters: Counters, stop: threading.Event, rules: WalkRules | None = None) -> None:
+    """The scanner behind the progress bar's total and ETA; runs beside the backup.
+
+    It follows the walk's own rules (excludes, one file system, skipped directories) and counts regular
+    files only, as the summary does, so the bar's total and the summary's count agree.
+    """
+    for top in paths:
+        try:
+            root_dev = os.lstat(top).st_dev
+        except OSError:
+            continue
+        stack = [top]
+        while stack:
+            if stop.is_set():
+                return
+            directory = stack.pop()
+            try:
+                entries = list(os.scandir(directory))
+            except OSError:
+                continue
+            for entry in entries:
+                try:
+                    st = entry.stat(follow_symlinks=False)
+                except OSError:
+                    continue
+                if stat.S_ISDIR(st.st_mode):
+                    if rules is None or rules.descends(entry.path, st, root_dev):
+                        stack.append(entry.path)
+                elif stat.S_ISREG(st.st_mode) and (rules is None or not rules.excluded(entry.path, False)):
+                    counters.total_files += 1
+                    counters.total_bytes += st.st_size
+    counters.total_known = True
+

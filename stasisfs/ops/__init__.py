@@ -1,0 +1,1 @@
+"""Operations over a whole repository: restore, check, prune, repair."""

@@ -1,0 +1,1 @@
+"""Everything that talks to a stasisfs-server: the HTTP client, this device's remotes, sync, accounts, lazy packs."""

@@ -1,0 +1,300 @@
+"""The LMDB index: a rebuildable cache on the device, never in the repository.
+
+Databases (every key is a keyed hash or a storage id; nothing is plaintext):
+
+    chunks      chunk id (32)  -> pack id (32) | blob kind | offset | box length | plaintext length
+    packs       pack id (32)   -> pack size (u64) | id of the index object that covers it (32, zeros if none yet)
+    indexobjs   index object id (32) -> b""   (ingested)
+    snapshots   snapshot id (32) -> the sealed snapshot object, as stored
+    files       keyed path hash (32) -> dev | ino | size | mtime_ns | ctime_ns | chunk ids...
+    meta        b"complete" -> b"1" once a (re)build finished
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import struct
+import subprocess
+import sys
+import threading
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import lmdb
+
+from stasisfs.errors import IndexDamaged
+from stasisfs.format.pack import BlobEntry, PackInfo
+
+LOCATION = struct.Struct(">32sBIII")
+PACK_ROW = struct.Struct(">Q32s")
+FILE_ROW = struct.Struct(">QQQqq")
+NO_INDEX_OBJECT = bytes(32)
+MAP_SIZE = 1 << 40  # sparse; grows on MapFullError
+PAGE_SIZE = 4096
+
+
+@dataclass(frozen=True, slots=True)
+class Location:
+    pack_id: bytes
+    kind: int
+    offset: int
+    length: int
+    raw_length: int
+
+    def entry(self, chunk_id: bytes) -> BlobEntry:
+        return BlobEntry(chunk_id, self.kind, self.offset, self.length, self.raw_length)
+
+
+@dataclass(frozen=True, slots=True)
+class FileRecord:
+    device: int
+    inode: int
+    size: int
+    mtime_ns: int
+    ctime_ns: int
+    content: tuple[bytes, ...]
+
+    def encode(self) -> bytes:
+        return FILE_ROW.pack(self.device, self.inode, self.size, self.mtime_ns, self.ctime_ns) + b"".join(self.content)
+
+
+
+# Reads every page of an environment in a child process: damage that would fault LMDB (SIGBUS, SIGSEGV)
+# kills the child, not the command. Read-only and lock-free, so it never changes what it reads.
+_PROBE = """
+import sys, lmdb
+env = lmdb.open(sys.argv[1], subdir=True, readonly=True, lock=False, max_dbs=16)
+with env.begin(buffers=True) as txn:
+    names = [bytes(name) for name, _ in txn.cursor()]
+    for name in names:
+        for _key, value in txn.cursor(db=env.open_db(name, txn=txn, create=False)):
+            if len(value):
+                value[0], value[len(value) - 1]
+"""
+VERIFIED = "verified"  # size, mtime and inode of data.mdb as a stasisfs writer left it, or as the last probe passed it
+
+
+def _fingerprint(data_file: Path) -> str:
+    st = data_file.stat()
+    return f"{st.st_size} {st.st_mtime_ns} {st.st_ino}"
+
+
+def probe(path: Path) -> str | None:
+    """Why the environment at `path` cannot be trusted, or None when every page reads.
+
+    Skipped when data.mdb is exactly as a stasisfs writer or an earlier probe left it.
+    """
+    data_file = path / "data.mdb"
+    if not data_file.exists():
+        return None
+    fingerprint = _fingerprint(data_file)
+    with contextlib.suppress(OSError):
+        if (path / VERIFIED).read_text() == fingerprint:
+            return None
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+    try:
+        done = subprocess.run([sys.executable, "-c", _PROBE, str(path)], env=env, capture_output=True, timeout=600)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return f"it could not be checked ({exc})"
+    if done.returncode != 0:
+        last = done.stderr.decode(errors="replace").strip().splitlines()[-1:] or [f"signal {-done.returncode}"]
+        return f"reading it failed: {last[0]}" if done.returncode > 0 else f"reading it crashed ({signal_name(-done.returncode)})"
+    _mark_verified(path, fingerprint)
+    return None
+
+
+def signal_name(number: int) -> str:
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return f"signal {number}"
+
+
+def _mark_verified(path: Path, fingerprint: str) -> None:
+    with contextlib.suppress(OSError):
+        tmp = path / f".{VERIFIED}.{os.getpid()}"
+        tmp.write_text(fingerprint)
+        os.replace(tmp, path / VERIFIED)
+
+
+class Index:
+    def __init__(self, path: Path, probe_first: bool = True) -> None:
+        """`probe_first=False` for worker processes: their parent opened (and so probed) the same environment."""
+        self.path = path
+        path.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self._write_lock = threading.Lock()
+        self._wrote = False
+        data_file = path / "data.mdb"
+        size = data_file.stat().st_size if data_file.exists() else 0
+        if 0 < size < 2 * PAGE_SIZE:  # not even the two meta pages: opening would fault on them
+            raise IndexDamaged(f"the local index at {path} is truncated; run `stasisfs repair index`")
+        damage = probe(path) if probe_first else None
+        if damage is not None:
+            raise IndexDamaged(f"the local index at {path} is damaged: {damage}; run `stasisfs repair index`")
+        try:
+            self.env = lmdb.open(str(path), map_size=MAP_SIZE, max_dbs=8, subdir=True, sync=True, metasync=True, mode=0o600)
+            self.env.reader_check()
+            needed = (self.env.info()["last_pgno"] + 1) * self.env.stat()["psize"]
+            if size and data_file.stat().st_size < needed:
+                # A truncated map would end in SIGBUS on first touch of the missing pages.
+                self.env.close()
+                raise IndexDamaged(f"the local index at {path} is truncated; run `stasisfs repair index`")
+            self._chunks = self.env.open_db(b"chunks")
+            self._packs = self.env.open_db(b"packs")
+            self._indexobjs = self.env.open_db(b"indexobjs")
+            self._snapshots = self.env.open_db(b"snapshots")
+            self._files = self.env.open_db(b"files")
+            self._meta = self.env.open_db(b"meta")
+            with self.env.begin() as txn:
+                txn.stat(self._chunks)
+        except lmdb.Error as exc:
+            raise IndexDamaged(f"the local index at {path} is damaged ({exc}); run `stasisfs repair index`") from None
+
+    def close(self) -> None:
+        self.env.close()
+        if self._wrote:  # LMDB commits are atomic: what this process wrote last is a whole environment
+            with contextlib.suppress(OSError):
+                _mark_verified(self.path, _fingerprint(self.path / "data.mdb"))
+
+    def _write(self, fn: Callable[[lmdb.Transaction], object]) -> None:
+        with self._write_lock:
+            self._wrote = True
+            while True:
+                try:
+                    with self.env.begin(write=True) as txn:
+                        fn(txn)
+                    return
+                except lmdb.MapFullError:
+                    self.env.set_mapsize(self.env.info()["map_size"] * 2)
+
+    # --- state ---
+    @property
+    def complete(self) -> bool:
+        with self.env.begin() as txn:
+            return txn.get(b"complete", db=self._meta) == b"1"
+
+    def set_complete(self, value: bool) -> None:
+        self._write(lambda txn: txn.put(b"complete", b"1" if value else b"0", db=self._meta))
+
+    def start_backup_run(self) -> bool:
+        """Note that a backup runs; True when the last one never finished (killed, or failed)."""
+        with self.env.begin() as txn:
+            killed = txn.get(b"backup-running", db=self._meta) is not None
+        self._write(lambda txn: txn.put(b"backup-running", b"1", db=self._meta))
+        return killed
+
+    def end_backup_run(self) -> None:
+        self._write(lambda txn: txn.delete(b"backup-running", db=self._meta))
+
+    def clear(self) -> None:
+        def drop(txn: lmdb.Transaction) -> None:
+            for db in (self._chunks, self._packs, self._indexobjs, self._snapshots, self._meta):
+                txn.drop(db, delete=False)
+
+        self._write(drop)
+
+    # --- chunks and packs ---
+    def lookup(self, chunk_id: bytes) -> Location | None:
+        with self.env.begin() as txn:
+            raw = txn.get(chunk_id, db=self._chunks)
+        return Location(*LOCATION.unpack(raw)) if raw is not None else None
+
+    def lookup_many(self, chunk_ids: list[bytes]) -> list[Location]:
+        with self.env.begin() as txn:
+            raws = [txn.get(c, db=self._chunks) for c in chunk_ids]
+        return [Location(*LOCATION.unpack(raw)) for raw in raws if raw is not None]
+
+    def has_chunk(self, chunk_id: bytes) -> bool:
+        with self.env.begin() as txn:
+            return txn.get(chunk_id, db=self._chunks) is not None
+
+
+    def add_packs(self, packs: Iterable[PackInfo], index_object_id: bytes = NO_INDEX_OBJECT) -> None:
+        packs = list(packs)
+
+        def put(txn: lmdb.Transaction) -> None:
+            for pack in packs:
+                txn.put(pack.pack_id, PACK_ROW.pack(pack.size, index_object_id), db=self._packs)
+                for e in pack.blobs:
+                    txn.put(e.chunk_id, LOCATION.pack(pack.pack_id, e.kind, e.offset, e.length, e.raw_length), db=self._chunks)
+            if index_object_id != NO_INDEX_OBJECT:
+                txn.put(index_object_id, b"", db=self._indexobjs)
+
+        self._write(put)
+
+    def packs(self) -> dict[bytes, tuple[int, bytes]]:
+        with self.env.begin() as txn:
+            return {bytes(k): PACK_ROW.unpack(v) for k, v in txn.cursor(db=self._packs)}
+
+    def chunk_count(self) -> int:
+        with self.env.begin() as txn:
+            return int(txn.stat(self._chunks)["entries"])
+
+
+    def index_objects(self) -> set[bytes]:
+        with self.env.begin() as txn:
+            return {bytes(k) for k in txn.cursor(db=self._indexobjs).iternext(values=False)}
+
+    # --- snapshots ---
+    def put_snapshot(self, snapshot_id: bytes, sealed: bytes) -> None:
+        self._write(lambda txn: txn.put(snapshot_id, sealed, db=self._snapshots))
+
+    def remove_snapshot(self, snapshot_id: bytes) -> None:
+        self._write(lambda txn: txn.delete(snapshot_id, db=self._snapshots))
+
+    def snapshots(self) -> dict[bytes, bytes]:
+        with self.env.begin() as txn:
+            return {bytes(k): bytes(v) for k, v in txn.cursor(db=self._snapshots)}
+
+    # --- files cache ---
+
+    def unchanged_content(self, path_key: bytes, st: os.stat_result) -> tuple[bool, list[bytes] | None]:
+        """(a record exists, its chunk ids if the file is unchanged and every chunk is still stored)."""
+        expected = FILE_ROW.pack(st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+        with self.env.begin() as txn:
+            raw = txn.get(path_key, db=self._files)
+            if raw is None:
+                return False, None
+            if raw[: FILE_ROW.size] != expected:
+                return True, None
+            content = [raw[i : i + 32] for i in range(FILE_ROW.size, len(raw), 32)]
+            if any(txn.get(c, db=self._chunks) is None for c in content):
+                return True, None
+        return True, content
+
+    def cached_tree(self, dir_key: bytes, signature: bytes) -> bytes | None:
+        """The tree id recorded for a directory whose signature is unchanged, if that tree is still stored."""
+        with self.env.begin() as txn:
+            raw = txn.get(dir_key, db=self._files)
+            if raw is None or len(raw) != 64 or raw[:32] != signature:
+                return None
+            tree_id = bytes(raw[32:])
+            return tree_id if txn.get(tree_id, db=self._chunks) is not None else None
+
+    def clear_files_cache(self) -> None:
+        """Forget every file and directory record: the next backup reads and lists everything again.
+
+        Needed when blobs are declared lost: a directory record names a tree by id, and that tree
+        may still be stored while data it references is gone.
+        """
+        self._write(lambda txn: txn.drop(self._files, delete=False))
+
+    def put_file_records(self, records: Iterable[tuple[bytes, bytes]]) -> None:
+        """(keyed path hash, `FileRecord.encode()`) pairs."""
+        records = list(records)
+
+        def put(txn: lmdb.Transaction) -> None:
+            for key, encoded in records:
+                txn.put(key, encoded, db=self._files)
+
+        self._write(put)
+
+
+
+def remove_index_dir(path: Path) -> None:
+    for name in ("data.mdb", "lock.mdb", VERIFIED):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path / name)

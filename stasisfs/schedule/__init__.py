@@ -1,0 +1,1 @@
+"""Unattended runs: cron lines, run records, hooks and logs."""

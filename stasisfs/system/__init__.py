@@ -1,0 +1,1 @@
+"""Operating-system helpers: file metadata, worker pools, XDG paths, the mount table, crash points for tests."""
