@@ -9,7 +9,6 @@ parent still makes the final dedup decision when it packs the returned boxes.
 from __future__ import annotations
 
 import os
-import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,7 +16,7 @@ from stasisfs.format.chunker import Chunker
 from stasisfs.format.crypto import Cipher, MasterKeys
 from stasisfs.repo.index import Index
 from stasisfs.repo.packer import ChunkSealer
-from stasisfs.system.pools import exit_with_parent
+from stasisfs.system.pools import WorkerContext, exit_with_parent
 
 O_NOATIME = getattr(os, "O_NOATIME", 0)
 
@@ -72,26 +71,21 @@ class ChunkWorker:
         return result
 
 
-_local = threading.local()
-_shared_index: Index | None = None  # the parent's own index, when workers are threads of the parent
+_context: WorkerContext[Index, ChunkWorker] = WorkerContext()
 
 
 def init_worker(master: bytes, repo_id: bytes, index_path: str, verify: bool) -> None:
     """Initializer for a worker process, or for a worker thread when processes are unavailable."""
-    global _shared_index
     exit_with_parent()
-    if _shared_index is None or str(_shared_index.path) != index_path:
-        _shared_index = Index(Path(index_path), probe_first=False)  # one environment per process, as LMDB requires
-    _local.worker = ChunkWorker(master, repo_id, _shared_index, verify)
+    index = _context.shared(lambda: Index(Path(index_path), probe_first=False), lambda shared: str(shared.path) == index_path)
+    _context.start(ChunkWorker(master, repo_id, index, verify))
 
 
 def use_index_in_threads(index: Index) -> None:
     """Share the parent's open index with worker threads (LMDB forbids opening it twice in a process)."""
-    global _shared_index
-    _shared_index = index
+    _context.share(index)
 
 
 def process_files(jobs: list[tuple[bytes, int, int]]) -> list[FileResult]:
-    worker: ChunkWorker | None = getattr(_local, "worker", None)
-    assert worker is not None, "init_worker was not run"
+    worker = _context.worker
     return [worker.process(*job) for job in jobs]

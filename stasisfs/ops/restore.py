@@ -34,7 +34,7 @@ from stasisfs.repo.repository import Repository
 from stasisfs.repo.storage import write_all
 from stasisfs.repo.trees import TreeReader
 from stasisfs.system.fsmeta import apply_metadata, create_special
-from stasisfs.system.pools import exit_with_parent, worker_pool
+from stasisfs.system.pools import WorkerContext, exit_with_parent, worker_pool
 
 OVERWRITE_MODES = ("always", "if-changed", "if-newer", "never")
 SPARSE_BLOCK = 64 * 1024
@@ -156,25 +156,22 @@ class WriteBatch:
         return len(self.jobs) >= self.MAX_FILES or self.bytes >= self.MAX_BYTES
 
 
-_writer = threading.local()
-_shared_repo: Repository | None = None
+_context: WorkerContext[Repository, FileWriter] = WorkerContext()
 
 
 def use_repository_in_threads(repo: Repository) -> None:
-    global _shared_repo
-    _shared_repo = repo
+    _context.share(repo)
 
 
 def init_writer(repo_path: str, master: bytes, sparse: bool, verify: bool, as_root: bool) -> None:
-    global _shared_repo
     exit_with_parent()
-    if _shared_repo is None:  # a writer process: open the repository and its index once
-        _shared_repo = attach_thin_packs(Repository.for_worker(Path(repo_path), master))
-    _writer.file_writer = FileWriter(_shared_repo, sparse, verify, as_root)
+    # A writer process opens the repository and its index once; writer threads use the parent's.
+    repo = _context.shared(lambda: attach_thin_packs(Repository.for_worker(Path(repo_path), master)))
+    _context.start(FileWriter(repo, sparse, verify, as_root))
 
 
 def write_files(jobs: list[tuple[bytes, Node]]) -> list[FileOutcome]:
-    writer: FileWriter = _writer.file_writer
+    writer = _context.worker
     return [writer.write(dest, node) for dest, node in jobs]
 
 

@@ -12,9 +12,11 @@ import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 STARTUP_TIMEOUT = 60.0
+Shared = TypeVar("Shared")
+Worker = TypeVar("Worker")
 PARENT_SIGNALS = {signal.SIGINT, signal.SIGTERM}
 PARENT_CHECK_EVERY = 1.0
 
@@ -120,3 +122,33 @@ def worker_pool(workers: int, name: str, initializer: Callable[..., None], inita
                 share_in_threads: Callable[[], None]) -> Executor:
     """Start `workers` spawned processes and wait until they answer; threads running the same code if they cannot."""
     return StartingPool(workers, name, initializer, initargs, share_in_threads).ready()
+
+
+class WorkerContext(Generic[Shared, Worker]):
+    """What a pool's initializer sets up, as module state its task functions can reach.
+
+    One `Shared` per process: an LMDB environment may be opened only once per process, so a
+    worker process opens its own and a parent running its workers as threads hands in its own
+    (`share`). One `Worker` per thread.
+    """
+
+    def __init__(self) -> None:
+        self._shared: Shared | None = None
+        self._local = threading.local()
+
+    def share(self, shared: Shared) -> None:
+        self._shared = shared
+
+    def shared(self, open_shared: Callable[[], Shared], reusable: Callable[[Shared], bool] = lambda _: True) -> Shared:
+        if self._shared is None or not reusable(self._shared):
+            self._shared = open_shared()
+        return self._shared
+
+    def start(self, worker: Worker) -> None:
+        self._local.worker = worker
+
+    @property
+    def worker(self) -> Worker:
+        worker: Worker | None = getattr(self._local, "worker", None)
+        assert worker is not None, "the pool's initializer was not run in this thread"
+        return worker
