@@ -28,7 +28,7 @@ import blake3
 
 from stasisfs.backup.walk import ListingAhead, WalkRules
 from stasisfs.backup.workers import FileResult, init_worker, open_for_backup, process_files, use_index_in_threads
-from stasisfs.format.chunker import Chunker, ReadInto
+from stasisfs.format.chunker import CHUNK_MIN, Chunker, ReadInto
 from stasisfs.format.pack import BLOB_DATA, BLOB_TREE
 from stasisfs.format.snapshot import Snapshot, Summary
 from stasisfs.format.tree import DIR, FILE, Node, encode_tree, split_path
@@ -159,8 +159,9 @@ class Backup:
         if result.error is not None:
             self.warn(result.error)
             return None
+        whole_small_file = max(st.st_size, result.size) < CHUNK_MIN  # one chunk, cut by the file's end, not by content
         for chunk_id, box, raw_length in result.new_blobs:
-            if self.writer.add_sealed(chunk_id, BLOB_DATA, box, raw_length):
+            if self.writer.add_sealed(chunk_id, BLOB_DATA, box, raw_length, content_defined=not whole_small_file):
                 with self._summary_lock:
                     self.summary.data_added += raw_length
         node.content, node.size = result.content, result.size
@@ -231,7 +232,7 @@ class Backup:
     def _save_tree(self, nodes: list[Node]) -> bytes:
         data = encode_tree(nodes)
         tree_id = self.keys.chunk_id_of(data)
-        if self.writer.add(tree_id, BLOB_TREE, data):
+        if self.writer.add(tree_id, BLOB_TREE, data, content_defined=False):
             with self._summary_lock:
                 self.summary.dirs_new += 1
         return tree_id

@@ -31,7 +31,10 @@ def _prune(repo: Repository, dry_run: bool, max_unused: float, json_output: bool
 
     def announce(prune_plan: PrunePlan) -> None:
         if not json_output:
-            info(f"{len(prune_plan.packs)} packs: {human_size(prune_plan.used_bytes)} used, {human_size(prune_plan.unused_bytes)} unused")
+            info(f"{len(prune_plan.packs)} packs: {human_size(prune_plan.used_bytes)} used, {human_size(prune_plan.unused_bytes)} unused, "
+                 f"{human_size(prune_plan.padding_bytes)} padding")
+            if prune_plan.consolidate:
+                info(f"{'would merge' if dry_run else 'merging'} {len(prune_plan.consolidate)} small packs into full ones")
             info(f"{'would delete' if dry_run else 'deleting'} {len(prune_plan.delete)} unused packs and "
                  f"{'would repack' if dry_run else 'repacking'} {len(prune_plan.repack)}; "
                  f"about {human_size(prune_plan.reclaimed_bytes)} {'could be' if dry_run else 'will be'} freed")
@@ -41,6 +44,7 @@ def _prune(repo: Repository, dry_run: bool, max_unused: float, json_output: bool
     summary: dict[str, object] = {
         "packs": len(prune_plan.packs), "packs_deleted": len(prune_plan.delete), "packs_repacked": len(prune_plan.repack),
         "used_bytes": prune_plan.used_bytes, "unused_bytes": prune_plan.unused_bytes, "reclaimable_bytes": prune_plan.reclaimed_bytes,
+        "padding_bytes": prune_plan.padding_bytes, "packs_consolidated": len(prune_plan.consolidate),
         "dry_run": dry_run,
     }
     if outcome.report is not None:

@@ -9,6 +9,10 @@ A pack is
 * the trailer box (fixed `TRAILER_BOX_LEN` bytes) holds the header's offset and length;
 * random padding brings the total to Padmé(max(content, floor)), so neither the
   chunk sizes nor where the real content ends can be read from the outside.
+
+The floor is 1 MiB for a pack holding any chunk cut by the content-defined chunker (a chunk of
+a file of CHUNK_MIN bytes or more, whose boundaries the chunking attacks read), and 64 KiB for a
+pack holding only whole small files and trees (see docs/security.md, "What a small change shows").
 """
 
 from __future__ import annotations
@@ -31,7 +35,8 @@ BLOB_DATA = 0
 BLOB_TREE = 1
 
 PACK_TARGET_SIZE = 16 * 1024 * 1024
-PACK_PAD_FLOOR = 1024 * 1024
+PACK_PAD_FLOOR = 1024 * 1024  # a pack with a content-defined cut in it
+SMALL_PACK_PAD_FLOOR = 64 * 1024  # a pack of whole small files and trees only
 
 FLAG_RAW = 0
 FLAG_ZSTD = 1
@@ -137,6 +142,7 @@ class PackBuilder:
         self.size = 0
         self.entries: list[BlobEntry] = []
         self.journaled = 0  # how many entries the open pack's journal already lists
+        self.content_defined = False  # holds a chunk whose boundaries the chunker chose: the 1 MiB floor
         self._digest = hashlib.sha256()
 
     @classmethod
@@ -145,6 +151,7 @@ class PackBuilder:
         builder = cls(sink)
         builder.entries = list(entries)
         builder.journaled = len(entries)
+        builder.content_defined = True  # what the blobs were is not recorded: the safe floor
         builder.size = len(written)
         builder._digest.update(written)
         return builder
@@ -157,12 +164,18 @@ class PackBuilder:
         self._digest.update(data)
         self.size += len(data)
 
-    def add(self, chunk_id: bytes, kind: int, box: bytes, raw_length: int) -> None:
+    def add(self, chunk_id: bytes, kind: int, box: bytes, raw_length: int, content_defined: bool = True) -> None:
         self.entries.append(BlobEntry(chunk_id, kind, self.size, len(box), raw_length))
+        self.content_defined |= content_defined
         self._emit(box)
 
-    def finish(self, cipher: Cipher, floor: int = PACK_PAD_FLOOR) -> PackInfo:
+    @property
+    def floor(self) -> int:
+        return PACK_PAD_FLOOR if self.content_defined else SMALL_PACK_PAD_FLOOR
+
+    def finish(self, cipher: Cipher, floor: int | None = None) -> PackInfo:
         """Append header, padding and trailer; the pack id is the SHA-256 of everything written."""
+        floor = self.floor if floor is None else floor
         header_box = cipher.seal(HEADER_MAGIC + encode_entries(self.entries), KIND_PACK_HEADER)
         header_offset = self.size
         content = self.size + len(header_box) + TRAILER_BOX_LEN

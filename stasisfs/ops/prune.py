@@ -27,7 +27,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from stasisfs.errors import IntegrityError, StasisError
-from stasisfs.format.pack import BlobEntry, PackInfo, open_blob
+from stasisfs.format.pack import BLOB_TREE, PACK_PAD_FLOOR, PACK_TARGET_SIZE, BlobEntry, PackInfo, open_blob
 from stasisfs.format.tree import FILE, decode_tree
 from stasisfs.format.treewalk import walk_nodes
 from stasisfs.remote.devices import DeviceRemotes
@@ -35,6 +35,8 @@ from stasisfs.repo.packer import BlobWriter
 from stasisfs.repo.repository import Repository
 from stasisfs.repo.storage import fsync_dir
 from stasisfs.system.crashpoints import crash_point
+
+SMALL_PACK_LIMIT = PACK_TARGET_SIZE // 4  # a pack this small was cut short by the end of its run
 
 
 @dataclass
@@ -46,11 +48,14 @@ class PrunePlan:
     repack: list[bytes] = field(default_factory=list)
     keep: list[bytes] = field(default_factory=list)
     live: dict[bytes, list[BlobEntry]] = field(default_factory=dict)  # pack -> blobs it keeps serving
+    consolidate: list[bytes] = field(default_factory=list)  # small packs merged into full ones (also in `repack`)
     used_bytes: int = 0
-    unused_bytes: int = 0
+    unused_bytes: int = 0  # blobs no snapshot uses
+    padding_bytes: int = 0  # padding, headers and trailers: all of it comes back when a pack is rewritten
 
     @property
     def reclaimed_bytes(self) -> int:
+        """Bytes freed, less what the rewritten blobs take again (their new packs' padding left out: at most 12%, or one floor)."""
         return sum(self.packs[p].size for p in self.delete + self.repack) - sum(
             sum(e.length for e in self.live[p]) for p in self.repack)
 
@@ -106,9 +111,11 @@ def plan_prune(repo: Repository, max_unused_percent: float, say: Callable[[str],
                 live.append(entry)
         plan.live[pack_id] = live
         live_bytes = sum(e.length for e in live)
+        blob_bytes = sum(e.length for e in packs[pack_id].blobs)
         plan.used_bytes += live_bytes
-        unused_of[pack_id] = sum(e.length for e in packs[pack_id].blobs) - live_bytes
+        unused_of[pack_id] = blob_bytes - live_bytes
         plan.unused_bytes += unused_of[pack_id]
+        plan.padding_bytes += packs[pack_id].size - blob_bytes
     missing = used - served
     if missing:
         raise IntegrityError(f"{len(missing)} blobs that snapshots use are in no pack; run `stasisfs check` before pruning")
@@ -129,7 +136,22 @@ def plan_prune(repo: Repository, max_unused_percent: float, say: Callable[[str],
         else:
             plan.repack.append(pack_id)
             remaining -= unused_of[pack_id]
+    consolidate_small_packs(plan)
     return plan
+
+
+def consolidate_small_packs(plan: PrunePlan) -> None:
+    """Merge small packs (each small run writes one, padded to its floor) into full ones.
+
+    Only when they take at least one 1 MiB floor together: the merged pack may be padded to
+    that floor, and must not take more room than the packs it replaces.
+    """
+    small = [p for p in plan.keep + plan.repack if plan.packs[p].size < SMALL_PACK_LIMIT]
+    if len(small) < 2 or sum(plan.packs[p].size for p in small) < PACK_PAD_FLOOR:
+        return
+    plan.consolidate = sorted(small)
+    plan.keep = [p for p in plan.keep if p not in small]
+    plan.repack += [p for p in plan.consolidate if p not in plan.repack]
 
 
 def execute(repo: Repository, plan: PrunePlan, say: Callable[[str], None] = lambda s: None) -> PruneReport:
@@ -144,7 +166,7 @@ def execute(repo: Repository, plan: PrunePlan, say: Callable[[str], None] = lamb
                     f.seek(entry.offset)
                     box = f.read(entry.length)
                     open_blob(repo.cipher, entry, box, verify=False)  # never copy a damaged blob into a new pack
-                    writer.add_sealed(entry.chunk_id, entry.kind, box, entry.raw_length)
+                    writer.add_sealed(entry.chunk_id, entry.kind, box, entry.raw_length, content_defined=entry.kind != BLOB_TREE)
             crash_point("prune-repacking")
         writer.flush()
     except BaseException:

@@ -277,7 +277,7 @@ def repair_snapshots(repo: Repository, forget_originals: bool, say: Callable[[st
             return tree_id
         data = encode_tree(nodes)
         new_id = repo.master_keys.chunk_id_of(data)
-        writer.add(new_id, BLOB_TREE, data)
+        writer.add(new_id, BLOB_TREE, data, content_defined=False)
         memo[tree_id] = new_id
         return new_id
 
@@ -307,5 +307,5 @@ def repair_snapshots(repo: Repository, forget_originals: bool, say: Callable[[st
 def _empty_tree(writer: BlobWriter, repo: Repository) -> bytes:
     data = encode_tree([])
     tree_id = repo.master_keys.chunk_id_of(data)
-    writer.add(tree_id, BLOB_TREE, data)
+    writer.add(tree_id, BLOB_TREE, data, content_defined=False)
     return tree_id

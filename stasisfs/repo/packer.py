@@ -3,7 +3,9 @@
 Thread-safe: backup workers call `add` concurrently. A blob is claimed before it
 is sealed, so two workers never store the same chunk twice. Chunks go to one of
 two open packs at random (as restic 0.18 does), so a pack's layout does not
-mirror the order of the files it came from.
+mirror the order of the files it came from. The second pack opens only once the
+first holds a padding floor's worth: below that a run's blobs fit in one padded
+pack, and two would double the padding of every small run.
 """
 
 from __future__ import annotations
@@ -17,7 +19,17 @@ import zstandard
 
 from stasisfs.errors import IntegrityError
 from stasisfs.format.crypto import KIND_CHUNK, Cipher
-from stasisfs.format.pack import PACK_TARGET_SIZE, NullSink, PackBuilder, PackInfo, authentic_prefix, decode_journal, encode_blob_payload, encode_journal_record
+from stasisfs.format.pack import (
+    PACK_PAD_FLOOR,
+    PACK_TARGET_SIZE,
+    NullSink,
+    PackBuilder,
+    PackInfo,
+    authentic_prefix,
+    decode_journal,
+    encode_blob_payload,
+    encode_journal_record,
+)
 from stasisfs.repo.packfile import PackFile, abandoned_open_packs
 from stasisfs.repo.repository import Repository
 
@@ -76,30 +88,34 @@ class BlobWriter:
             self._claimed.add(chunk_id)
         return not (self.dedup and self.repo.index.has_chunk(chunk_id))
 
-    def add(self, chunk_id: bytes, kind: int, data: bytes | memoryview) -> bool:
-        """Store the blob unless it is already in the repository. True when it was new."""
+    def add(self, chunk_id: bytes, kind: int, data: bytes | memoryview, content_defined: bool = True) -> bool:
+        """Store the blob unless it is already in the repository. True when it was new.
+
+        `content_defined`: the chunker chose the blob's boundaries (False only for a whole small
+        file or a tree), which keeps its pack at the 1 MiB padding floor.
+        """
         if not self._claim(chunk_id):
             return False
-        self._append(chunk_id, kind, self._sealer().seal(chunk_id, data), len(data))
+        self._append(chunk_id, kind, self._sealer().seal(chunk_id, data), len(data), content_defined)
         return True
 
-    def add_sealed(self, chunk_id: bytes, kind: int, box: bytes, raw_length: int) -> bool:
+    def add_sealed(self, chunk_id: bytes, kind: int, box: bytes, raw_length: int, content_defined: bool = True) -> bool:
         """Store a blob a worker process already sealed, unless it is already stored."""
         if not self._claim(chunk_id):
             return False
-        self._append(chunk_id, kind, box, raw_length)
+        self._append(chunk_id, kind, box, raw_length, content_defined)
         return True
 
-    def _append(self, chunk_id: bytes, kind: int, box: bytes, raw_length: int) -> None:
+    def _append(self, chunk_id: bytes, kind: int, box: bytes, raw_length: int, content_defined: bool) -> None:
         full = None
         with self._lock:
             self.bytes_added += len(box)
             self.blobs_added += 1
-            while len(self._open) < 2:
+            if not self._open or (len(self._open) == 1 and len(self._open[0]) >= PACK_PAD_FLOOR):
                 self._open.append(self._new_pack())
-            slot = self._random.randrange(2)
+            slot = self._random.randrange(len(self._open))
             builder = self._open[slot]
-            builder.add(chunk_id, kind, box, raw_length)
+            builder.add(chunk_id, kind, box, raw_length, content_defined)
             if len(builder) >= PACK_TARGET_SIZE:
                 full, self._open[slot] = builder, self._new_pack()
         if full is not None:
