@@ -37,7 +37,7 @@ from stasisfs.repo.index import FileRecord
 from stasisfs.repo.packer import BlobWriter
 from stasisfs.repo.repository import Repository
 from stasisfs.system.crashpoints import crash_point
-from stasisfs.system.fsmeta import node_from_stat
+from stasisfs.system.fsmeta import node_from_stat, read_xattrs
 from stasisfs.system.pools import StartingPool
 
 CACHEDIR_SIGNATURE = b"Signature: 8a477f597d28d172789f06886806bc55"
@@ -47,7 +47,7 @@ CHECKPOINT_EVERY = 0.25  # seconds between saves of the files cache (and the ope
 CHECKPOINT_BYTES = 32 << 20  # or this much file data, whichever comes first
 DIR_CHECKPOINT_EVERY = 2.0  # directory records too, less often: each one first makes the open packs durable
 SEAL_AHEAD = 6  # chunks of one large file hashed, compressed and sealed at once (threads: those release the GIL)
-MAX_PENDING_ITEMS = 512
+MAX_PENDING_ITEMS = 4096  # entries walked ahead of the oldest unwritten tree (their boxes are bounded by bytes)
 MAX_PENDING_BYTES = 12 * 1024 * 1024
 MAX_PENDING_DIRS = 1024
 STAT_SIGNATURE = struct.Struct("<HIIIQqqQQQQ")
@@ -81,12 +81,14 @@ class Backup:
         self.keys = repo.master_keys
         self.index = repo.index
         self._chunkers = threading.local()
-        self._file_records: list[tuple[bytes, bytes]] = []  # encoded: written once the packs are safe
-        self._records_saved = 0  # how many of them a checkpoint already wrote
+        # Records not yet written (encoded), kept only until a checkpoint: memory stays flat over the run.
+        self._file_records: list[tuple[bytes, bytes]] = []  # written once the packs are safe
+        self._records_saved = 0  # how many checkpoints wrote so far
+        self._path_keys: dict[bytes, bytes] = {}  # files being read -> keyed path hash, computed once
+        self._files_cache_empty = False  # a first backup: no file can be unchanged, so none is looked up
         self._last_checkpoint = time.monotonic()
         self._bytes_since_checkpoint = 0
         self._dir_records: list[tuple[bytes, bytes]] = []  # dir key -> signature | tree id, likewise
-        self._dirs_saved = 0
         self._last_dir_checkpoint = time.monotonic()
         self._options_fingerprint = repr((sorted(options.excludes), options.exclude_caches, options.one_file_system)).encode()
         self._hardlinks: dict[tuple[int, int], Future[Node | None] | PendingFile] = {}
@@ -145,6 +147,7 @@ class Backup:
             result.error = f"cannot read {os.fsdecode(path)}: {exc.strerror}; skipped"
             return self._complete(path, node, st, result)
         try:
+            result.xattrs = read_xattrs(fd)
             result.content, result.size = self.store_stream(lambda view: os.readv(fd, [view]))
             after = os.fstat(fd)
             result.changed = (after.st_mtime_ns, after.st_size) != (st.st_mtime_ns, st.st_size) or result.size != st.st_size
@@ -156,6 +159,7 @@ class Backup:
 
     def _complete(self, path: bytes, node: Node, st: os.stat_result, result: FileResult, counted: bool = False) -> Node | None:
         """Fold a file's chunking result into the snapshot (parent side): pack new blobs, note the file."""
+        path_key = self._path_keys.pop(path, None)
         if result.error is not None:
             self.warn(result.error)
             return None
@@ -164,12 +168,12 @@ class Backup:
             if self.writer.add_sealed(chunk_id, BLOB_DATA, box, raw_length, content_defined=not whole_small_file):
                 with self._summary_lock:
                     self.summary.data_added += raw_length
-        node.content, node.size = result.content, result.size
+        node.content, node.size, node.xattrs = result.content, result.size, result.xattrs
         if result.changed:
             self.warn(f"{os.fsdecode(path)} changed while it was being read; the snapshot holds what was read")
         else:
             record = FileRecord(st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns, tuple(node.content))
-            self._file_records.append((self.keys.path_key(path), record.encode()))
+            self._file_records.append((path_key or self.keys.path_key(path), record.encode()))
             self._checkpoint(result.size)
         self.counters.add(files=1, nbytes=0 if counted else result.size)
         return node
@@ -186,25 +190,25 @@ class Backup:
         if self.options.dry_run or (now - self._last_checkpoint < CHECKPOINT_EVERY and self._bytes_since_checkpoint < CHECKPOINT_BYTES):
             return
         self._last_checkpoint, self._bytes_since_checkpoint = now, 0
-        batch = self._file_records[self._records_saved :]
-        self._records_saved = len(self._file_records)
+        batch, self._file_records = self._file_records, []
+        self._records_saved += len(batch)
         self.writer.journal()  # the blobs behind these records become salvageable
         self.index.put_file_records(batch)
         crash_point("backup-checkpointed", self._records_saved)
-        if now - self._last_dir_checkpoint >= DIR_CHECKPOINT_EVERY and not self.warnings and len(self._dir_records) > self._dirs_saved:
+        if now - self._last_dir_checkpoint >= DIR_CHECKPOINT_EVERY and not self.warnings and self._dir_records:
             # A directory record names a tree whose whole subtree must be stored: make every blob written
             # so far durable first (closing the open packs early), then the records are safe to keep.
             self._last_dir_checkpoint = now
             self.writer.flush()
-            dirs = self._dir_records[self._dirs_saved :]
-            self._dirs_saved = len(self._dir_records)
+            dirs, self._dir_records = self._dir_records, []
             self.index.put_file_records(dirs)
 
     # --- the walk ---
     def _file_node(self, pool: ThreadPoolExecutor, path: bytes, node: Node, st: os.stat_result, listed_ahead: bool = False) -> PendingItem:
-        known, content = self.index.unchanged_content(self.keys.path_key(path), st)
+        path_key = self.keys.path_key(path)
+        known, content = (False, None) if self._files_cache_empty else self.index.unchanged_content(path_key, st)
         if content is not None:
-            node.content = content
+            node.content, node.xattrs = content, read_xattrs(path)
             with self._summary_lock:
                 self.summary.files_unmodified += 1
             self.counters.add(files=1, nbytes=st.st_size)
@@ -213,12 +217,13 @@ class Backup:
             with contextlib.suppress(OSError):  # gone since: reading it reports that
                 fresh = os.lstat(path)
                 if stat.S_ISREG(fresh.st_mode) and (fresh.st_ino, fresh.st_ctime_ns, fresh.st_mtime_ns) != (st.st_ino, st.st_ctime_ns, st.st_mtime_ns):
-                    node, st = node_from_stat(node.name, path, fresh), fresh
+                    node, st = node_from_stat(node.name, path, fresh, file_xattrs_later=True), fresh
         with self._summary_lock:
             if known:
                 self.summary.files_changed += 1
             else:
                 self.summary.files_new += 1
+        self._path_keys[path] = path_key
         key = node.hardlink_key
         if key is not None and key in self._hardlinks:
             return LinkedFile(self, self._hardlinks[key], node, path, st)
@@ -299,7 +304,7 @@ class Backup:
                 pending.append(dir_entry_node)
                 continue
             try:
-                node = node_from_stat(entry.name, entry.path, st)
+                node = node_from_stat(entry.name, entry.path, st, file_xattrs_later=True)  # see _file_node
             except OSError as exc:
                 self.warn(f"cannot read {os.fsdecode(entry.path)}: {exc.strerror}; skipped")
                 continue
@@ -413,6 +418,7 @@ class Backup:
         started = time.monotonic()
         sys.setrecursionlimit(max(sys.getrecursionlimit(), 20000))
         paths = normalize_paths(self.options.paths)
+        self._files_cache_empty = self.index.files_empty()
         if self._listed is not None:
             self._listed.stop()  # the walk takes over: two threads walking only contend for the GIL
         self.begin()
@@ -461,9 +467,10 @@ class Backup:
     def _finish(self, root: bytes, paths: list[bytes], started: float) -> Snapshot:
         self.writer.flush()
         if not self.options.dry_run:
-            self.index.put_file_records(self._file_records[self._records_saved :])
+            self.index.put_file_records(self._file_records)
             if not self.warnings:  # a tree that left out an unreadable file must not be reused silently
-                self.index.put_file_records(self._dir_records[self._dirs_saved :])
+                self.index.put_file_records(self._dir_records)
+            self._file_records, self._dir_records = [], []
         s = self.summary
         s.total_files = self.counters.files_done
         s.total_bytes = self.counters.bytes_done
@@ -523,7 +530,7 @@ class LinkedFile:
         first = self.first.result()
         if first is None:
             return None
-        return self.backup._complete(self.path, self.node, self.st, FileResult(content=first.content, size=first.size))
+        return self.backup._complete(self.path, self.node, self.st, FileResult(content=first.content, size=first.size, xattrs=first.xattrs))
 
 
 class ProcessBatch:

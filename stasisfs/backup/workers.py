@@ -16,9 +16,11 @@ from stasisfs.format.chunker import Chunker
 from stasisfs.format.crypto import Cipher, MasterKeys
 from stasisfs.repo.index import Index
 from stasisfs.repo.packer import ChunkSealer
+from stasisfs.system.fsmeta import read_xattrs
 from stasisfs.system.pools import WorkerContext, exit_with_parent
 
 O_NOATIME = getattr(os, "O_NOATIME", 0)
+SEEN_LIMIT = 65536  # chunk ids a worker remembers sealing: bounded, so memory does not grow with the tree
 
 
 @dataclass
@@ -28,6 +30,7 @@ class FileResult:
     new_blobs: list[tuple[bytes, bytes, int]] = field(default_factory=list)  # chunk id, sealed box, plaintext length
     error: str | None = None
     changed: bool = False
+    xattrs: dict[bytes, bytes] = field(default_factory=dict)  # read through the open file: the walk leaves them to the reader
 
 
 def open_for_backup(path: bytes) -> int:
@@ -53,12 +56,15 @@ class ChunkWorker:
             result.error = f"cannot read {os.fsdecode(path)}: {exc.strerror}; skipped"
             return result
         try:
+            result.xattrs = read_xattrs(fd)
             for data in self.chunker.cut(lambda view: os.readv(fd, [view])):
                 chunk_id = self.keys.chunk_id_of(data)
                 result.content.append(chunk_id)
                 result.size += len(data)
                 if chunk_id in self.seen or self.index.has_chunk(chunk_id):
                     continue
+                if len(self.seen) >= SEEN_LIMIT:
+                    self.seen.clear()  # only saves sealing a repeat twice; the parent's claim decides
                 self.seen.add(chunk_id)
                 result.new_blobs.append((chunk_id, self.sealer.seal(chunk_id, data), len(data)))
             after = os.fstat(fd)

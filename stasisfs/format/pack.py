@@ -35,6 +35,7 @@ BLOB_DATA = 0
 BLOB_TREE = 1
 
 PACK_TARGET_SIZE = 16 * 1024 * 1024
+WRITE_BUFFER = 512 * 1024
 PACK_PAD_FLOOR = 1024 * 1024  # a pack with a content-defined cut in it
 SMALL_PACK_PAD_FLOOR = 64 * 1024  # a pack of whole small files and trees only
 
@@ -144,6 +145,8 @@ class PackBuilder:
         self.journaled = 0  # how many entries the open pack's journal already lists
         self.content_defined = False  # holds a chunk whose boundaries the chunker chose: the 1 MiB floor
         self._digest = hashlib.sha256()
+        self._buffered: list[bytes] = []  # small boxes go to the sink together: one write, one hash update
+        self._buffered_size = 0
 
     @classmethod
     def resume(cls, sink: PackSink, entries: list[BlobEntry], written: bytes | memoryview) -> PackBuilder:
@@ -160,9 +163,19 @@ class PackBuilder:
         return self.size
 
     def _emit(self, data: bytes) -> None:
-        self.sink.write(data)
-        self._digest.update(data)
+        self._buffered.append(data)
+        self._buffered_size += len(data)
         self.size += len(data)
+        if self._buffered_size >= WRITE_BUFFER:
+            self.flush()
+
+    def flush(self) -> None:
+        """Hand what is buffered to the sink; before journaling entries, so the journal never runs ahead of the file."""
+        if self._buffered:
+            data = b"".join(self._buffered) if len(self._buffered) > 1 else self._buffered[0]
+            self._buffered, self._buffered_size = [], 0
+            self.sink.write(data)
+            self._digest.update(data)
 
     def add(self, chunk_id: bytes, kind: int, box: bytes, raw_length: int, content_defined: bool = True) -> None:
         self.entries.append(BlobEntry(chunk_id, kind, self.size, len(box), raw_length))
@@ -183,6 +196,7 @@ class PackBuilder:
         trailer_box = cipher.seal(TRAILER.pack(header_offset, len(header_box)), KIND_PACK_TRAILER)
         for part in (header_box, padding, trailer_box):
             self._emit(part)
+        self.flush()
         return PackInfo(self._digest.digest(), self.size, tuple(self.entries))
 
 

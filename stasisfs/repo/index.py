@@ -265,6 +265,11 @@ class Index:
                 return True, None
         return True, content
 
+    def files_empty(self) -> bool:
+        """No file or directory record at all (a first backup)."""
+        with self.env.begin() as txn:
+            return int(txn.stat(self._files)["entries"]) == 0
+
     def cached_tree(self, dir_key: bytes, signature: bytes) -> bytes | None:
         """The tree id recorded for a directory whose signature is unchanged, if that tree is still stored."""
         with self.env.begin() as txn:

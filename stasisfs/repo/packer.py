@@ -48,11 +48,8 @@ class ChunkSealer:
 
     def seal(self, chunk_id: bytes, data: bytes | memoryview) -> bytes:
         compressed = self._compressor.compress(data)
-        if (
-            self.verify
-            and len(compressed) < len(data)
-            and self.cipher.keys.chunk_id_of(self._decompressor.decompress(compressed, max_output_size=len(data))) != chunk_id
-        ):
+        # The chunk id was just computed from `data`: comparing the round trip with it is the same check as rehashing.
+        if self.verify and len(compressed) < len(data) and self._decompressor.decompress(compressed, max_output_size=len(data)) != data:
             # restic 0.16 shipped a compressor bug that wrote corrupt data; never trust the codec blindly.
             raise IntegrityError("compression self-check failed; refusing to store a corrupt chunk")
         return self.cipher.seal(encode_blob_payload(data, compressed), KIND_CHUNK, chunk_id)
@@ -133,6 +130,9 @@ class BlobWriter:
         builder.sink.commit(info.pack_id)
         self.repo.index.add_packs([info])  # no index object yet: a killed run leaves it to header scanning
         with self._lock:
+            # The index answers for these from now on: the claims need not be held, and memory stays flat.
+            if self.dedup:
+                self._claimed.difference_update(e.chunk_id for e in info.blobs)
             self.packs_written += 1
             self._unindexed.append(info)
             batch = self._unindexed if len(self._unindexed) >= INDEX_OBJECT_EVERY else []
@@ -150,6 +150,7 @@ class BlobWriter:
         with self._lock:
             for builder in self._open:
                 if isinstance(builder.sink, PackFile) and builder.journaled < len(builder.entries):
+                    builder.flush()
                     fresh = builder.entries[builder.journaled :]
                     builder.journaled = len(builder.entries)
                     builder.sink.journal(encode_journal_record(self.cipher, fresh))

@@ -24,9 +24,11 @@ def node_type(st: os.stat_result) -> NodeType:
     return _TYPES[stat.S_IFMT(st.st_mode)]
 
 
-def read_xattrs(path: bytes) -> dict[bytes, bytes]:
+def read_xattrs(target: bytes | int) -> dict[bytes, bytes]:
+    """Extended attributes of a path (not following a symlink) or of an open file descriptor."""
+    nofollow = {} if isinstance(target, int) else {"follow_symlinks": False}
     try:
-        names = os.listxattr(path, follow_symlinks=False)
+        names = os.listxattr(target, **nofollow)
     except OSError as exc:
         if exc.errno in _IGNORED_XATTR_ERRORS:
             return {}
@@ -34,14 +36,15 @@ def read_xattrs(path: bytes) -> dict[bytes, bytes]:
     result = {}
     for name in names:
         try:
-            result[os.fsencode(name)] = os.getxattr(path, name, follow_symlinks=False)
+            result[os.fsencode(name)] = os.getxattr(target, name, **nofollow)
         except OSError as exc:
             if exc.errno not in _IGNORED_XATTR_ERRORS:
                 raise
     return result
 
 
-def node_from_stat(name: bytes, path: bytes, st: os.stat_result) -> Node:
+def node_from_stat(name: bytes, path: bytes, st: os.stat_result, file_xattrs_later: bool = False) -> Node:
+    """`file_xattrs_later`: a regular file's xattrs are left for whoever opens it (`read_xattrs(fd)`)."""
     kind = node_type(st)
     node = Node(
         name=name,
@@ -50,7 +53,7 @@ def node_from_stat(name: bytes, path: bytes, st: os.stat_result) -> Node:
         uid=st.st_uid,
         gid=st.st_gid,
         mtime_ns=st.st_mtime_ns,
-        xattrs=read_xattrs(path),
+        xattrs={} if file_xattrs_later and kind == FILE else read_xattrs(path),
     )
     if kind == FILE:
         node.size = st.st_size
