@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import importlib.machinery
 import multiprocessing
 import os
 import signal
@@ -152,3 +153,16 @@ class WorkerContext(Generic[Shared, Worker]):
         worker: Worker | None = getattr(self._local, "worker", None)
         assert worker is not None, "the pool's initializer was not run in this thread"
         return worker
+
+
+def spawn_light_workers() -> None:
+    """Let spawned workers skip re-running the program's main script.
+
+    Started as the `stasisfs` console script, `__main__` has a file and no spec, so multiprocessing
+    makes every spawned worker run that script as `__mp_main__`, importing the whole CLI (about
+    10 MB more per worker). Naming it `stasisfs.__main__`, which it is equivalent to, lets the
+    workers import only what their tasks need, as under `python -m stasisfs`.
+    """
+    main = sys.modules.get("__main__")
+    if main is not None and getattr(main, "__spec__", None) is None:
+        main.__spec__ = importlib.machinery.ModuleSpec("stasisfs.__main__", None)
