@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import select
 import signal
 import subprocess
 import sys
@@ -15,6 +14,8 @@ from typing import Any
 
 import pytest
 import requests
+
+from stasisfs_server.launch import start_server
 
 ROOT = Path(__file__).resolve().parent.parent
 # What a client enrols with, for tests that speak HTTP directly: the test suite's weak KDF and an opaque envelope.
@@ -44,26 +45,8 @@ class Server:
         return done.stdout.strip().splitlines()[-1]
 
     def start(self, listen: str = "127.0.0.1:0") -> None:
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "stasisfs_server", "--data", str(self.data), *self.extra_args, "serve", "--listen", listen, *self.serve_args],
-            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=self.env(), cwd=self.code)
-        assert self.process.stdout is not None
-        deadline = time.monotonic() + 30
-        buffered = b""
-        while time.monotonic() < deadline:
-            ready, _, _ = select.select([self.process.stdout], [], [], 0.5)
-            if ready:
-                chunk = os.read(self.process.stdout.fileno(), 4096)
-                if not chunk:
-                    break
-                buffered += chunk
-                for line in buffered.decode(errors="replace").splitlines():
-                    if line.startswith("listening on "):
-                        self.url = line.split()[-1]
-                        return
-            if self.process.poll() is not None:
-                break
-        raise RuntimeError(f"server did not start: {buffered.decode(errors='replace')}")
+        self.process, self.url = start_server(["--data", str(self.data), *self.extra_args, "serve", "--listen", listen, *self.serve_args],
+                                              env=self.env(), cwd=self.code)
 
     def stop(self, kill: bool = False) -> None:
         if self.process is None:

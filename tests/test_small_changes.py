@@ -82,6 +82,8 @@ def test_prune_merges_small_packs_and_every_snapshot_still_restores(cli: Cli) ->
     assert summary["bytes_freed"] > 0
     assert len(pack_sizes(cli)) <= 2
     assert (stored(cli) - first) / 24 <= 64 * 1024
+    again = json.loads(cli.ok("prune", "--dry-run", "--json").stdout)
+    assert again["packs_repacked"] == 0  # merged packs are not merged again: prune reaches a fixed point
 
     cli.ok("check", "--read-data")
     snapshots = cli.snapshots()

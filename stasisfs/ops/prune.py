@@ -158,7 +158,7 @@ def execute(repo: Repository, plan: PrunePlan, say: Callable[[str], None] = lamb
     report = PruneReport()
     if not plan.delete and not plan.repack:
         return report
-    writer = BlobWriter(repo, dedup=False)
+    writer = BlobWriter(repo, dedup=False, spread=False)
     try:
         for pack_id in plan.repack:
             with open(repo.pack_path(pack_id), "rb") as f:

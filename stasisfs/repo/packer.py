@@ -21,7 +21,6 @@ from stasisfs.errors import IntegrityError
 from stasisfs.format.crypto import KIND_CHUNK, Cipher
 from stasisfs.format.pack import (
     PACK_PAD_FLOOR,
-    PACK_TARGET_SIZE,
     NullSink,
     PackBuilder,
     PackInfo,
@@ -56,9 +55,12 @@ class ChunkSealer:
 
 
 class BlobWriter:
-    def __init__(self, repo: Repository, dry_run: bool = False, verify: bool = True, dedup: bool = True) -> None:
+    def __init__(self, repo: Repository, dry_run: bool = False, verify: bool = True, dedup: bool = True, spread: bool = True) -> None:
         self.repo = repo
         self.dedup = dedup  # prune's repacking copies blobs the index still lists in the packs being replaced
+        # Two open packs hide the order of a backup's files; prune copies blobs the storage side has seen
+        # packed already, and one pack at a time leaves at most one small pack, so a second prune has none to merge.
+        self.spread = spread
         self.cipher = repo.cipher
         self.dry_run = dry_run
         self.verify = verify
@@ -108,12 +110,12 @@ class BlobWriter:
         with self._lock:
             self.bytes_added += len(box)
             self.blobs_added += 1
-            if not self._open or (len(self._open) == 1 and len(self._open[0]) >= PACK_PAD_FLOOR):
+            if not self._open or (self.spread and len(self._open) == 1 and len(self._open[0]) >= PACK_PAD_FLOOR):
                 self._open.append(self._new_pack())
             slot = self._random.randrange(len(self._open))
             builder = self._open[slot]
             builder.add(chunk_id, kind, box, raw_length, content_defined)
-            if len(builder) >= PACK_TARGET_SIZE:
+            if builder.ready():
                 full, self._open[slot] = builder, self._new_pack()
         if full is not None:
             self.write_pack(full)
