@@ -155,3 +155,18 @@ def test_unreadable_file_named_skipped_exit_3(cli: Cli) -> None:
         assert f"{src}/ok.txt" in listing and "locked.txt" not in listing
     finally:
         shutil.rmtree(base, ignore_errors=True)
+
+
+def test_an_xattr_added_between_backups_is_in_the_next_snapshot(cli: Cli) -> None:
+    """The walk leaves xattrs to whoever needs them (a file's reader, a rebuilt parent tree): a change still shows."""
+    cli.init()
+    src = cli.tree({"deep/sub/file.txt": "unchanged content"})
+    cli.backup(src)
+    os.setxattr(src / "deep" / "sub", b"user.label", b"dir, later")
+    os.setxattr(src / "deep" / "sub" / "file.txt", b"user.label", b"file, later")
+    cli.backup(src)
+    out = cli.tmp / "out"
+    cli.ok("restore", "latest", "--target", out)
+    restored = out / str(src).lstrip("/") / "deep" / "sub"
+    assert os.getxattr(restored, b"user.label") == b"dir, later"
+    assert os.getxattr(restored / "file.txt", b"user.label") == b"file, later"

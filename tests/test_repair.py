@@ -36,15 +36,21 @@ def local_packs(cli: Cli) -> list[Path]:
     return sorted(p for p in (cli.repo / "data").rglob("*") if p.is_file())
 
 
+def data_pack(cli: Cli) -> Path:
+    """The largest pack: file data from its first byte on (a run's second pack may hold a tree and padding only)."""
+    return max(local_packs(cli), key=lambda p: p.stat().st_size)
+
+
 def server_packs(server: Server) -> list[Path]:
     return sorted(p for p in (server.data / "objects").rglob("*") if p.is_file() and "data" in p.parts)
 
 
 def test_bit_rot_in_a_local_pack_is_healed_from_the_server(cli: Cli, server: Server) -> None:
     src = setup(cli, server)
-    flip(local_packs(cli)[0])
+    victim = data_pack(cli)
+    flip(victim)
     found = cli.run("check", "--read-data")
-    assert found.returncode == 1 and local_packs(cli)[0].name.encode() in found.stderr
+    assert found.returncode == 1 and victim.name.encode() in found.stderr
     assert b"affected: " in found.stderr and b"stasisfs repair" in found.stderr  # which files of which snapshots
     healed = cli.ok("repair")
     assert b"healed from home" in healed.stderr
@@ -85,7 +91,7 @@ def test_server_scrub_finds_damage_without_keys_and_sync_heals_it(cli: Cli, serv
 
 def test_damage_with_no_good_copy_names_the_lost_files(cli: Cli, server: Server) -> None:
     src = setup(cli, server)
-    victim = local_packs(cli)[0]
+    victim = data_pack(cli)
     flip(victim)
     next(p for p in server_packs(server) if p.name == victim.name).unlink()
     done = cli.run("repair")
@@ -103,7 +109,7 @@ def test_scrub_cli_runs_without_a_server(tmp_path: Path) -> None:
 
 def test_repair_snapshots_keeps_what_is_left(cli: Cli, server: Server) -> None:
     src = setup(cli, server)
-    victim = local_packs(cli)[0]
+    victim = data_pack(cli)
     flip(victim)
     next(p for p in server_packs(server) if p.name == victim.name).unlink()
     assert cli.run("repair").returncode == 1

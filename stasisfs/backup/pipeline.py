@@ -217,7 +217,7 @@ class Backup:
             with contextlib.suppress(OSError):  # gone since: reading it reports that
                 fresh = os.lstat(path)
                 if stat.S_ISREG(fresh.st_mode) and (fresh.st_ino, fresh.st_ctime_ns, fresh.st_mtime_ns) != (st.st_ino, st.st_ctime_ns, st.st_mtime_ns):
-                    node, st = node_from_stat(node.name, path, fresh, file_xattrs_later=True), fresh
+                    node, st = node_from_stat(node.name, path, fresh, xattrs_later=True), fresh
         with self._summary_lock:
             if known:
                 self.summary.files_changed += 1
@@ -274,7 +274,8 @@ class Backup:
                 is_dir = stat.S_ISDIR(st.st_mode)
                 if spec is not None and self.rules.excluded(entry.path, is_dir):
                     continue
-                dir_entry_node = node_from_stat(entry.name, entry.path, st) if is_dir else None
+                # A subdirectory's xattrs are read only if this directory's tree is rebuilt (below).
+                dir_entry_node = node_from_stat(entry.name, entry.path, st, xattrs_later=True) if is_dir else None
             except OSError as exc:
                 self.warn(f"cannot read {os.fsdecode(entry.path)}: {exc.strerror}; skipped")
                 continue
@@ -301,10 +302,15 @@ class Backup:
         queued_bytes = 0
         for entry, st, dir_entry_node in walked:
             if dir_entry_node is not None:
+                try:
+                    dir_entry_node.xattrs = read_xattrs(entry.path)
+                except OSError as exc:
+                    self.warn(f"cannot read {os.fsdecode(entry.path)}: {exc.strerror}; skipped")
+                    continue
                 pending.append(dir_entry_node)
                 continue
             try:
-                node = node_from_stat(entry.name, entry.path, st, file_xattrs_later=True)  # see _file_node
+                node = node_from_stat(entry.name, entry.path, st, xattrs_later=stat.S_ISREG(st.st_mode))  # see _file_node
             except OSError as exc:
                 self.warn(f"cannot read {os.fsdecode(entry.path)}: {exc.strerror}; skipped")
                 continue

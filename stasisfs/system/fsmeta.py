@@ -43,8 +43,8 @@ def read_xattrs(target: bytes | int) -> dict[bytes, bytes]:
     return result
 
 
-def node_from_stat(name: bytes, path: bytes, st: os.stat_result, file_xattrs_later: bool = False) -> Node:
-    """`file_xattrs_later`: a regular file's xattrs are left for whoever opens it (`read_xattrs(fd)`)."""
+def node_from_stat(name: bytes, path: bytes, st: os.stat_result, xattrs_later: bool = False) -> Node:
+    """`xattrs_later`: the caller reads the xattrs when it knows it needs them (`read_xattrs`)."""
     kind = node_type(st)
     node = Node(
         name=name,
@@ -53,7 +53,7 @@ def node_from_stat(name: bytes, path: bytes, st: os.stat_result, file_xattrs_lat
         uid=st.st_uid,
         gid=st.st_gid,
         mtime_ns=st.st_mtime_ns,
-        xattrs={} if file_xattrs_later and kind == FILE else read_xattrs(path),
+        xattrs={} if xattrs_later else read_xattrs(path),
     )
     if kind == FILE:
         node.size = st.st_size
