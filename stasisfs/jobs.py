@@ -29,7 +29,7 @@ Say = Callable[[str], None]
 
 
 def quiet(_: str) -> None:
-    pass
+    """The `say` of a command run with --json or --quiet: progress lines go nowhere."""
 
 
 def prepare_backup(repo: Repository) -> None:

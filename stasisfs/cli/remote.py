@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING
 
 import click
 
@@ -11,9 +10,6 @@ from stasisfs.cli.common import global_options, human_size, info, open_repositor
 from stasisfs.errors import EXIT_INCOMPLETE, UsageError
 from stasisfs.progress import Counters, Reporter
 from stasisfs.remote.devices import DeviceRemotes
-
-if TYPE_CHECKING:
-    pass
 
 # The HTTP stack (requests) is imported inside the commands that use it: every other command starts faster.
 
