@@ -8,9 +8,11 @@ with the statuses and codes of docs/format.md; clients act on `code`, never on t
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import logging
 import re
+from collections.abc import Iterator
 from typing import Annotated, Any, Literal
 
 from fastapi import Depends, FastAPI, Query, Request
@@ -22,7 +24,10 @@ from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from . import __doc__ as package_doc
+from .metrics import Metrics
 from .service import Principal, Refused, Service
+from .web.dashboard import create_dashboard, static_files
+from .webaccess import WebAccess
 
 MAX_OBJECT_BYTES = 128 * 1024 * 1024
 MAX_REQUEST_BYTES = 256 * 1024  # everything that is not an object upload
@@ -174,9 +179,14 @@ def from_base64(text: str) -> bytes:
         raise Refused(400, "malformed", "not valid base64") from None
 
 
-def create_app(service: Service, max_object: int = MAX_OBJECT_BYTES) -> ASGIApp:
+def create_app(service: Service, max_object: int = MAX_OBJECT_BYTES, metrics: Metrics | None = None) -> ASGIApp:
+    """The whole HTTP surface: the API under /v1 and the dashboard under /ui, counted by `metrics`."""
     app = FastAPI(title="stasisfs-server", version="1", description=package_doc or "", docs_url=None, redoc_url=None)
     app.state.service = service
+    metrics = metrics or Metrics(service)
+    access = WebAccess(service.engine, service.secret)
+    app.include_router(create_dashboard(service, access))
+    app.mount("/ui/static", static_files(), name="ui-static")
     log = logging.getLogger("stasisfs_server")
 
     @app.exception_handler(Refused)
@@ -210,14 +220,21 @@ def create_app(service: Service, max_object: int = MAX_OBJECT_BYTES) -> ASGIApp:
         return service.login_params(user)
 
     @app.post("/v1/enrol")
-    def enrol(body: EnrolRequest) -> dict[str, str]:
-        token, device = service.enrol(body.user, body.code, bytes.fromhex(body.verifier), body.kdf.model_dump(), body.device,
-                                      from_base64(body.envelope))
+    def enrol(request: Request, body: EnrolRequest) -> dict[str, str]:
+        with counting_failures(metrics):
+            token, device = service.enrol(body.user, body.code, bytes.fromhex(body.verifier), body.kdf.model_dump(), body.device,
+                                          from_base64(body.envelope), client_address(request))
         return {"token": token, "device": device}
 
     @app.post("/v1/users/{user}/login")
     def login(request: Request, user: str, body: LoginRequest) -> dict[str, str]:
-        return {"token": service.login(user, bytes.fromhex(body.verifier), client_address(request))}
+        with counting_failures(metrics):
+            return {"token": service.login(user, bytes.fromhex(body.verifier), client_address(request))}
+
+    @app.post("/v1/account/web-login")
+    def web_login(who: Auth) -> dict[str, str]:
+        """A one-time dashboard link for the user: for a password login only, never a device token."""
+        return {"path": f"/ui/login?t={access.link_for(who)}"}
 
     @app.get("/v1/account")
     def account(who: Auth) -> dict[str, Any]:
@@ -284,6 +301,8 @@ def create_app(service: Service, max_object: int = MAX_OBJECT_BYTES) -> ASGIApp:
         target = await run_in_threadpool(service.device, who, device, True)
         parts, sha256 = await receive_hashed(request)
         stored = await run_in_threadpool(service.put_object, target, kind, object_id, parts, sha256)
+        if stored:
+            metrics.upload_bytes.inc(sum(len(p) for p in parts))
         return JSONResponse({"stored": stored}, status_code=201 if stored else 200)
 
     @app.head("/v1/devices/{device}/objects/{kind}/{object_id}")
@@ -313,4 +332,15 @@ def create_app(service: Service, max_object: int = MAX_OBJECT_BYTES) -> ASGIApp:
         service.delete_object(who, service.device(who, device), kind, object_id)
         return {"status": "deleted"}
 
-    return BodyLimit(app, max_object)
+    return BodyLimit(metrics.middleware(app), max_object)
+
+
+@contextlib.contextmanager
+def counting_failures(metrics: Metrics) -> Iterator[None]:
+    """Count refused logins and enrolments (wrong secrets and throttled attempts) in the metrics."""
+    try:
+        yield
+    except Refused as exc:
+        if exc.code in ("unauthorized", "enrolled", "rate_limited"):
+            metrics.login_failures.inc()
+        raise

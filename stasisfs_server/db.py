@@ -64,6 +64,9 @@ class User(Base):
     password_changed: Mapped[datetime | None] = mapped_column(nullable=True)
     # Every stored byte of the user (objects, escrowed keys, the envelope), reserved atomically before a write.
     used_bytes: Mapped[int] = mapped_column(BigInteger, default=0)
+    # Seconds without an upload before a device of this user is reported quiet; None: the server's
+    # --alert-after; 0: never.
+    alert_after: Mapped[int | None] = mapped_column(Integer, nullable=True)
 
 
 class EnrolmentCode(Base):
@@ -90,6 +93,10 @@ class Device(Base):
     generation: Mapped[int] = mapped_column(Integer, default=1)
     taken_over_at: Mapped[datetime | None] = mapped_column(nullable=True)
     taken_over_by: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    alert_after: Mapped[int | None] = mapped_column(Integer, nullable=True)  # None: the user's threshold; 0: never
+    # When the "quiet" alert went out; cleared (and "back" sent) once the device uploads again.
+    # Set by a conditional UPDATE, so several server instances send one alert between them.
+    quiet_alerted: Mapped[datetime | None] = mapped_column(nullable=True)
 
 
 class Token(Base):
@@ -131,6 +138,22 @@ class LoginFailure(Base):
     at: Mapped[datetime] = mapped_column(default=now, index=True)
 
 
+class WebSession(Base):
+    """Dashboard access: a one-time login link ("link") or the browser session it became ("session").
+
+    Only the SHA-256 of each secret is kept. `user_id` None with role "admin" is the operator.
+    """
+
+    __tablename__ = "web_sessions"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    secret_hash: Mapped[bytes] = mapped_column(LargeBinary(32), unique=True)
+    kind: Mapped[str] = mapped_column(String(16))  # "link" or "session"
+    role: Mapped[str] = mapped_column(String(16))  # "admin" or "user"
+    user_id: Mapped[int | None] = mapped_column(ForeignKey("users.id"), nullable=True)
+    created: Mapped[datetime] = mapped_column(default=now)
+    expires: Mapped[datetime] = mapped_column()
+
+
 def default_db_url(data_dir: Path) -> str:
     return f"sqlite:///{data_dir.absolute() / 'stasis.db'}"
 
@@ -157,14 +180,23 @@ def _to_version_2(s: Any) -> None:
                    "(SELECT COALESCE(SUM(LENGTH(k.blob)), 0) FROM escrowed_keys k JOIN devices d ON d.id = k.device_id WHERE d.user_id = users.id)"))
 
 
+def _to_version_3(s: Any) -> None:
+    """Alert thresholds and alert state (issue 22); the web_sessions table is created by create_all."""
+    from sqlalchemy import text
+
+    for statement in ("ALTER TABLE users ADD COLUMN alert_after INTEGER", "ALTER TABLE devices ADD COLUMN alert_after INTEGER",
+                      "ALTER TABLE devices ADD COLUMN quiet_alerted TIMESTAMP WITH TIME ZONE"):
+        s.execute(text(statement))
+
+
 def _dialect(s: Any) -> str:
     return str(s.get_bind().dialect.name)
 
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 # Forward migrations: MIGRATIONS[n] takes a database at version n to n + 1. A new database is made
 # at SCHEMA_VERSION by create_all; an older one is brought forward by every instance at start.
-MIGRATIONS: list[Any] = [None, _to_version_2]
+MIGRATIONS: list[Any] = [None, _to_version_2, _to_version_3]
 
 
 def migrate(engine: Engine, fresh: bool) -> int:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import itertools
+import json
 import math
 import re
 import secrets
@@ -27,6 +28,7 @@ from .db import Device, EnrolmentCode, EscrowedKey, LoginFailure, Meta, StoredOb
 from .stores import ObjectNotFound, ObjectStore, object_key
 
 KINDS = ("config", "data", "index", "snapshots")
+LAST_SCRUB = "last_scrub"  # the Meta row holding the last scrub's result
 OBJECT_ID = re.compile(r"^[0-9a-f]{64}$")
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 ENROLMENT_LIFETIME = timedelta(hours=24)
@@ -38,6 +40,14 @@ MAX_ENVELOPE_BYTES = 4 * 1024
 ESCROW_VERSIONS_KEPT = 4  # a bound, whatever clients do; clients delete older ones once a new one is confirmed
 # What unknown users are answered with, so that names cannot be probed by their parameters: key scheme 2's.
 DEFAULT_LOGIN_KDF: dict[str, Any] = {"name": "argon2id", "iterations": 4, "memory_kib": 256 * 1024, "lanes": 4}
+
+
+class _Keep:
+    """The default of a setting that is left as it is (None means "inherit", so it cannot mean "unchanged")."""
+
+
+KEEP = _Keep()
+AlertSetting = int | None | _Keep
 
 
 class Refused(Exception):
@@ -97,10 +107,17 @@ class DeviceRef:
 
 
 class Service:
-    def __init__(self, engine: Engine, store: ObjectStore) -> None:
+    def __init__(self, engine: Engine, store: ObjectStore, default_alert_after: timedelta | None = None) -> None:
         self.engine = engine
         self.store = store
+        # `serve --alert-after`: when a device counts as quiet, unless its user or itself sets another threshold.
+        self.default_alert_after = default_alert_after
         self._secret = self._server_secret()
+
+    @property
+    def secret(self) -> bytes:
+        """The server's own random secret, for keyed hashes (never sent anywhere)."""
+        return self._secret
 
     def _server_secret(self) -> bytes:
         with Session(self.engine) as s:
@@ -142,17 +159,29 @@ class Service:
         return code
 
     def set_user(self, name: str, append_only: bool | None = None, quota: int | None = None, clear_quota: bool = False,
-                 disabled: bool | None = None) -> None:
+                 disabled: bool | None = None, alert_after: AlertSetting = KEEP) -> None:
         with Session(self.engine) as s:
             user = self._user(s, name)
+            if not isinstance(alert_after, _Keep):
+                user.alert_after = alert_after
             if append_only is not None:
                 user.append_only = append_only
             if quota is not None or clear_quota:
                 user.quota = quota
             if disabled is not None:
                 user.disabled = disabled
-                if disabled:
-                    s.execute(delete(Token).where(Token.user_id == user.id))
+                if disabled:  # device tokens stay, refused while disabled, so enabling the user again lets the devices back in
+                    s.execute(delete(Token).where(Token.user_id == user.id, Token.kind != "device"))
+            s.commit()
+
+    def set_device_alert_after(self, user_name: str, device_name: str, alert_after: int | None) -> None:
+        """A device's own quiet threshold in seconds: None follows its user's, 0 never alerts."""
+        with Session(self.engine) as s:
+            user = self._user(s, user_name)
+            device = s.scalar(select(Device).where(Device.user_id == user.id, Device.name == device_name)) if valid_name(device_name) else None
+            if device is None:
+                raise Refused(404, "not_found", f"no device {device_name} for {user_name}")
+            device.alert_after = alert_after
             s.commit()
 
     def users(self) -> list[dict[str, Any]]:
@@ -164,7 +193,7 @@ class Service:
                 rows.append({"name": user.name, "created": user.created.isoformat(), "disabled": user.disabled,
                              "append_only": user.append_only, "quota": user.quota, "used": int(user.used_bytes),
                              "objects_bytes": int(used or 0), "key_scheme": 2 if user.user_key_envelope is not None else 1,
-                             "devices": int(devices or 0), "enrolled": user.verifier_hash is not None})
+                             "devices": int(devices or 0), "enrolled": user.verifier_hash is not None, "alert_after": user.alert_after})
             return rows
 
     def _user(self, s: Session, name: str) -> User:
@@ -185,7 +214,8 @@ class Service:
         fake_salt = hmac.new(self._secret, b"login salt\0" + name.encode(), "sha256").digest()[:16]
         return {"salt": fake_salt.hex(), "kdf": DEFAULT_LOGIN_KDF, "scheme": 2}
 
-    def enrol(self, user_name: str, code: str, verifier: bytes, kdf: dict[str, Any], device_name: str, envelope: bytes) -> tuple[str, str]:
+    def enrol(self, user_name: str, code: str, verifier: bytes, kdf: dict[str, Any], device_name: str, envelope: bytes,
+              address: str = "") -> tuple[str, str]:
         check_name(device_name, "device")
         self._check_envelope(envelope)
         wrong = Refused(401, "unauthorized", "enrolment code is wrong, used or expired; ask the operator for `stasisfs-server user reissue`")
@@ -196,16 +226,25 @@ class Service:
                 raise wrong
             if user.disabled:
                 raise Refused(403, "disabled", "this account is disabled")
+            enrolled = user.verifier_hash is not None
+            # A code for an account that already has devices adds one, with the password: it never replaces the
+            # verifier or the user key, which would cut every other device off from recovery.
+            if enrolled and not self._verifier_matches(user, verifier):
+                self._throttle(s, user.name, address)
+                self._record_failure(s, user.name, address)
+                raise Refused(409, "enrolled", "this account already has devices: the code adds another one with the account's "
+                                               "current password (derive the verifier with the server's login parameters)")
             # Consumed exactly once, even with concurrent requests on several instances.
             taken = s.execute(update(EnrolmentCode).where(EnrolmentCode.id == row.id, EnrolmentCode.used.is_(False)).values(used=True))
             if taken.rowcount != 1:  # type: ignore[attr-defined]
                 raise wrong
-            grown = len(envelope) - len(user.user_key_envelope or b"")
-            user.verifier_hash = digest(verifier)
-            user.login_kdf = kdf
-            user.user_key_envelope = envelope
-            s.flush()
-            self._reserve(s, user.id, grown)
+            if not enrolled:
+                grown = len(envelope) - len(user.user_key_envelope or b"")
+                user.verifier_hash = digest(verifier)
+                user.login_kdf = kdf
+                user.user_key_envelope = envelope
+                s.flush()
+                self._reserve(s, user.id, grown)
             device = self._device_for_token(s, user, device_name, take_over=True, by="enrolment")
             token = self._new_token(s, "device", user.id, device.id, generation=device.generation)
             s.commit()
@@ -352,10 +391,14 @@ class Service:
             rows = []
             for device in s.scalars(select(Device).where(Device.user_id == user_id).order_by(Device.name)):
                 stored = s.execute(select(func.count(), func.coalesce(func.sum(StoredObject.size), 0)).where(StoredObject.device_id == device.id)).one()
+                user = s.get(User, device.user_id)
+                threshold = effective_alert_after(device.alert_after, user.alert_after if user else None, self.default_alert_after)
                 rows.append({"name": device.name, "created": device.created.isoformat(), "revoked": device.revoked,
                              "last_upload": device.last_upload.isoformat() if device.last_upload else None,
                              "objects": int(stored[0]), "bytes": int(stored[1]), "generation": device.generation,
                              "taken_over": aware(device.taken_over_at).isoformat(timespec="seconds") if device.taken_over_at else None,
+                             "state": device_state(device, threshold), "alert_after": device.alert_after,
+                             "effective_alert_after": int(threshold.total_seconds()) if threshold else None,
                              "this": principal is not None and principal.device_id == device.id})
             return rows
 
@@ -597,7 +640,23 @@ class Service:
             counts[problem] += 1
             say(f"{problem}: device {uid} {kind}/{object_id}")
             self._uncatalog(device_id, kind, object_id)
+        self._put_meta(LAST_SCRUB, json.dumps({"finished": now().isoformat(timespec="seconds"), **counts}))
         return counts
+
+    def last_scrub(self) -> dict[str, Any] | None:
+        """The last scrub's counts and finishing time, whichever instance or admin command ran it."""
+        with Session(self.engine) as s:
+            row = s.get(Meta, LAST_SCRUB)
+            return dict(json.loads(row.value)) if row is not None else None
+
+    def _put_meta(self, key: str, value: str) -> None:
+        with Session(self.engine) as s:
+            row = s.get(Meta, key)
+            if row is None:
+                s.add(Meta(key=key, value=value))
+            else:
+                row.value = value
+            s.commit()
 
     # --- escrow: each device's key wrapped under the user key (scheme 2) or the password (scheme 1) ---
     def put_escrow(self, principal: Principal, device: DeviceRef, blob: bytes) -> int:
@@ -646,6 +705,24 @@ class Service:
         with Session(self.engine) as s:
             rows = s.scalars(select(EscrowedKey).where(EscrowedKey.device_id == device.id).order_by(EscrowedKey.version.desc())).all()
             return [(row.version, row.blob) for row in rows]
+
+
+def effective_alert_after(device_setting: int | None, user_setting: int | None, default: timedelta | None) -> timedelta | None:
+    """The device's own threshold, else its user's, else the server's; None when it is never reported quiet."""
+    for setting in (device_setting, user_setting):
+        if setting is not None:
+            return timedelta(seconds=setting) if setting > 0 else None
+    return default
+
+
+def device_state(device: Device, threshold: timedelta | None, moment: datetime | None = None) -> str:
+    """`revoked`, `stale` (quiet past its threshold) or `active`."""
+    if device.revoked:
+        return "revoked"
+    last = aware(device.last_upload or device.created)
+    if threshold is not None and (moment or now()) - last > threshold:
+        return "stale"
+    return "active"
 
 
 def retired_message(device: Device) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import signal
 import subprocess
@@ -62,6 +63,28 @@ class Server:
     @property
     def port(self) -> int:
         return int(self.url.rsplit(":", 1)[1])
+
+
+# Speaking the API directly, as a client with a known verifier would.
+def enrol(server: Server, user: str, device: str = "laptop", code: str | None = None, *options: str) -> str:
+    code = code or server.add_user(user, *options)
+    answer = requests.post(f"{server.url}/v1/enrol", json={"user": user, "code": code, "verifier": hashlib.sha256(user.encode()).hexdigest(),
+                                                            "kdf": TEST_KDF, "device": device, "envelope": TEST_ENVELOPE}, timeout=30)
+    assert answer.status_code == 200, answer.text
+    return str(answer.json()["token"])
+
+
+def auth(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+def obj(server: Server, device: str, data: bytes, kind: str = "data") -> str:
+    return f"{server.url}/v1/devices/{device}/objects/{kind}/{hashlib.sha256(data).hexdigest()}"
+
+
+def login(server: Server, user: str) -> requests.Response:
+    return requests.post(f"{server.url}/v1/users/{user}/login", json={"verifier": hashlib.sha256(user.encode()).hexdigest()}, timeout=30)
+
 
 
 @pytest.fixture

@@ -9,7 +9,7 @@ import click
 from stasisfs.cli.common import global_options, human_size, info, open_repository, print_json, read_password, repo_path, report_sync, warn
 from stasisfs.errors import EXIT_INCOMPLETE, UsageError
 from stasisfs.progress import Counters, Reporter
-from stasisfs.remote.devices import DeviceRemotes
+from stasisfs.remote.devices import DeviceRemotes, Remote
 
 # The HTTP stack (requests) is imported inside the commands that use it: every other command starts faster.
 
@@ -187,11 +187,22 @@ def recover(url: str, user: str, device: str | None, remote_name: str, cacert: s
 
 @click.group(invoke_without_command=True)
 @click.option("--json", "json_output", is_flag=True, help="Print JSON.")
+@click.option("--web", is_flag=True, help="Print a one-time URL to your dashboard on each remote (asks for your password).")
+@click.option("--remote", "remote_name", default=None, help="With --web: only this remote.")
 @global_options
 @click.pass_context
-def devices(ctx: click.Context, json_output: bool) -> None:
-    """List your devices on each remote, with their last upload times."""
+def devices(ctx: click.Context, json_output: bool, web: bool, remote_name: str | None) -> None:
+    """List your devices on each remote, with their last upload times.
+
+    \b
+    With --web, log in with your password here (it never reaches the browser or the server)
+    and print one-time URLs to the dashboard, one line per remote: open one in a browser
+    within 10 minutes. It works once.
+    """
     if ctx.invoked_subcommand is not None:
+        return
+    if web:
+        _dashboard_links(remote_name)
         return
     rows = []
     with open_repository(unlock=False) as repo:
@@ -209,16 +220,34 @@ def devices(ctx: click.Context, json_output: bool) -> None:
                    f"{human_size(int(row.get('bytes', 0)))}{marks}")
 
 
+def _remotes_for_password(remote_name: str | None) -> list[Remote]:
+    with open_repository(unlock=False) as repo:
+        remotes = DeviceRemotes(repo.id).select([remote_name] if remote_name else [])
+    if not remotes:
+        raise UsageError("no remotes configured: add one with `stasisfs remote add NAME URL --user USER`")
+    return remotes
+
+
+def _dashboard_links(remote_name: str | None) -> None:
+    from stasisfs.remote import account
+    from stasisfs.remote.client import RemoteClient
+
+    remotes = _remotes_for_password(remote_name)
+    password = _password_only()
+    for target in remotes:
+        client = RemoteClient(target.url, cacert=target.cacert, name=target.name)
+        account.open_account(client, target.user, password, info)
+        info(f"{target.name}: one-time dashboard link for {target.user}, valid 10 minutes:")
+        click.echo(client.web_login())
+
+
 @devices.command("revoke")
 @click.argument("name")
 @click.option("--remote", "remote_name", default=None, help="Only on this remote (default: every remote).")
 @global_options
 def devices_revoke(name: str, remote_name: str | None) -> None:
     """Cut off a lost or stolen device at once. Needs your password; the device's backups stay recoverable."""
-    with open_repository(unlock=False) as repo:
-        remotes = DeviceRemotes(repo.id).select([remote_name] if remote_name else [])
-    if not remotes:
-        raise UsageError("no remotes configured")
+    remotes = _remotes_for_password(remote_name)
     from stasisfs.remote import account
     from stasisfs.remote.client import RemoteClient
 

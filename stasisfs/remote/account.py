@@ -22,7 +22,7 @@ from pathlib import Path
 from stasisfs.errors import StasisError, UsageError, WrongKey
 from stasisfs.format import keyslots
 from stasisfs.format.crypto import KEY_LEN
-from stasisfs.remote.client import PerThread, RemoteClient, RemoteError
+from stasisfs.remote.client import PerThread, RemoteAuthError, RemoteClient, RemoteError
 from stasisfs.remote.devices import DeviceRemotes, Remote
 from stasisfs.remote.sync import config_object
 from stasisfs.repo.repository import Repository, hostname
@@ -127,6 +127,33 @@ def confirm_escrow(account: Account, device: str, version: int, password: str) -
     account.client.delete_older_keys(device, version)
 
 
+def enrol(client: RemoteClient, user: str, password: str, code: str, device: str) -> tuple[str, Account]:
+    """Enrol `device` with a one-time code: the account's first device creates the user key; a later one
+    (a code from the dashboard, say) proves the current password and opens the existing key."""
+    salt, params_kdf, _ = client.login_params(user)
+    kdf = keyslots.account_kdf()
+    derived = keyslots.account_secrets(password, salt, kdf)
+    user_key = secrets.token_bytes(KEY_LEN)
+    envelope = keyslots.wrap_user_key(user_key, derived.kek, user)
+    try:
+        token = client.enrol(user, code, derived.verifier, kdf, device, envelope)
+    except RemoteError as exc:
+        if exc.code != "enrolled":
+            raise
+        wrong = RemoteAuthError(f"remote {client.name}: {user} already has devices, and this is not the account's password")
+        if params_kdf == kdf:
+            raise wrong from None
+        # The account exists: its verifier was derived with the parameters the server holds.
+        derived = keyslots.account_secrets(password, salt, params_kdf)
+        try:
+            token = client.enrol(user, code, derived.verifier, params_kdf, device, envelope)
+        except RemoteError as again:
+            raise (wrong if again.code == "enrolled" else again) from None
+        return token, open_account(client, user, password)
+    client.token = client.login(user, derived.verifier)
+    return token, Account(client, user, user_key, derived.verifier)
+
+
 def add_remote(repo: Repository, name: str, url: str, user: str, password: str, enrol_code: str | None,
                cacert: str | None, say: Callable[[str], None] = lambda s: None) -> Remote:
     remotes = DeviceRemotes(repo.id)
@@ -134,14 +161,7 @@ def add_remote(repo: Repository, name: str, url: str, user: str, password: str, 
         raise UsageError(f"a remote named {name!r} already exists; remove it first or pick another name")
     client = RemoteClient(url, cacert=cacert, name=name)
     if enrol_code:
-        salt, _, _ = client.login_params(user)
-        kdf = keyslots.account_kdf()
-        derived = keyslots.account_secrets(password, salt, kdf)
-        user_key = secrets.token_bytes(KEY_LEN)
-        envelope = keyslots.wrap_user_key(user_key, derived.kek, user)
-        token = client.enrol(user, enrol_code, derived.verifier, kdf, repo.device, envelope)
-        client.token = client.login(user, derived.verifier)
-        account = Account(client, user, user_key, derived.verifier)
+        token, account = enrol(client, user, password, enrol_code, repo.device)
     else:
         account = open_account(client, user, password, say)
         try:

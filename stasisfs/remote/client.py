@@ -173,6 +173,14 @@ class RemoteClient:
     def revoke_device(self, name: str) -> None:
         self._request("DELETE", f"/devices/{_seg(name)}")
 
+    @_parses_answers
+    def web_login(self) -> str:
+        """A one-time URL to the user's dashboard; the server gives one to a password login only."""
+        path = str(self._request("POST", "/account/web-login").json()["path"])
+        if not path.startswith("/ui/login?t="):
+            raise RemoteError(f"remote {self.name} sent a malformed dashboard link", "malformed")
+        return self.url + path
+
     # --- escrow ---
     @_parses_answers
     def put_key(self, device: str, blob: bytes) -> int:

@@ -13,29 +13,9 @@ from typing import Any
 
 import pytest
 import requests
-from server_fixture import TEST_ENVELOPE, TEST_KDF, Server, enrol_concurrently, from_address
+from server_fixture import TEST_ENVELOPE, TEST_KDF, Server, auth, enrol, enrol_concurrently, from_address, login, obj
 
 pytestmark = pytest.mark.timeout(120)
-
-
-def enrol(server: Server, user: str, device: str = "laptop", code: str | None = None, *options: str) -> str:
-    code = code or server.add_user(user, *options)
-    answer = requests.post(f"{server.url}/v1/enrol", json={"user": user, "code": code, "verifier": hashlib.sha256(user.encode()).hexdigest(),
-                                                            "kdf": TEST_KDF, "device": device, "envelope": TEST_ENVELOPE}, timeout=30)
-    assert answer.status_code == 200, answer.text
-    return str(answer.json()["token"])
-
-
-def auth(token: str) -> dict[str, str]:
-    return {"Authorization": f"Bearer {token}"}
-
-
-def obj(server: Server, device: str, data: bytes, kind: str = "data") -> str:
-    return f"{server.url}/v1/devices/{device}/objects/{kind}/{hashlib.sha256(data).hexdigest()}"
-
-
-def login(server: Server, user: str) -> requests.Response:
-    return requests.post(f"{server.url}/v1/users/{user}/login", json={"verifier": hashlib.sha256(user.encode()).hexdigest()}, timeout=30)
 
 
 def test_health_and_openapi(server: Server) -> None:
