@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import os
 import signal
 import sys
@@ -145,14 +146,18 @@ def serve(listen: str, tls_cert: str | None, tls_key: str | None, max_object_siz
             from .alerts import check_interval, run_check
 
             assert send is not None
+            last_check = -math.inf
             while not stop.is_set():
                 try:
-                    await trio.to_thread.run_sync(run_check, service, send)
-                    interval = await trio.to_thread.run_sync(check_interval, service)
+                    # Re-read often: a threshold set in the dashboard shortens the interval within 10 s.
+                    interval = (await trio.to_thread.run_sync(check_interval, service)).total_seconds()
+                    if trio.current_time() - last_check >= interval:
+                        last_check = trio.current_time()
+                        await trio.to_thread.run_sync(run_check, service, send)
                 except Exception as exc:  # a database hiccup must not stop the server; the next round tries again
                     click.echo(f"serve: alert check failed: {exc}", err=True)
-                    interval = timedelta(seconds=30)
-                with trio.move_on_after(interval.total_seconds()):
+                    interval = 30
+                with trio.move_on_after(min(interval, 10)):
                     await stop.wait()
 
         async with trio.open_nursery() as nursery:
