@@ -25,11 +25,12 @@ from ..webaccess import SESSION_LIFETIME, Viewer, WebAccess
 
 HERE = Path(__file__).parent
 COOKIE = "stasis_ui"
-# No scripts at all, no framing, no referrer: a login link in the address bar never leaks through a Referer.
+# No scripts at all and no framing. Referers stay on this origin, so a login link in the address bar never
+# leaks to another site (and the browser still sends Origin on our own forms: no-referrer would make it "null").
 SECURITY_HEADERS = {
     "Content-Security-Policy": "default-src 'none'; style-src 'self'; img-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'",
     "X-Content-Type-Options": "nosniff",
-    "Referrer-Policy": "no-referrer",
+    "Referrer-Policy": "same-origin",
     "X-Frame-Options": "DENY",
     "Cache-Control": "no-store",
 }
@@ -183,7 +184,14 @@ def create_dashboard(service: Service, access: WebAccess) -> APIRouter:
 
     @router.post("/users/{user_name}/devices/{device_name}/revoke")
     async def revoke(request: Request, user_name: str, device_name: str) -> Response:
-        return await form_action(request, lambda viewer, _f: service.revoke_device(None, device_name, user_name=managed(viewer, user_name)))
+        def act(viewer: Viewer, form: dict[str, str]) -> Response | None:
+            managed(viewer, user_name)
+            if form.get("confirm") != "yes":  # it cannot be undone from here: one more click, on a page that says so
+                return page(request, "confirm_revoke.html", viewer=viewer, user_name=user_name, device_name=device_name)
+            service.revoke_device(None, device_name, user_name=user_name)
+            return None
+
+        return await form_action(request, act)
 
     @router.post("/users/{user_name}/disable")
     async def disable(request: Request, user_name: str) -> Response:

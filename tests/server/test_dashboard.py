@@ -59,7 +59,7 @@ def test_a_login_link_works_once_and_makes_a_strict_httponly_cookie(server: Serv
     cookie = first.headers["set-cookie"]
     assert "HttpOnly" in cookie and "SameSite=strict" in cookie and "Path=/ui" in cookie
     assert "Secure" not in cookie  # plain HTTP here; under TLS it is Secure (test_tls)
-    assert first.headers["referrer-policy"] == "no-referrer"
+    assert first.headers["referrer-policy"] == "same-origin"
     again = requests.post(f"{server.url}/ui/login", data={"t": secret}, timeout=30, allow_redirects=False)
     assert again.status_code == 401 and "used already or has expired" in again.text
     # An expired link opens nothing either.
@@ -79,7 +79,7 @@ def test_a_user_sees_and_acts_on_their_own_devices_only(server: Server) -> None:
     assert "laptop" in page and "bob" not in page
     token = csrf_of(page)
     # Bob's device is invisible to alice, even with her own valid CSRF token.
-    attempt = alice.post(f"{server.url}/ui/users/bob/devices/bobs-phone/revoke", data={"csrf": token}, timeout=30)
+    attempt = alice.post(f"{server.url}/ui/users/bob/devices/bobs-phone/revoke", data={"csrf": token, "confirm": "yes"}, timeout=30)
     assert attempt.status_code == 404
     disable = alice.post(f"{server.url}/ui/users/alice/disable", data={"csrf": token}, timeout=30)
     assert disable.status_code == 403  # only the operator disables users
@@ -117,7 +117,7 @@ def test_a_device_token_never_opens_the_user_view_and_a_password_login_does(serv
 def test_logout_ends_the_session_on_the_server(server: Server) -> None:
     server.add_user("alice")
     admin = sign_in(web_link(server))
-    cookie = admin.cookies["stasis_ui"]
+    cookie = str(admin.cookies["stasis_ui"])
     token = csrf_of(admin.get(f"{server.url}/ui/", timeout=30).text)
     out = admin.post(f"{server.url}/ui/logout", data={"csrf": token}, timeout=30)
     assert out.status_code == 200 and "signed out" in out.text
