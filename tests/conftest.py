@@ -62,6 +62,12 @@ class Cli:
             (root / rel).write_bytes(content.encode() if isinstance(content, str) else content)
         return root
 
+    def another_machine(self, name: str) -> Cli:
+        """The same user on another machine: its own repository, home, configuration and cache."""
+        home = self.tmp / name
+        return Cli(self.env | {"STASISFS_REPO": str(self.tmp / f"{name}-repo"), "HOME": str(home), "XDG_CONFIG_HOME": str(home / ".config"),
+                               "XDG_CACHE_HOME": str(self.tmp / f"{name}-cache")}, self.tmp / f"{name}-repo", self.tmp)
+
     def snapshots(self) -> list[dict[str, object]]:
         return json.loads(self.ok("snapshots", "--json").stdout)  # type: ignore[no-any-return]
 

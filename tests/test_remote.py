@@ -74,12 +74,33 @@ def test_wrong_password_and_other_users_cannot_recover(cli: Cli, server: Server)
     wrong = cli.run("recover", server.url, "--user", "alice", env={"STASISFS_REPO": str(cli.tmp / "r1"), "STASISFS_PASSWORD": "not the password at all"})
     assert wrong.returncode == 12 and b"Traceback" not in wrong.stderr
     # bob has a valid login, but alice's device is invisible to him
-    bob = Cli(cli.env | {"STASISFS_REPO": str(cli.tmp / "bob-repo"), "HOME": str(cli.tmp / "bob"), "XDG_CONFIG_HOME": str(cli.tmp / "bob" / ".config"),
-                         "XDG_CACHE_HOME": str(cli.tmp / "bob-cache")}, cli.tmp / "bob-repo", cli.tmp)
+    bob = cli.another_machine("bob")
     enrolled(bob, server, "bob", "desktop")
     stolen = bob.run("recover", server.url, "--user", "bob", "--device", "laptop", env={"STASISFS_REPO": str(cli.tmp / "r2")})
     assert stolen.returncode == 2 and b"no device 'laptop'" in stolen.stderr
     assert not (cli.tmp / "r2" / "snapshots").exists() or not any((cli.tmp / "r2" / "snapshots").iterdir())
+
+
+def test_an_enrolment_code_adds_a_device_to_an_enrolled_account_only_with_its_password(cli: Cli, server: Server) -> None:
+    enrolled(cli, server)
+    cli.backup(cli.tree({"a.txt": "the first device's"}))
+    code = server.admin("user", "reissue", "alice").stdout.strip().splitlines()[-1]
+    # A repository whose own password is not the account's: the code does not let it in.
+    stranger = cli.another_machine("stranger")
+    stranger.env["STASISFS_PASSWORD"] = "not alice's password at all"
+    stranger.ok("init", "--device", "stranger")
+    wrong = stranger.run("remote", "add", "home", server.url, "--user", "alice", "--enrol-code", code)
+    assert wrong.returncode == 12 and b"already has devices, and this is not the account's password" in wrong.stderr, wrong.stderr
+    desktop = cli.another_machine("desktop")
+    desktop.ok("init", "--device", "desktop")
+    desktop.ok("remote", "add", "home", server.url, "--user", "alice", "--enrol-code", code)
+    assert sorted(d["name"] for d in json.loads(desktop.ok("devices", "--json").stdout)) == ["desktop", "laptop"]
+    # The code replaced nothing: the first device still recovers with the password on a blank machine.
+    cli.wipe_device()
+    cli.ok("recover", server.url, "--user", "alice", "--device", "laptop")
+    assert len(cli.snapshots()) == 1
+    used = desktop.run("remote", "add", "again", server.url, "--user", "alice", "--enrol-code", code)
+    assert used.returncode != 0 and b"enrolment code is wrong, used or expired" in used.stderr
 
 
 def test_a_second_device_and_revoking_a_lost_one(cli: Cli, server: Server) -> None:

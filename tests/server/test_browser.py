@@ -110,9 +110,7 @@ def test_a_user_opens_a_link_revokes_a_device_and_its_next_sync_is_refused(cli: 
     cli.ok("init", "--device", "laptop")
     cli.add_remote(server, user="alice")
     cli.backup(cli.tree({"notes.txt": "the dashboard never sees this"}))
-    old_phone = Cli(cli.env | {"STASISFS_REPO": str(cli.tmp / "phone-repo"), "HOME": str(cli.tmp / "phone"),
-                               "XDG_CONFIG_HOME": str(cli.tmp / "phone" / ".config"), "XDG_CACHE_HOME": str(cli.tmp / "phone-cache")},
-                    cli.tmp / "phone-repo", cli.tmp)
+    old_phone = cli.another_machine("phone")
     old_phone.ok("init", "--device", "old-phone")
     old_phone.ok("remote", "add", "home", server.url, "--user", "alice")
     old_phone.backup(cli.tree({"photo.jpg": os.urandom(5000)}, name="photos"))
