@@ -298,3 +298,48 @@ def test_a_directory_without_a_tree_lists_empty_and_counts_as_read_ahead() -> No
     assert vfs.read_ahead_trees(top, max_trees=8) == []
     assert vfs.entry(top).subdirs_read
     assert list(vfs.listing(vfs.lookup(top, b"treeless").ino, 0)) == []
+
+
+def test_entries_stay_bounded_and_every_inode_comes_back_the_same(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A walk over many files (find -ls): the kernel keeps every inode, the model keeps a bounded number of entries."""
+    import stasisfs.mount.vfs as vfs_module
+
+    monkeypatch.setattr(vfs_module, "LIVE_ENTRIES", 50)
+    src = MemorySource()
+    directories = [src.directory(f"d{d:02}".encode(), [src.file(f"f{n:03}".encode(), b"x" * (d * 1000 + n)) for n in range(40)])
+                   for d in range(20)]
+    src.snapshot(src.directory(b"", directories), 0)
+    vfs = Vfs(src)
+    root = walk(vfs, f"snapshots/{snapshot_names(src.snaps)[0][0]}")
+    seen: dict[int, tuple[bytes, int]] = {}
+    for _, name, directory in list(vfs.listing(root, 0)):
+        for _, file_name, entry in vfs.listing(directory.ino, 0):
+            seen[entry.ino] = (name + b"/" + file_name, entry.attr.size)
+        assert vfs.entry_count <= 50 + 10  # the kept entries (views, the snapshot root) and at most LIVE_ENTRIES more
+    assert len(seen) == 800
+    # Long evicted, each inode still answers with its own file, under the same number; a reload renumbers nothing.
+    for ino, (path, size) in seen.items():
+        entry = vfs.entry(ino)
+        assert entry.attr.size == size and entry.path.endswith(b"/" + path) and entry.ino == ino
+    first = next(iter(seen))
+    assert vfs.lookup(vfs.entry(first).parent, seen[first][0].split(b"/")[1]).ino == first
+
+
+def test_an_open_files_entry_is_not_evicted(monkeypatch: pytest.MonkeyPatch) -> None:
+    import stasisfs.mount.vfs as vfs_module
+
+    monkeypatch.setattr(vfs_module, "LIVE_ENTRIES", 5)
+    src = MemorySource()
+    src.snapshot(src.directory(b"", [src.file(f"f{n}".encode(), b"a" * 10, b"b" * 10) for n in range(30)]), 0)
+    vfs = Vfs(src)
+    root = walk(vfs, f"snapshots/{snapshot_names(src.snaps)[0][0]}")
+    opened = vfs.lookup(root, b"f0")
+    vfs.hold(opened.ino)
+    vfs.load_offsets(opened.ino)
+    for _ in vfs.listing(root, 0):  # every other file passes through the cache
+        pass
+    assert vfs.entry(opened.ino) is opened and opened.offsets == [0, 10, 20]
+    vfs.release(opened.ino)
+    for _ in vfs.listing(root, 0):
+        pass
+    assert vfs.entry(opened.ino) is not opened  # released: rebuilt on demand like any other

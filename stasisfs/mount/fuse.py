@@ -132,9 +132,14 @@ class SnapshotFs(pyfuse3.Operations):
             size -= sum(holes.get(chunk_id, 0) for chunk_id in entry.node.content)
         return max(size, 0)
 
+    async def _entry(self, ino: int) -> Entry:
+        """The inode's entry; rebuilt in a worker thread when its directory's tree is not at hand."""
+        entry = self.vfs.entry_at_hand(ino)
+        return entry if entry is not None else await self._blocking(self.vfs.entry, ino)
+
     async def _loaded(self, ino: int) -> Entry:
         # Runs for every directory request: the checks are inline, with no awaits unless there is work.
-        entry = self.vfs.entry(ino)
+        entry = await self._entry(ino)
         if entry.dynamic and time.monotonic() - self._last_refresh > REFRESH_EVERY:
             self._last_refresh = time.monotonic()
             await self._blocking(self.vfs.refresh)
@@ -153,7 +158,7 @@ class SnapshotFs(pyfuse3.Operations):
 
     @errors_mapped
     async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
-        return self._attributes(self.vfs.entry(inode))
+        return self._attributes(await self._entry(inode))
 
     async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
         try:
@@ -194,15 +199,17 @@ class SnapshotFs(pyfuse3.Operations):
 
     @errors_mapped
     async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
+        await self._entry(inode)
         return self.vfs.readlink(inode)
 
     @errors_mapped
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
         if flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND):
             raise pyfuse3.FUSEError(errno.EROFS)
-        entry = self.vfs.entry(inode)
+        entry = await self._entry(inode)
         if not stat.S_ISREG(entry.attr.mode):
             raise pyfuse3.FUSEError(errno.EINVAL)
+        self.vfs.hold(inode)  # an open file's entry (its chunk offsets) stays built until release
         if self._prefetch_from.get(entry.parent, -1) <= entry.position:
             # A sequential reader opens the next files in this directory next: start reading them from storage.
             self._prefetch_from[entry.parent] = entry.position + PREFETCH_FILES
@@ -239,7 +246,7 @@ class SnapshotFs(pyfuse3.Operations):
         raise pyfuse3.FUSEError(errno.ENOSYS)
 
     async def release(self, fh: int) -> None:
-        return None
+        self.vfs.release(fh)
 
     @errors_mapped
     async def read(self, fh: int, off: int, size: int) -> bytes:
@@ -322,10 +329,12 @@ class SnapshotFs(pyfuse3.Operations):
 
     @errors_mapped
     async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
+        await self._entry(inode)
         return self.vfs.getxattr(inode, name)
 
     @errors_mapped
     async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> Sequence[bytes]:
+        await self._entry(inode)
         return list(self.vfs.xattrs(inode))
 
     @errors_mapped

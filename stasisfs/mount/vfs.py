@@ -12,7 +12,12 @@ Layout of the mount:
     /tags/<tag>/<time> -> ../../snapshots/<time>
     /versions/<absolute path>/<time>                 each distinct version of a file, named by snapshot
 
-Inode numbers are allocated on first sight and kept, per key, for as long as the model lives.
+Inode numbers are stable for as long as the model lives. Views, snapshot roots, hard-linked files and
+/versions entries get theirs per key, on first sight. Everything else inside a snapshot is numbered in
+blocks: a directory's children get one consecutive block when it is first listed, so an inode number
+alone says which directory and which position it is (`InodeBlocks`). Their `Entry` objects are only a
+bounded cache (`LIVE_ENTRIES`), rebuilt from the parent's tree when needed: memory does not grow with
+the number of files the kernel has seen.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from __future__ import annotations
 import bisect
 import stat
 import threading
+from array import array
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -31,6 +37,8 @@ from stasisfs.format.snapshot import Snapshot
 from stasisfs.format.tree import BLOCKDEV, CHARDEV, DIR, FIFO, FILE, SOCKET, SYMLINK, Node
 
 ROOT_INODE = 1
+# Snapshot entries kept built at once; the rest are rebuilt from their directory's tree on demand.
+LIVE_ENTRIES = 16384
 _TYPE_BITS = {
     FILE: stat.S_IFREG,
     DIR: stat.S_IFDIR,
@@ -158,6 +166,35 @@ class ChunkCache:
                 self.bytes -= len(old)
 
 
+class InodeBlocks:
+    """Consecutive inode numbers per directory listing: inode -> (directory, position) with no per-inode memory."""
+
+    def __init__(self) -> None:
+        self._starts = array("q")  # increasing: blocks are handed out in order
+        self._lengths = array("q")
+        self._owners = array("q")
+        self._start_of: dict[int, int] = {}
+
+    def start_of(self, directory: int) -> int | None:
+        return self._start_of.get(directory)
+
+    def add(self, directory: int, start: int, length: int) -> None:
+        self._start_of[directory] = start
+        if length == 0:
+            return
+        assert not self._starts or start >= self._starts[-1] + self._lengths[-1]
+        self._starts.append(start)
+        self._lengths.append(length)
+        self._owners.append(directory)
+
+    def locate(self, ino: int) -> tuple[int, int] | None:
+        """(directory, position) of an inode handed out in a block, else None."""
+        i = bisect.bisect_right(self._starts, ino) - 1
+        if i < 0 or ino >= self._starts[i] + self._lengths[i]:
+            return None
+        return self._owners[i], ino - self._starts[i]
+
+
 class Vfs:
     def __init__(self, source: SnapshotSource, uid: int = 0, gid: int = 0, cache_bytes: int = 128 << 20,
                  own_device: str | None = None) -> None:
@@ -167,7 +204,10 @@ class Vfs:
         self.own_device = own_device
         self.uid, self.gid = uid, gid
         self.cache = ChunkCache(cache_bytes)
-        self._entries: dict[int, Entry] = {}
+        self._entries: dict[int, Entry] = {}  # views, snapshot roots, hard links, /versions: kept
+        self._live: OrderedDict[int, Entry] = OrderedDict()  # the rest of the snapshots' content: a bounded cache
+        self._held: dict[int, tuple[Entry, int]] = {}  # open files: their entries stay built (entry, open count)
+        self._blocks = InodeBlocks()
         self._inodes: dict[object, int] = {}
         self._next_ino = ROOT_INODE
         self._lock = threading.RLock()
@@ -206,25 +246,32 @@ class Vfs:
             self._entries[ino] = entry
         return entry
 
-    def _content(self, snapshot: Snapshot, path: bytes, node: Node) -> Entry:
-        hardlink = node.hardlink_key
-        key: object = ("h", snapshot.id, *hardlink) if hardlink else ("s", snapshot.id, path)
-        return self._node_entry(key, snapshot, path, node)
-
     def _node_entry(self, key: object, snapshot: Snapshot, path: bytes, node: Node) -> Entry:
+        """A kept entry, numbered by key: a snapshot root, a hard-linked file, a /versions file."""
         ino = self._ino(key)
         entry = self._entries.get(ino)
         if entry is None:
-            node_type = node.type
-            if node_type == FILE:
-                nlink, size, loader = node.links, node.size, None
-            elif node_type == DIR:
-                nlink, size, loader = 2, 0, self._load_tree_dir
-            else:
-                nlink, size, loader = 1, len(node.target) if node_type == SYMLINK else 0, None
-            attr = Attr(ino, _TYPE_BITS[node_type] | node.mode, nlink, node.uid, node.gid, size, node.mtime_ns, node.rdev)
-            entry = Entry(ino, attr, node, node.target, loader, path=path, snapshot=snapshot, shared=node.hardlink_key is not None)
+            entry = self._build(ino, snapshot, path, node)
             self._entries[ino] = entry
+        return entry
+
+    def _build(self, ino: int, snapshot: Snapshot, path: bytes, node: Node) -> Entry:
+        node_type = node.type
+        if node_type == FILE:
+            nlink, size, loader = node.links, node.size, None
+        elif node_type == DIR:
+            nlink, size, loader = 2, 0, self._load_tree_dir
+        else:
+            nlink, size, loader = 1, len(node.target) if node_type == SYMLINK else 0, None
+        attr = Attr(ino, _TYPE_BITS[node_type] | node.mode, nlink, node.uid, node.gid, size, node.mtime_ns, node.rdev)
+        return Entry(ino, attr, node, node.target, loader, path=path, snapshot=snapshot, shared=node.hardlink_key is not None)
+
+    def _keep_live(self, entry: Entry) -> Entry:
+        """Cache a block-numbered entry, dropping the least recently used beyond LIVE_ENTRIES. Under `_lock`."""
+        self._live[entry.ino] = entry
+        self._live.move_to_end(entry.ino)
+        while len(self._live) > LIVE_ENTRIES:
+            self._live.popitem(last=False)
         return entry
 
     # --- snapshots and views ---
@@ -308,11 +355,27 @@ class Vfs:
         return self._tree_listing(entry, self.source.tree(entry.node.subtree)) if entry.node.subtree is not None else []
 
     def _tree_listing(self, entry: Entry, nodes: list[Node]) -> list[tuple[bytes, Entry]]:
+        """The directory's entries; numbered in its block (handed out now on its first listing), hard links by key."""
         snapshot = entry.snapshot
         assert snapshot is not None
         base = entry.path + b"/"
-        content = self._content
-        return [(node.name, content(snapshot, base + node.name, node)) for node in nodes]
+        listing = []
+        with self._lock:
+            start = self._blocks.start_of(entry.ino)
+            if start is None:
+                start = self._next_ino
+                self._next_ino += len(nodes)
+                self._blocks.add(entry.ino, start, len(nodes))
+            for position, node in enumerate(nodes):
+                path = base + node.name
+                hardlink = node.hardlink_key
+                if hardlink:
+                    child = self._node_entry(("h", snapshot.id, *hardlink), snapshot, path, node)
+                else:
+                    ino = start + position
+                    child = self._live.get(ino) or self._keep_live(self._build(ino, snapshot, path, node))
+                listing.append((node.name, child))
+        return listing
 
     def _node_at(self, snapshot: Snapshot, path: bytes) -> Node | None:
         node = Node(name=b"", type=DIR, subtree=snapshot.root)
@@ -350,10 +413,69 @@ class Vfs:
 
     # --- operations ---
     def entry(self, ino: int) -> Entry:
-        entry = self._entries.get(ino)
-        if entry is None:
-            raise NotFound(f"inode {ino} is not known")
+        """The entry of an inode the kernel knows; may block, to rebuild it from its directory's tree."""
+        entry = self._materialize(ino, wait=True)
+        assert entry is not None
         return entry
+
+    def entry_at_hand(self, ino: int) -> Entry | None:
+        """The entry, or None when rebuilding it would wait on storage (then call `entry` from a thread)."""
+        return self._materialize(ino, wait=False)
+
+    def _peek(self, ino: int) -> Entry | None:
+        """The entry if it is built now; never rebuilds."""
+        entry = self._entries.get(ino) or self._live.get(ino)
+        if entry is None and ino in self._held:
+            entry = self._held[ino][0]
+        return entry
+
+    def hold(self, ino: int) -> None:
+        """Keep this entry built while a file is open (after `entry`)."""
+        with self._lock:
+            entry, count = self._held.get(ino) or (self.entry(ino), 0)
+            self._held[ino] = (entry, count + 1)
+
+    def release(self, ino: int) -> None:
+        with self._lock:
+            held = self._held.get(ino)
+            if held is not None:
+                if held[1] <= 1:
+                    del self._held[ino]
+                else:
+                    self._held[ino] = (held[0], held[1] - 1)
+
+    def _materialize(self, ino: int, wait: bool) -> Entry | None:
+        entry = self._entries.get(ino)
+        if entry is not None:
+            return entry
+        held = self._held.get(ino)
+        if held is not None:
+            return held[0]
+        with self._lock:
+            entry = self._live.get(ino)
+            if entry is not None:
+                self._live.move_to_end(ino)
+                return entry
+            place = self._blocks.locate(ino)
+        if place is None:
+            raise NotFound(f"inode {ino} is not known")
+        directory_ino, position = place
+        directory = self._materialize(directory_ino, wait)
+        if directory is None:
+            return None
+        assert directory.node is not None and directory.node.subtree is not None
+        subtree = directory.node.subtree
+        nodes = self.source.tree(subtree) if wait else self.source.tree_if_cached(subtree)
+        if nodes is None:
+            return None
+        node = nodes[position]
+        assert directory.snapshot is not None
+        with self._lock:
+            entry = self._live.get(ino)
+            if entry is None:
+                entry = self._keep_live(self._build(ino, directory.snapshot, directory.path + b"/" + node.name, node))
+            entry.parent, entry.position = directory_ino, position
+            return entry
 
     def load(self, ino: int) -> None:
         """Blocking: read the directory's tree. Safe to call from several threads."""
@@ -402,7 +524,7 @@ class Vfs:
         ino = entry.index.get(name)
         if ino is None:
             raise NotFound(name.decode(errors="replace"))
-        child = self._entries[ino]
+        child = self.entry(ino)
         child.lookups += 1
         return child
 
@@ -415,16 +537,16 @@ class Vfs:
         assert children is not None
         for position in range(start, len(children)):
             name, child_ino = children[position]
-            yield position + 1, name, self._entries[child_ino]
+            yield position + 1, name, self.entry(child_ino)
 
     def entries_after(self, directory: int, position: int, count: int) -> list[Entry]:
         """The entries listed after `position` (-1: from the start) in a loaded directory: what a sequential reader opens next."""
-        parent = self._entries.get(directory)
+        parent = self._peek(directory)
         if parent is None or parent.children is None:
             return []
         result = []
         for _, child_ino in parent.children[position + 1 : position + 1 + count]:
-            child = self._entries.get(child_ino)
+            child = self._peek(child_ino)
             if child is not None:
                 result.append(child)
         return result
@@ -435,8 +557,8 @@ class Vfs:
         A reader that opens it next goes through the directory in order; other entries between (a tar
         recursing into subdirectories) do not break that. Far gaps are not looked at.
         """
-        entry = self._entries.get(ino)
-        parent = self._entries.get(entry.parent) if entry is not None else None
+        entry = self._peek(ino)
+        parent = self._peek(entry.parent) if entry is not None else None
         if entry is None or parent is None or parent.children is None or not 0 <= entry.position - previous - 1 <= max_gap:
             return False
         gap = entry.position - previous - 1
@@ -456,12 +578,12 @@ class Vfs:
         queue = deque([ino])
         loaded = 0
         while queue:
-            directory = self._entries.get(queue.popleft())
+            directory = self._peek(queue.popleft())
             if directory is None or directory.children is None or directory.subdirs_read:
                 continue  # a directory whose subdirectories are in was read ahead from already: its depths are its own to start
             complete = True
             for _, child_ino in directory.children:
-                child = self._entries.get(child_ino)
+                child = self._peek(child_ino)
                 if child is None or child.loader != self._load_tree_dir:
                     continue
                 if child.children is None:
@@ -481,7 +603,7 @@ class Vfs:
 
     def advise_trees(self, inos: list[int]) -> None:
         """Hint that these directories' trees will be read soon."""
-        ids = [e.node.subtree for e in (self._entries.get(i) for i in inos) if e is not None and e.node is not None and e.node.subtree]
+        ids = [e.node.subtree for e in (self._peek(i) for i in inos) if e is not None and e.node is not None and e.node.subtree]
         if ids:
             self.source.advise(ids)
 
@@ -498,7 +620,7 @@ class Vfs:
             self.source.advise(ids)
 
     def forget(self, ino: int, count: int) -> None:
-        entry = self._entries.get(ino)
+        entry = self._peek(ino)
         if entry is None:
             return
         entry.lookups = max(0, entry.lookups - count)
@@ -517,12 +639,13 @@ class Vfs:
         while stack:
             current = stack.pop()
             for _, child_ino in current.children or ():
-                child = self._entries.get(child_ino)
+                child = self._peek(child_ino)
                 if child is None or child.lookups or child.pinned or child.shared:
                     continue
                 if child.children is not None:
                     stack.append(child)
-                del self._entries[child_ino]
+                if self._entries.pop(child_ino, None) is None:
+                    self._live.pop(child_ino, None)
             current.children = current.index = None
             current.subdirs_read = False
 
@@ -586,12 +709,13 @@ class Vfs:
         return b"".join(parts)
 
     def describe(self, ino: int) -> str:
-        entry = self._entries.get(ino)
+        entry = self._peek(ino)
         if entry is None or entry.snapshot is None:
             return f"inode {ino}"
         return f"{entry.path.decode(errors='replace') or '/'} in snapshot {entry.snapshot.short_id}"
 
     @property
     def entry_count(self) -> int:
-        return len(self._entries)
+        """Entries built now (kept and cached), not every inode handed out."""
+        return len(self._entries) + len(self._live)
 
