@@ -154,3 +154,30 @@ def test_thresholds_and_codes_from_the_dashboard(server: Server) -> None:
     assert requests.put(obj(server, "tablet", b"x"), data=b"x", headers=auth(tablet), timeout=30).status_code == 201
     session = login(server, "alice").json()["token"]
     assert requests.get(f"{server.url}/v1/account/key", headers=auth(session), timeout=30).content == b"ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+
+
+def test_hostile_requests_to_the_dashboard_never_get_a_server_error(server: Server) -> None:
+    enrol(server, "alice")
+    admin = sign_in(web_link(server))
+    token = csrf_of(admin.get(f"{server.url}/ui/", timeout=30).text)
+    attempts: list[requests.Response] = [
+        requests.post(f"{server.url}/ui/login", data=b"t=%ZZ%00\xff", headers={"Content-Type": "application/x-www-form-urlencoded"}, timeout=30),
+        requests.post(f"{server.url}/ui/login", files={"t": ("x.bin", b"\x00" * 1000)}, timeout=30),
+        requests.post(f"{server.url}/ui/login", data={"t": "x" * 100_000}, timeout=30),
+        requests.post(f"{server.url}/ui/login", data=b"\xff\xfe" * 10, headers={"Content-Type": "multipart/form-data; boundary=zz"}, timeout=30),
+        requests.get(f"{server.url}/ui/login", params={"t": "<script>alert(1)</script>"}, timeout=30),
+        requests.get(f"{server.url}/ui/", cookies={"stasis_ui": "\x7f" * 100}, timeout=30),
+        admin.post(f"{server.url}/ui/users/{'x' * 300}/code", data={"csrf": token}, timeout=30),
+        admin.post(f"{server.url}/ui/users/alice/devices/..%2f..%2fetc/revoke", data={"csrf": token, "confirm": "yes"}, timeout=30),
+        admin.post(f"{server.url}/ui/users/alice/alert-after", data={"csrf": token, "alert_after": "9" * 40 + "d"}, timeout=30),
+        admin.post(f"{server.url}/ui/users/alice/alert-after", data={"csrf": [token, token], "alert_after": "1d"}, timeout=30),
+        admin.post(f"{server.url}/ui/users/alice/alert-after", data=b"csrf=" + token.encode() + b"&" * 100_000,
+                   headers={"Content-Type": "application/x-www-form-urlencoded"}, timeout=30),
+        admin.post(f"{server.url}/ui/users/alice/disable", data=b"x" * 300_000, timeout=30),
+    ]
+    for answer in attempts:
+        assert answer.status_code < 500, (answer.request.method, answer.request.url, answer.status_code, answer.text[:300])
+    reflected = attempts[4].text
+    assert "<script>alert(1)</script>" not in reflected and "&lt;script&gt;" in reflected  # escaped, and no script runs (CSP)
+    assert attempts[-1].status_code == 413
+    assert login(server, "alice").status_code == 200  # none of it disabled alice
