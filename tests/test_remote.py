@@ -289,3 +289,15 @@ def test_a_rolled_back_remote_is_noticed_and_healed(cli: Cli, server: Server) ->
     assert b"may have been rolled back" in done.stderr
     assert len(cli.snapshots()) == 2 and first
     assert b"rolled back" not in cli.ok("sync").stderr  # healed: it holds everything again
+
+
+def test_devices_names_a_device_quiet_past_its_threshold(cli: Cli, server: Server) -> None:
+    enrolled(cli, server)
+    assert "STALE" not in cli.ok("devices").stdout.decode()
+    assert server.admin("device", "set", "alice", "laptop", "--alert-after", "1s").returncode == 0
+    time.sleep(1.5)
+    listing = cli.ok("devices").stdout.decode()
+    assert "laptop" in listing and "STALE" in listing
+    assert json.loads(cli.ok("devices", "--json").stdout)[0]["state"] == "stale"
+    cli.backup(cli.tree({"a.txt": "back again"}))  # an upload: active again
+    assert "STALE" not in cli.ok("devices").stdout.decode()

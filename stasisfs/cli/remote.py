@@ -215,7 +215,9 @@ def devices(ctx: click.Context, json_output: bool, web: bool, remote_name: str |
         print_json(rows)
         return
     for row in rows:
-        marks = ("  (this device)" if row.get("this") else "") + ("  REVOKED" if row.get("revoked") else "")
+        # A quiet device (past its alert threshold on the server) is STALE; servers before issue 22 send no state.
+        marks = ("  (this device)" if row.get("this") else "") + ("  REVOKED" if row.get("revoked") else "") + (
+            "  STALE: no upload within its alert threshold" if row.get("state") == "stale" else "")
         click.echo(f"{row['remote']:<10} {row['name']:<24} last upload {row.get('last_upload') or 'never'}  "
                    f"{human_size(int(row.get('bytes', 0)))}{marks}")
 
