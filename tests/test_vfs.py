@@ -334,7 +334,7 @@ def test_an_open_files_entry_is_not_evicted(monkeypatch: pytest.MonkeyPatch) -> 
     vfs = Vfs(src)
     root = walk(vfs, f"snapshots/{snapshot_names(src.snaps)[0][0]}")
     opened = vfs.lookup(root, b"f0")
-    vfs.hold(opened.ino)
+    vfs.hold(opened)
     vfs.load_offsets(opened.ino)
     for _ in vfs.listing(root, 0):  # every other file passes through the cache
         pass

@@ -209,12 +209,12 @@ class SnapshotFs(pyfuse3.Operations):
         entry = await self._entry(inode)
         if not stat.S_ISREG(entry.attr.mode):
             raise pyfuse3.FUSEError(errno.EINVAL)
-        self.vfs.hold(inode)  # an open file's entry (its chunk offsets) stays built until release
         if self._prefetch_from.get(entry.parent, -1) <= entry.position:
             # A sequential reader opens the next files in this directory next: start reading them from storage.
             self._prefetch_from[entry.parent] = entry.position + PREFETCH_FILES
             self.vfs.advise_files(self.vfs.entries_after(entry.parent, entry.position, PREFETCH_FILES), PREFETCH_BYTES)
         self._push_ahead(entry)
+        self.vfs.hold(entry)  # an open file's entry (its chunk offsets) stays built until release
         return pyfuse3.FileInfo(fh=inode, keep_cache=True)  # immutable content: keep the page cache
 
     def _push_ahead(self, entry: Entry) -> None:

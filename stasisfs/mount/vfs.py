@@ -373,7 +373,7 @@ class Vfs:
                     child = self._node_entry(("h", snapshot.id, *hardlink), snapshot, path, node)
                 else:
                     ino = start + position
-                    child = self._live.get(ino) or self._keep_live(self._build(ino, snapshot, path, node))
+                    child = self._peek(ino) or self._keep_live(self._build(ino, snapshot, path, node))
                 listing.append((node.name, child))
         return listing
 
@@ -429,11 +429,11 @@ class Vfs:
             entry = self._held[ino][0]
         return entry
 
-    def hold(self, ino: int) -> None:
-        """Keep this entry built while a file is open (after `entry`)."""
+    def hold(self, entry: Entry) -> None:
+        """Keep this entry built while its file is open: one `release` per `hold`."""
         with self._lock:
-            entry, count = self._held.get(ino) or (self.entry(ino), 0)
-            self._held[ino] = (entry, count + 1)
+            held, count = self._held.get(entry.ino) or (entry, 0)
+            self._held[entry.ino] = (held, count + 1)
 
     def release(self, ino: int) -> None:
         with self._lock:
