@@ -186,15 +186,21 @@ class Service:
 
     def users(self) -> list[dict[str, Any]]:
         with Session(self.engine) as s:
-            rows = []
-            for user in s.scalars(select(User).order_by(User.name)):
-                used = s.scalar(select(func.coalesce(func.sum(StoredObject.size), 0)).join(Device).where(Device.user_id == user.id))
-                devices = s.scalar(select(func.count()).select_from(Device).where(Device.user_id == user.id))
-                rows.append({"name": user.name, "created": user.created.isoformat(), "disabled": user.disabled,
-                             "append_only": user.append_only, "quota": user.quota, "used": int(user.used_bytes),
-                             "objects_bytes": int(used or 0), "key_scheme": 2 if user.user_key_envelope is not None else 1,
-                             "devices": int(devices or 0), "enrolled": user.verifier_hash is not None, "alert_after": user.alert_after})
-            return rows
+            return [self._user_row(s, user) for user in s.scalars(select(User).order_by(User.name))]
+
+    def user(self, name: str) -> dict[str, Any]:
+        """One user's row of `users()`."""
+        with Session(self.engine) as s:
+            return self._user_row(s, self._user(s, name))
+
+    @staticmethod
+    def _user_row(s: Session, user: User) -> dict[str, Any]:
+        used = s.scalar(select(func.coalesce(func.sum(StoredObject.size), 0)).join(Device).where(Device.user_id == user.id))
+        devices = s.scalar(select(func.count()).select_from(Device).where(Device.user_id == user.id))
+        return {"name": user.name, "created": user.created.isoformat(), "disabled": user.disabled,
+                "append_only": user.append_only, "quota": user.quota, "used": int(user.used_bytes),
+                "objects_bytes": int(used or 0), "key_scheme": 2 if user.user_key_envelope is not None else 1,
+                "devices": int(devices or 0), "enrolled": user.verifier_hash is not None, "alert_after": user.alert_after}
 
     def _user(self, s: Session, name: str) -> User:
         user = s.scalar(select(User).where(User.name == name))

@@ -139,8 +139,7 @@ def create_dashboard(service: Service, access: WebAccess) -> APIRouter:
             return {"users": [{**u, "device_rows": service.devices(user_name=u["name"])} for u in users],
                     "scrub": service.last_scrub(), "server_default": inherited}
         assert viewer.user_name is not None
-        user = next(u for u in service.users() if u["name"] == viewer.user_name)
-        return {"user": user, "devices": service.devices(user_name=viewer.user_name), "server_default": inherited}
+        return {"user": service.user(viewer.user_name), "devices": service.devices(user_name=viewer.user_name), "server_default": inherited}
 
     @router.get("/login")
     async def login_page(request: Request, t: str = "") -> Response:
