@@ -315,7 +315,7 @@ def test_entries_stay_bounded_and_every_inode_comes_back_the_same(monkeypatch: p
     for _, name, directory in list(vfs.listing(root, 0)):
         for _, file_name, entry in vfs.listing(directory.ino, 0):
             seen[entry.ino] = (name + b"/" + file_name, entry.attr.size)
-        assert vfs.entry_count <= 50 + 10  # the kept entries (views, the snapshot root) and at most LIVE_ENTRIES more
+        assert vfs.entry_count <= 50 + 20 + 10  # LIVE_ENTRIES files, the listed directories, the kept views and root
     assert len(seen) == 800
     # Long evicted, each inode still answers with its own file, under the same number; a reload renumbers nothing.
     for ino, (path, size) in seen.items():
@@ -343,3 +343,21 @@ def test_an_open_files_entry_is_not_evicted(monkeypatch: pytest.MonkeyPatch) -> 
     for _ in vfs.listing(root, 0):
         pass
     assert vfs.entry(opened.ino) is not opened  # released: rebuilt on demand like any other
+
+
+def test_a_directory_larger_than_the_cache_is_listed_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Its own children must not push a listed directory out: every lookup in it would list it again."""
+    import stasisfs.mount.vfs as vfs_module
+
+    monkeypatch.setattr(vfs_module, "LIVE_ENTRIES", 50)
+    src = MemorySource()
+    src.snapshot(src.directory(b"", [src.directory(b"big", [src.file(f"f{n:04}".encode(), b"x") for n in range(1000)])]), 0)
+    vfs = Vfs(src)
+    big = walk(vfs, f"snapshots/{snapshot_names(src.snaps)[0][0]}/big")
+    names = [name for _, name, _ in vfs.listing(big, 0)]
+    listed = vfs.entry(big)
+    children = listed.children
+    for name in names:
+        assert vfs.lookup(big, name).attr.size == 1
+    assert vfs.entry(big) is listed and listed.children is children  # the same listing throughout
+    assert sum(1 for _ in vfs.listing(big, 0)) == 1000

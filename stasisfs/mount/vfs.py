@@ -39,6 +39,9 @@ from stasisfs.format.tree import BLOCKDEV, CHARDEV, DIR, FIFO, FILE, SOCKET, SYM
 ROOT_INODE = 1
 # Snapshot entries kept built at once; the rest are rebuilt from their directory's tree on demand.
 LIVE_ENTRIES = 16384
+# Listed directories are cached apart, bounded by the entries their listings hold: a directory with more
+# children than LIVE_ENTRIES must not be pushed out by its own children (every lookup would list it again).
+LISTED_CHILDREN = 262144
 _TYPE_BITS = {
     FILE: stat.S_IFREG,
     DIR: stat.S_IFDIR,
@@ -206,6 +209,8 @@ class Vfs:
         self.cache = ChunkCache(cache_bytes)
         self._entries: dict[int, Entry] = {}  # views, snapshot roots, hard links, /versions: kept
         self._live: OrderedDict[int, Entry] = OrderedDict()  # the rest of the snapshots' content: a bounded cache
+        self._listed: OrderedDict[int, Entry] = OrderedDict()  # of which directories with their listing loaded
+        self._listed_children = 0
         self._held: dict[int, tuple[Entry, int]] = {}  # open files: their entries stay built (entry, open count)
         self._blocks = InodeBlocks()
         self._inodes: dict[object, int] = {}
@@ -265,6 +270,33 @@ class Vfs:
             nlink, size, loader = 1, len(node.target) if node_type == SYMLINK else 0, None
         attr = Attr(ino, _TYPE_BITS[node_type] | node.mode, nlink, node.uid, node.gid, size, node.mtime_ns, node.rdev)
         return Entry(ino, attr, node, node.target, loader, path=path, snapshot=snapshot, shared=node.hardlink_key is not None)
+
+    def _cached(self, ino: int) -> Entry | None:
+        """A block-numbered entry from the caches, marked recently used. Under `_lock`."""
+        for cache in (self._listed, self._live):
+            entry = cache.get(ino)
+            if entry is not None:
+                cache.move_to_end(ino)
+                return entry
+        return None
+
+    def _uncache(self, ino: int) -> None:
+        """Under `_lock`."""
+        self._live.pop(ino, None)
+        listed = self._listed.pop(ino, None)
+        if listed is not None:
+            self._listed_children -= len(listed.children or ())
+
+    def _keep_listed(self, entry: Entry) -> None:
+        """A block-numbered directory whose listing was just loaded moves to the cache of listed directories. Under `_lock`."""
+        if entry.ino in self._entries or self._blocks.locate(entry.ino) is None:
+            return  # a kept entry (view, snapshot root, /versions): never dropped anyway
+        self._live.pop(entry.ino, None)
+        self._listed[entry.ino] = entry
+        self._listed_children += len(entry.children or ())
+        while self._listed_children > LISTED_CHILDREN and len(self._listed) > 1:
+            _, old = self._listed.popitem(last=False)
+            self._listed_children -= len(old.children or ())
 
     def _keep_live(self, entry: Entry) -> Entry:
         """Cache a block-numbered entry, dropping the least recently used beyond LIVE_ENTRIES. Under `_lock`."""
@@ -424,7 +456,7 @@ class Vfs:
 
     def _peek(self, ino: int) -> Entry | None:
         """The entry if it is built now; never rebuilds."""
-        entry = self._entries.get(ino) or self._live.get(ino)
+        entry = self._entries.get(ino) or self._live.get(ino) or self._listed.get(ino)
         if entry is None and ino in self._held:
             entry = self._held[ino][0]
         return entry
@@ -452,9 +484,8 @@ class Vfs:
         if held is not None:
             return held[0]
         with self._lock:
-            entry = self._live.get(ino)
+            entry = self._cached(ino)
             if entry is not None:
-                self._live.move_to_end(ino)
                 return entry
             place = self._blocks.locate(ino)
         if place is None:
@@ -471,7 +502,7 @@ class Vfs:
         node = nodes[position]
         assert directory.snapshot is not None
         with self._lock:
-            entry = self._live.get(ino)
+            entry = self._cached(ino)
             if entry is None:
                 entry = self._keep_live(self._build(ino, directory.snapshot, directory.path + b"/" + node.name, node))
             entry.parent, entry.position = directory_ino, position
@@ -498,6 +529,7 @@ class Vfs:
                 children.append((name, child.ino))
                 index[name] = child.ino
             entry.children, entry.index = children, index
+            self._keep_listed(entry)
 
     def try_load(self, ino: int) -> bool:
         """Load a snapshot directory only if its tree is at hand without waiting on storage."""
@@ -645,7 +677,10 @@ class Vfs:
                 if child.children is not None:
                     stack.append(child)
                 if self._entries.pop(child_ino, None) is None:
-                    self._live.pop(child_ino, None)
+                    self._uncache(child_ino)
+            if self._listed.get(current.ino) is current:  # still referenced: back among the unlisted
+                self._uncache(current.ino)
+                self._keep_live(current)
             current.children = current.index = None
             current.subdirs_read = False
 
@@ -717,5 +752,5 @@ class Vfs:
     @property
     def entry_count(self) -> int:
         """Entries built now (kept and cached), not every inode handed out."""
-        return len(self._entries) + len(self._live)
+        return len(self._entries) + len(self._live) + len(self._listed)
 
