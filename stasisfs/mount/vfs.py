@@ -41,7 +41,7 @@ ROOT_INODE = 1
 LIVE_ENTRIES = 16384
 # Listed directories are cached apart, bounded by the entries their listings hold: a directory with more
 # children than LIVE_ENTRIES must not be pushed out by its own children (every lookup would list it again).
-LISTED_CHILDREN = 262144
+LISTED_CHILDREN = 65536
 _TYPE_BITS = {
     FILE: stat.S_IFREG,
     DIR: stat.S_IFDIR,
