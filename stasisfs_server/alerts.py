@@ -45,7 +45,7 @@ class Notice:
         last = f"{aware(self.last_upload):%Y-%m-%d %H:%M:%S} UTC" if self.last_upload else "never"
         if self.kind == "quiet":
             return (f"User {self.user}, device {self.device}: last upload {last}. "
-                    "Check that the machine is on, that its schedule runs (`stasisfs schedule show`), and `stasisfs sync` by hand.")
+                    "Check that the machine is on, that its schedule runs (`stasisfs schedule list`), and run `stasisfs sync` by hand.")
         return f"User {self.user}, device {self.device}: uploaded again at {last}."
 
 
