@@ -8,6 +8,7 @@ counters are: sum them across instances in queries.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from datetime import datetime
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter
@@ -36,10 +37,8 @@ class StoredState(Collector):
         used = GaugeMetricFamily("stasis_user_used_bytes", "Every byte the user stores, quota-counted.", labels=["user"])
         quota = GaugeMetricFamily("stasis_user_quota_bytes", "The user's quota (absent: none).", labels=["user"])
         with Session(self.service.engine) as s:
-            totals = dict(
-                (device_id, (count, size))
-                for device_id, count, size in s.execute(
-                    select(StoredObject.device_id, func.count(), func.coalesce(func.sum(StoredObject.size), 0)).group_by(StoredObject.device_id)))
+            totals = {device_id: (count, size) for device_id, count, size in s.execute(
+                select(StoredObject.device_id, func.count(), func.coalesce(func.sum(StoredObject.size), 0)).group_by(StoredObject.device_id))}
             for device, user_name in s.execute(select(Device, User.name).join(User, User.id == Device.user_id)).tuples():
                 names = [user_name, device.name]
                 count, size = totals.get(device.id, (0, 0))
@@ -55,8 +54,6 @@ class StoredState(Collector):
         yield from (last_upload, stored_bytes, stored_objects, revoked, used, quota)
         scrub = self.service.last_scrub()
         if scrub is not None:
-            from datetime import datetime
-
             finished = GaugeMetricFamily("stasis_scrub_last_finished_timestamp_seconds", "When the last scrub finished (Unix time).")
             finished.add_metric([], datetime.fromisoformat(scrub["finished"]).timestamp())
             objects = GaugeMetricFamily("stasis_scrub_objects", "Objects in the last scrub, by result.", labels=["result"])

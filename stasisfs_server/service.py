@@ -393,12 +393,12 @@ class Service:
     # --- devices ---
     def devices(self, principal: Principal | None = None, user_name: str | None = None) -> list[dict[str, Any]]:
         with Session(self.engine) as s:
-            user_id = principal.user_id if principal is not None else self._user(s, str(user_name)).id
+            user = s.get(User, principal.user_id) if principal is not None else self._user(s, str(user_name))
+            assert user is not None
             rows = []
-            for device in s.scalars(select(Device).where(Device.user_id == user_id).order_by(Device.name)):
+            for device in s.scalars(select(Device).where(Device.user_id == user.id).order_by(Device.name)):
                 stored = s.execute(select(func.count(), func.coalesce(func.sum(StoredObject.size), 0)).where(StoredObject.device_id == device.id)).one()
-                user = s.get(User, device.user_id)
-                threshold = effective_alert_after(device.alert_after, user.alert_after if user else None, self.default_alert_after)
+                threshold = effective_alert_after(device.alert_after, user.alert_after, self.default_alert_after)
                 rows.append({"name": device.name, "created": device.created.isoformat(), "revoked": device.revoked,
                              "last_upload": device.last_upload.isoformat() if device.last_upload else None,
                              "objects": int(stored[0]), "bytes": int(stored[1]), "generation": device.generation,

@@ -7,9 +7,11 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -134,6 +136,20 @@ def from_address(address: str) -> requests.Session:
     session = requests.Session()
     session.mount("http://", Bound())
     return session
+
+
+class QuietHandler(BaseHTTPRequestHandler):
+    """A test's own HTTP endpoint: the request log would only clutter pytest's output."""
+
+    def log_message(self, format: str, *args: object) -> None:
+        return None
+
+
+def serve_on_loopback(handler: type[BaseHTTPRequestHandler], port: int = 0) -> ThreadingHTTPServer:
+    """Serve `handler` on 127.0.0.1 from a daemon thread until `.shutdown()`."""
+    httpd = ThreadingHTTPServer(("127.0.0.1", port), handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    return httpd
 
 
 def free_port() -> int:

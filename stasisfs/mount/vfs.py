@@ -289,7 +289,7 @@ class Vfs:
 
     def _keep_listed(self, entry: Entry) -> None:
         """A block-numbered directory whose listing was just loaded moves to the cache of listed directories. Under `_lock`."""
-        if entry.ino in self._entries or self._blocks.locate(entry.ino) is None:
+        if entry.ino in self._entries:
             return  # a kept entry (view, snapshot root, /versions): never dropped anyway
         self._live.pop(entry.ino, None)
         self._listed[entry.ino] = entry

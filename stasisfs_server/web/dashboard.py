@@ -54,7 +54,11 @@ def when(iso: str | None) -> str:
     moment = datetime.fromisoformat(iso)
     moment = moment if moment.tzinfo else moment.replace(tzinfo=UTC)
     age = (datetime.now(UTC) - moment).total_seconds()
-    ago = "just now" if age < 60 else f"{format_duration(age - age % (86400 if age >= 86400 else 3600 if age >= 3600 else 60))} ago"
+    ago = "just now"
+    for unit in (86400, 3600, 60):  # whole days, else whole hours, else whole minutes
+        if age >= unit:
+            ago = f"{format_duration(age - age % unit)} ago"
+            break
     return f"{moment.astimezone(UTC):%Y-%m-%d %H:%M} UTC ({ago})"
 
 
@@ -192,21 +196,20 @@ def create_dashboard(service: Service, access: WebAccess) -> APIRouter:
 
         return await form_action(request, act)
 
-    @router.post("/users/{user_name}/disable")
-    async def disable(request: Request, user_name: str) -> Response:
+    async def set_disabled(request: Request, user_name: str, disabled: bool) -> Response:
         def act(viewer: Viewer, _form: dict[str, str]) -> None:
             admin_only(viewer)
-            service.set_user(user_name, disabled=True)
+            service.set_user(user_name, disabled=disabled)
 
         return await form_action(request, act)
+
+    @router.post("/users/{user_name}/disable")
+    async def disable(request: Request, user_name: str) -> Response:
+        return await set_disabled(request, user_name, True)
 
     @router.post("/users/{user_name}/enable")
     async def enable(request: Request, user_name: str) -> Response:
-        def act(viewer: Viewer, _form: dict[str, str]) -> None:
-            admin_only(viewer)
-            service.set_user(user_name, disabled=False)
-
-        return await form_action(request, act)
+        return await set_disabled(request, user_name, False)
 
     @router.post("/users/{user_name}/alert-after")
     async def user_alert_after(request: Request, user_name: str) -> Response:

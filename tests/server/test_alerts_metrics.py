@@ -3,16 +3,14 @@
 from __future__ import annotations
 
 import json
-import threading
 import time
 from collections.abc import Callable, Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 import pytest
 import requests
-from server_fixture import Server, auth, enrol, free_port, login, new_database, obj
+from server_fixture import QuietHandler, Server, auth, enrol, free_port, login, new_database, obj, serve_on_loopback
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -23,19 +21,15 @@ class Webhook:
     def __init__(self, port: int = 0) -> None:
         received: list[dict[str, Any]] = []
 
-        class Handler(BaseHTTPRequestHandler):
+        class Handler(QuietHandler):
             def do_POST(self) -> None:
                 body = self.rfile.read(int(self.headers.get("content-length", 0)))
                 received.append(json.loads(body))
                 self.send_response(200)
                 self.end_headers()
 
-            def log_message(self, *args: object) -> None:
-                pass
-
         self.received = received
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", port), Handler)
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+        self.httpd = serve_on_loopback(Handler, port)
 
     @property
     def url(self) -> str:

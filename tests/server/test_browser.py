@@ -8,15 +8,13 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-import threading
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 import pytest
 from conftest import Cli
-from server_fixture import Server
+from server_fixture import QuietHandler, Server, serve_on_loopback
 
 pytestmark = pytest.mark.timeout(240)
 CHROMIUM = "/usr/bin/chromium"
@@ -87,7 +85,7 @@ class AttackerPage:
                 '<input type="hidden" name="confirm" value="yes">'
                 '<button id="win" type="submit">Claim your prize</button></form></body></html>').encode()
 
-        class Handler(BaseHTTPRequestHandler):
+        class Handler(QuietHandler):
             def do_GET(self) -> None:
                 self.send_response(200)
                 self.send_header("Content-Type", "text/html")
@@ -95,11 +93,7 @@ class AttackerPage:
                 self.end_headers()
                 self.wfile.write(page)
 
-            def log_message(self, *args: object) -> None:
-                pass
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+        self.httpd = serve_on_loopback(Handler)
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/"
 
 
