@@ -7,6 +7,7 @@ The moment is chosen by progress on disk, never by a fixed sleep.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import signal
@@ -109,3 +110,31 @@ def test_any_other_long_command_interrupted_says_so_in_one_line(cli: Cli) -> Non
     done, took = interrupt_when(cli, ["check", "--read-data"], reads_a_pack, signal.SIGINT)
     assert done.returncode == 130 and done.stderr.decode().strip().splitlines()[-1] == "stasisfs: interrupted", done.stderr.decode()
     assert b"Traceback" not in done.stderr and took < 15
+
+
+def test_ctrl_c_at_the_password_prompt_is_an_interruption(cli: Cli) -> None:
+    """On a terminal, Ctrl-C at the prompt exits 130 like any interruption (Ctrl-D is 'no password entered')."""
+    import pty
+
+    cli.init()
+    env = {k: v for k, v in cli.env.items() if k != "STASISFS_PASSWORD"}
+    for key, expected_code, expected_line in ((signal.SIGINT, 130, "stasisfs: interrupted"), (None, 1, "stasisfs: error: no password entered")):
+        pid, fd = pty.fork()
+        if pid == 0:  # the child: stasisfs on the pty, as from a terminal
+            os.execve(sys.executable, [sys.executable, "-m", "stasisfs", "snapshots"], env)
+        seen = b""
+        deadline = time.monotonic() + 60
+        while b"password: " not in seen and time.monotonic() < deadline:
+            seen += os.read(fd, 1024)
+        if key is None:
+            os.write(fd, b"\x04")  # Ctrl-D
+        else:
+            os.killpg(os.getpgid(pid), key)  # what the terminal sends: the whole foreground group
+        output = seen
+        with contextlib.suppress(OSError):
+            while chunk := os.read(fd, 1024):
+                output += chunk
+        _, status = os.waitpid(pid, 0)
+        text = output.decode(errors="replace").replace("\r", "")
+        assert os.waitstatus_to_exitcode(status) == expected_code, text
+        assert text.strip().splitlines()[-1].endswith(expected_line) and "Traceback" not in text, text

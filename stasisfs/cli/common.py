@@ -135,7 +135,7 @@ def _can_prompt() -> bool:
 def prompt_password(prompt: str = "repository password: ") -> str:
     try:
         return getpass.getpass(prompt)
-    except (EOFError, KeyboardInterrupt):
+    except EOFError:  # Ctrl-D; Ctrl-C goes on to the command's interrupt handling (exit 130)
         raise StasisError("no password entered") from None
 
 
