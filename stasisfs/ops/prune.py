@@ -144,10 +144,13 @@ def consolidate_small_packs(plan: PrunePlan) -> None:
     """Merge small packs (each small run writes one, padded to its floor) into full ones.
 
     Only when they take at least one 1 MiB floor together: the merged pack may be padded to
-    that floor, and must not take more room than the packs it replaces.
+    that floor, and must not take more room than the packs it replaces. When other packs are
+    repacked anyway, the small ones join them: the writer's last pack is then the only small
+    one left, so the next prune finds nothing to merge (prune reaches a fixed point).
     """
     small = [p for p in plan.keep + plan.repack if plan.packs[p].size < SMALL_PACK_LIMIT]
-    if len(small) < 2 or sum(plan.packs[p].size for p in small) < PACK_PAD_FLOOR:
+    repacking_anyway = bool(plan.repack)
+    if not small or (not repacking_anyway and (len(small) < 2 or sum(plan.packs[p].size for p in small) < PACK_PAD_FLOOR)):
         return
     plan.consolidate = sorted(small)
     plan.keep = [p for p in plan.keep if p not in small]
