@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import threading
 import time
 from pathlib import Path
@@ -11,7 +12,7 @@ from pathlib import Path
 from conftest import Cli
 
 from stasisfs.repo.index import Index
-from stasisfs.system.crashpoints import CRASH_ENV
+from stasisfs.system.crashpoints import CRASH_ENV, TUNING_ENV
 
 FILES = 70  # 40 files after the 30th record: more than the 32 MiB between two checkpoints, so one always comes
 
@@ -114,3 +115,37 @@ def test_a_resumed_run_snapshot_matches_the_tree(cli: Cli) -> None:
     assert listing[0] == listing[1] and len(json.loads(listing[0])) > FILES
     changes = json.loads(cli.ok("diff", resumed, fresh, "--json").stdout)["changes"]
     assert [c for c in changes if str(src) in json.dumps(c)] == []
+
+
+def test_directory_records_wait_until_the_workers_packs_are_durable(cli: Cli) -> None:
+    """Past the first few MiB (here from the start), workers pack what they seal; a directory record may name
+    their blobs only once each such worker has made its packs durable. Killed right after the first record,
+    with every pack still open then lost (as a power cut loses what was never synced), the next run must not
+    reuse a tree whose chunks are gone. One worker, which flushes every 0.1 s: the parent records directories
+    at every checkpoint, so a record written too early would name blobs of an open pack."""
+    cli.init()
+    src = cli.tmp / "src"
+    rng = random.Random(3)
+    for d in range(30):
+        folder = src / f"dir{d:02}"
+        folder.mkdir(parents=True)
+        for n in range(40):  # 12 MB in all: the worker takes over half a second
+            (folder / f"f{n:02}.bin").write_bytes(rng.randbytes(10_000))
+    env = {**cli.env, CRASH_ENV: "backup-dirs-recorded", TUNING_ENV: "checkpoint=0,dir-checkpoint=0,worker-flush=0.1,parent-packs-first=0,workers=1"}
+    killed = cli.run("backup", src, env=env)
+    assert killed.returncode == -9, "the run ended before it recorded a directory: " + killed.stderr.decode()
+    for leftover in cli.repo.glob("data/.tmp-*"):  # open packs and journals: nothing in them was synced
+        leftover.unlink()
+    doc = json.loads(cli.ok("backup", src, "--json").stdout.decode().splitlines()[-1])
+    assert doc["files_unmodified"] > 0, doc  # the records that were kept are used
+    check_and_restore_tree(cli, src)
+
+
+def check_and_restore_tree(cli: Cli, src: Path) -> None:
+    cli.ok("check", "--read-data")
+    out = cli.tmp / "out"
+    cli.ok("restore", "latest", "--target", out, "--verify")
+    restored = out / str(src).lstrip("/")
+    for path in src.rglob("*"):
+        if path.is_file():
+            assert (restored / path.relative_to(src)).read_bytes() == path.read_bytes()

@@ -27,7 +27,16 @@ from typing import BinaryIO
 import blake3
 
 from stasisfs.backup.walk import ListingAhead, WalkRules
-from stasisfs.backup.workers import FileResult, init_worker, open_for_backup, process_files, use_index_in_threads
+from stasisfs.backup.workers import (
+    BatchDone,
+    FileResult,
+    flush_worker,
+    init_worker,
+    open_for_backup,
+    process_files,
+    use_repository_in_threads,
+)
+from stasisfs.errors import StasisError
 from stasisfs.format.chunker import CHUNK_MIN, Chunker, ReadInto
 from stasisfs.format.pack import BLOB_DATA, BLOB_TREE
 from stasisfs.format.snapshot import Snapshot, Summary
@@ -35,22 +44,27 @@ from stasisfs.format.tree import DIR, FILE, Node, encode_tree, split_path
 from stasisfs.progress import Counters
 from stasisfs.repo.index import FileRecord
 from stasisfs.repo.packer import BlobWriter
+from stasisfs.repo.packfile import discard_open_packs_of
 from stasisfs.repo.repository import Repository
-from stasisfs.system.crashpoints import crash_point
+from stasisfs.system.crashpoints import crash_point, tuned
 from stasisfs.system.fsmeta import node_from_stat, read_xattrs
-from stasisfs.system.pools import StartingPool
+from stasisfs.system.pools import StartingPool, worker_pids
 
 CACHEDIR_SIGNATURE = b"Signature: 8a477f597d28d172789f06886806bc55"
 LARGE_FILE = 16 * 1024 * 1024  # larger files stream through a parent thread instead of a worker process
 # How far the walk runs ahead of the trees written: enough to keep workers fed, little enough to bound memory.
-CHECKPOINT_EVERY = 0.25  # seconds between saves of the files cache (and the open packs' journals) during a run,
+CHECKPOINT_EVERY = tuned("checkpoint", 0.25)  # seconds between saves of the files cache (and the open packs' journals) during a run,
 CHECKPOINT_BYTES = 32 << 20  # or this much file data, whichever comes first
-DIR_CHECKPOINT_EVERY = 2.0  # directory records too, less often: each one first makes the open packs durable
+DIR_CHECKPOINT_EVERY = tuned("dir-checkpoint", 2.0)  # directory records too, less often: each one first makes the open packs durable
 SEAL_AHEAD = 6  # chunks of one large file hashed, compressed and sealed at once (threads: those release the GIL)
 MAX_PENDING_ITEMS = 4096  # entries walked ahead of the oldest unwritten tree (their boxes are bounded by bytes)
 MAX_PENDING_BYTES = 12 * 1024 * 1024
 MAX_PENDING_DIRS = 1024
 STAT_SIGNATURE = struct.Struct("<HIIIQqqQQQQ")
+# The parent packs what workers seal until a run has sent them this much: a small run (an hourly
+# edit) then writes one pack with its trees. Past it, each worker packs what it seals itself.
+FLUSH_ROUNDS = 50  # rounds of end-of-run flush tasks before giving up on a worker that takes none
+PARENT_PACKS_FIRST = int(tuned("parent-packs-first", 4 * 1024 * 1024))
 
 
 @dataclass
@@ -62,7 +76,7 @@ class BackupOptions:
     tags: list[str] = field(default_factory=list)
     time: datetime | None = None
     dry_run: bool = False
-    workers: int = max(2, min(4, os.cpu_count() or 2))
+    workers: int = int(tuned("workers", max(2, min(4, os.cpu_count() or 2))))
 
 
 class Backup:
@@ -89,6 +103,13 @@ class Backup:
         self._last_checkpoint = time.monotonic()
         self._bytes_since_checkpoint = 0
         self._dir_records: list[tuple[bytes, bytes]] = []  # dir key -> signature | tree id, likewise
+        # Directory records waiting for workers' packs: (taken at, workers whose open packs they need, records).
+        self._dirs_waiting: deque[tuple[float, frozenset[tuple[int, int]], list[tuple[bytes, bytes]]]] = deque()
+        self._dirs_recorded = 0
+        self._unsettled_workers: set[tuple[int, int]] = set()  # workers whose last answer left blobs in open packs
+        self._worker_flushed: dict[tuple[int, int], float] = {}  # worker -> when its packs were last made durable
+        self._sent_to_workers = 0  # file bytes sent in batches so far
+        self._stored_by_workers = 0  # bytes of sealed blobs the workers packed themselves
         self._last_dir_checkpoint = time.monotonic()
         self._options_fingerprint = repr((sorted(options.excludes), options.exclude_caches, options.one_file_system)).encode()
         self._hardlinks: dict[tuple[int, int], Future[Node | None] | PendingFile] = {}
@@ -100,11 +121,17 @@ class Backup:
         self._pending_items = 0
         self._pending_bytes = 0
         self._procs_lock = threading.Lock()
+        self._worker_pids: set[int] = set()
         self.rules = WalkRules(options.excludes, options.one_file_system, repo.path)  # now that the cache exists
         self._begun = False
         self._listed = listed
 
     # --- reporting ---
+    @property
+    def bytes_stored(self) -> int:
+        """Sealed bytes this run added to packs (compressed and encrypted), wherever they were packed."""
+        return self.writer.bytes_added + self._stored_by_workers
+
     def warn(self, message: str) -> None:
         self.warnings.append(message)
         if self._warn_sink is not None:
@@ -164,10 +191,14 @@ class Backup:
             self.warn(result.error)
             return None
         whole_small_file = max(st.st_size, result.size) < CHUNK_MIN  # one chunk, cut by the file's end, not by content
+        added = result.added
+        self._stored_by_workers += result.stored
         for chunk_id, box, raw_length in result.new_blobs:
             if self.writer.add_sealed(chunk_id, BLOB_DATA, box, raw_length, content_defined=not whole_small_file):
-                with self._summary_lock:
-                    self.summary.data_added += raw_length
+                added += raw_length
+        if added:
+            with self._summary_lock:
+                self.summary.data_added += added
         node.content, node.size, node.xattrs = result.content, result.size, result.xattrs
         if result.changed:
             self.warn(f"{os.fsdecode(path)} changed while it was being read; the snapshot holds what was read")
@@ -198,10 +229,39 @@ class Backup:
         if now - self._last_dir_checkpoint >= DIR_CHECKPOINT_EVERY and not self.warnings and self._dir_records:
             # A directory record names a tree whose whole subtree must be stored: make every blob written
             # so far durable first (closing the open packs early), then the records are safe to keep.
+            # Blobs workers packed themselves are durable once each of those workers has flushed since.
             self._last_dir_checkpoint = now
             self.writer.flush()
             dirs, self._dir_records = self._dir_records, []
+            self._dirs_waiting.append((now, frozenset(self._unsettled_workers), dirs))
+        self._keep_durable_dir_records()
+
+    def _keep_durable_dir_records(self) -> None:
+        while self._dirs_waiting:
+            taken_at, workers, dirs = self._dirs_waiting[0]
+            if any(self._worker_flushed.get(w, -1.0) < taken_at for w in workers):
+                return
+            self._dirs_waiting.popleft()
             self.index.put_file_records(dirs)
+            self._dirs_recorded += len(dirs)
+            crash_point("backup-dirs-recorded", self._dirs_recorded)
+
+    def _batch_done(self, done: BatchDone) -> None:
+        if done.settled:
+            self._unsettled_workers.discard(done.worker)
+        else:
+            self._unsettled_workers.add(done.worker)
+        self._worker_flushed[done.worker] = done.flushed_at
+
+    def _flush_workers(self) -> None:
+        """The end of a run: every worker holding blobs in open packs (or packs not in an index object) writes them."""
+        for _ in range(FLUSH_ROUNDS):
+            if not self._unsettled_workers:
+                return
+            flushes = [self.procs.submit(flush_worker) for _ in self._unsettled_workers]
+            for future in flushes:
+                self._unsettled_workers.discard(future.result())
+        raise StasisError("a backup worker did not take its final flush; nothing was lost, run the backup again")
 
     # --- the walk ---
     def _file_node(self, pool: ThreadPoolExecutor, path: bytes, node: Node, st: os.stat_result, listed_ahead: bool = False) -> PendingItem:
@@ -434,6 +494,8 @@ class Backup:
             return self._finish(root, paths, started)
         except BaseException:
             self.writer.abort()
+            self._shutdown()  # the workers stop: their open packs can go too (a killed run's are salvaged instead)
+            discard_open_packs_of(self.repo, {os.getpid(), *self._worker_pids})
             raise
         finally:
             self._shutdown()
@@ -450,12 +512,13 @@ class Backup:
         with self._procs_lock:
             if self._procs is None:
                 self._procs = (self._starting or self._start_workers()).ready()
+                self._worker_pids = worker_pids(self._procs)
             return self._procs
 
     def _start_workers(self) -> StartingPool:
         """Worker processes (own GILs); threads when processes cannot be started here."""
-        initargs = (self.keys.master, self.keys.repo_id, str(self.index.path), self.writer.verify)
-        return StartingPool(self.options.workers, "backup", init_worker, initargs, partial(use_index_in_threads, self.index))
+        initargs = (self.keys.master, str(self.repo.path), str(self.index.path), self.writer.verify, self.options.dry_run)
+        return StartingPool(self.options.workers, "backup", init_worker, initargs, partial(use_repository_in_threads, self.repo))
 
     def run_stdin(self, stream: BinaryIO, filename: str) -> Snapshot:
         started = time.monotonic()
@@ -472,8 +535,12 @@ class Backup:
 
     def _finish(self, root: bytes, paths: list[bytes], started: float) -> Snapshot:
         self.writer.flush()
+        self._flush_workers()
         if not self.options.dry_run:
             self.index.put_file_records(self._file_records)
+            for _, _, dirs in self._dirs_waiting:
+                self.index.put_file_records(dirs)
+            self._dirs_waiting.clear()
             if not self.warnings:  # a tree that left out an unreadable file must not be reused silently
                 self.index.put_file_records(self._dir_records)
             self._file_records, self._dir_records = [], []
@@ -549,7 +616,8 @@ class ProcessBatch:
         self.backup = backup
         self.jobs: list[tuple[bytes, Node, os.stat_result]] = []
         self.bytes = 0
-        self.future: Future[list[FileResult]] | None = None
+        self.future: Future[BatchDone] | None = None
+        self.pack_here = False
         self.nodes: list[Node | None] | None = None
 
     @property
@@ -562,15 +630,19 @@ class ProcessBatch:
 
     def submit(self) -> None:
         if not self.sent:
-            self.future = self.backup.procs.submit(process_files, [(p, st.st_size, st.st_mtime_ns) for p, _, st in self.jobs])
+            backup = self.backup
+            self.pack_here = backup._sent_to_workers >= PARENT_PACKS_FIRST
+            backup._sent_to_workers += self.bytes
+            self.future = backup.procs.submit(process_files, [(p, st.st_size, st.st_mtime_ns) for p, _, st in self.jobs], self.pack_here)
 
     def resolve(self) -> list[Node | None]:
         if self.nodes is None:
             self.submit()
             assert self.future is not None
             future, self.future = self.future, None
-            results = future.result()
-            self.nodes = [self.backup._complete(p, node, st, r) for (p, node, st), r in zip(self.jobs, results, strict=True)]
+            done = future.result()
+            self.backup._batch_done(done)
+            self.nodes = [self.backup._complete(p, node, st, r) for (p, node, st), r in zip(self.jobs, done.files, strict=True)]
             self.jobs = []  # the sealed boxes are packed now: let them go
         return self.nodes
 

@@ -1,21 +1,34 @@
-"""Chunking worker processes: read, cut, hash, dedup-check, compress and seal, off the main GIL.
+"""Chunking worker processes: read, cut, hash, dedup-check, compress, seal and pack, off the main GIL.
 
 Each worker process derives its own `Cipher`, so it seals under its own random session
 id: nonces can never collide with another process's. Workers open the LMDB index
-themselves (never inherited across a fork) only to skip chunks already stored; the
-parent still makes the final dedup decision when it packs the returned boxes.
+themselves (never inherited across a fork).
+
+A batch is handled one of two ways, as the parent asks:
+- *returned*: the sealed boxes go back to the parent, which packs them with everything
+  else of the run. A small run (an hourly edit) then writes one pack, not one per process.
+- *packed here*: the worker packs the boxes itself, into its own open packs, and indexes
+  them; only chunk ids go back. Past the first few MiB of a run this is what it does, so
+  the parent is not the bottleneck of a big backup. The worker journals its open packs
+  before it answers (a killed run's successor salvages them), and makes them durable
+  every `FLUSH_EVERY` seconds; the parent writes a directory record only once every
+  worker that stored part of it has flushed since (see `pipeline.Backup._checkpoint`).
 """
 
 from __future__ import annotations
 
 import os
+import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from stasisfs.format.chunker import Chunker
-from stasisfs.format.crypto import Cipher, MasterKeys
-from stasisfs.repo.index import Index
-from stasisfs.repo.packer import ChunkSealer
+from stasisfs.format.chunker import CHUNK_MIN, Chunker
+from stasisfs.format.crypto import Cipher
+from stasisfs.format.pack import BLOB_DATA
+from stasisfs.repo.packer import BlobWriter, ChunkSealer
+from stasisfs.repo.repository import Repository
+from stasisfs.system.crashpoints import tuned
 from stasisfs.system.fsmeta import read_xattrs
 from stasisfs.system.pools import WorkerContext, exit_with_parent
 
@@ -23,14 +36,28 @@ O_NOATIME = getattr(os, "O_NOATIME", 0)
 SEEN_LIMIT = 65536  # chunk ids a worker remembers sealing: bounded, so memory does not grow with the tree
 
 
-@dataclass
+FLUSH_EVERY = tuned("worker-flush", 2.0)  # seconds between making a worker's own packs durable (the parent's directory records wait for it)
+FLUSH_HOLD = 0.05  # seconds a worker waits after its end-of-run flush, so the other flush tasks reach the other workers
+
+
+@dataclass(slots=True)
 class FileResult:
     content: list[bytes] = field(default_factory=list)
     size: int = 0
-    new_blobs: list[tuple[bytes, bytes, int]] = field(default_factory=list)  # chunk id, sealed box, plaintext length
+    new_blobs: list[tuple[bytes, bytes, int]] = field(default_factory=list)  # returned batches: chunk id, sealed box, plaintext length
+    added: int = 0  # packed-here batches: plaintext bytes the worker stored (new to the repository)
+    stored: int = 0  # and the sealed bytes they took
     error: str | None = None
     changed: bool = False
     xattrs: dict[bytes, bytes] = field(default_factory=dict)  # read through the open file: the walk leaves them to the reader
+
+
+@dataclass(slots=True)
+class BatchDone:
+    files: list[FileResult]
+    worker: tuple[int, int]  # process id, thread id
+    flushed_at: float  # monotonic time this worker's packs were last made durable (blobs sealed before it are safe)
+    settled: bool  # nothing this worker packed waits in an open pack or for an index object
 
 
 def open_for_backup(path: bytes) -> int:
@@ -41,14 +68,16 @@ def open_for_backup(path: bytes) -> int:
 
 
 class ChunkWorker:
-    def __init__(self, master: bytes, repo_id: bytes, index: Index, verify: bool) -> None:
-        self.keys = MasterKeys(master, repo_id)
+    def __init__(self, repo: Repository, verify: bool, dry_run: bool) -> None:
+        self.keys = repo.master_keys
         self.sealer = ChunkSealer(Cipher(self.keys), verify)  # a fresh session id: nonces never collide
         self.chunker = Chunker(self.keys.chunker_seed)
-        self.index = index
+        self.index = repo.index
+        self.writer = BlobWriter(repo, dry_run=dry_run, verify=verify)  # packs nothing until a batch is packed here
+        self.flushed_at = time.monotonic()
         self.seen: set[bytes] = set()
 
-    def process(self, path: bytes, size: int, mtime_ns: int) -> FileResult:
+    def process(self, path: bytes, size: int, mtime_ns: int, pack_here: bool) -> FileResult:
         result = FileResult()
         try:
             fd = open_for_backup(path)
@@ -57,10 +86,16 @@ class ChunkWorker:
             return result
         try:
             result.xattrs = read_xattrs(fd)
+            stored_before = self.writer.bytes_added
             for data in self.chunker.cut(lambda view: os.readv(fd, [view])):
                 chunk_id = self.keys.chunk_id_of(data)
+                whole_small_file = not result.content and len(data) < CHUNK_MIN  # cut by the file's end, not by content
                 result.content.append(chunk_id)
                 result.size += len(data)
+                if pack_here:
+                    if self.writer.add(chunk_id, BLOB_DATA, data, content_defined=not whole_small_file):
+                        result.added += len(data)
+                    continue
                 if chunk_id in self.seen or self.index.has_chunk(chunk_id):
                     continue
                 if len(self.seen) >= SEEN_LIMIT:
@@ -73,25 +108,54 @@ class ChunkWorker:
             return result
         finally:
             os.close(fd)
+        result.stored = self.writer.bytes_added - stored_before
         result.changed = (after.st_mtime_ns, after.st_size) != (mtime_ns, size) or result.size != size
         return result
 
+    def settle(self) -> None:
+        """After a packed-here batch: journal the open packs, and make them durable now and then."""
+        started = time.monotonic()
+        if started - self.flushed_at >= FLUSH_EVERY:
+            self.writer.flush()
+            self.flushed_at = started  # everything sealed before `started` is in a durable pack now
+        else:
+            self.writer.journal()
 
-_context: WorkerContext[Index, ChunkWorker] = WorkerContext()
+
+_context: WorkerContext[Repository, ChunkWorker] = WorkerContext()
 
 
-def init_worker(master: bytes, repo_id: bytes, index_path: str, verify: bool) -> None:
+def init_worker(master: bytes, repo_path: str, index_path: str, verify: bool, dry_run: bool) -> None:
     """Initializer for a worker process, or for a worker thread when processes are unavailable."""
     exit_with_parent()
-    index = _context.shared(lambda: Index(Path(index_path), probe_first=False), lambda shared: str(shared.path) == index_path)
-    _context.start(ChunkWorker(master, repo_id, index, verify))
+    repo = _context.shared(lambda: Repository.for_worker(Path(repo_path), master, Path(index_path)),
+                           lambda shared: str(shared.index.path) == index_path)
+    _context.start(ChunkWorker(repo, verify, dry_run))
 
 
-def use_index_in_threads(index: Index) -> None:
-    """Share the parent's open index with worker threads (LMDB forbids opening it twice in a process)."""
-    _context.share(index)
+def use_repository_in_threads(repo: Repository) -> None:
+    """Share the parent's open repository with worker threads (LMDB forbids opening its index twice in a process)."""
+    _context.share(repo)
 
 
-def process_files(jobs: list[tuple[bytes, int, int]]) -> list[FileResult]:
+def process_files(jobs: list[tuple[bytes, int, int]], pack_here: bool) -> BatchDone:
     worker = _context.worker
-    return [worker.process(*job) for job in jobs]
+    files = [worker.process(path, size, mtime_ns, pack_here) for path, size, mtime_ns in jobs]
+    if pack_here:
+        worker.settle()
+    return BatchDone(files, worker_id(), worker.flushed_at, worker.writer.settled())
+
+
+def worker_id() -> tuple[int, int]:
+    return os.getpid(), threading.get_ident()
+
+
+def flush_worker() -> tuple[int, int]:
+    """The end of a run: write this worker's open packs and their index object; raises if that failed (a full disk, say).
+
+    The parent sends one task per worker that is not settled, again for any that did not get one.
+    Holding on a moment after the flush leaves the other tasks to the other (idle) workers.
+    """
+    _context.worker.writer.flush()
+    time.sleep(FLUSH_HOLD)
+    return worker_id()

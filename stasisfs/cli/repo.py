@@ -255,7 +255,7 @@ def _backup(paths: tuple[bytes, ...], excludes: tuple[str, ...], exclude_file: s
                     "dry_run": dry_run, "errors": job.warnings, "sync_failed": sync_failures, **s.__dict__})
     elif not quiet:
         info(f"files: {s.files_new} new, {s.files_changed} changed, {s.files_unmodified} unmodified")
-        info(f"dirs: {s.dirs_new} new trees; added {human_size(s.data_added)} of data ({human_size(job.writer.bytes_added)} stored)")
+        info(f"dirs: {s.dirs_new} new trees; added {human_size(s.data_added)} of data ({human_size(job.bytes_stored)} stored)")
         info(f"processed {s.total_files} files, {human_size(s.total_bytes)} in {s.duration_s:.2f}s")
         if dry_run:
             info("dry run: nothing was written")

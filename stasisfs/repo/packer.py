@@ -143,6 +143,11 @@ class BlobWriter:
         if batch:
             self.repo.write_index_object(batch)
 
+    def settled(self) -> bool:
+        """Nothing waits: no blob in an open pack, no written pack missing from an index object."""
+        with self._lock:
+            return not self._unindexed and not any(len(builder) for builder in self._open)
+
     def journal(self) -> None:
         """List the blobs added to each open pack since the last call in the pack's journal.
 

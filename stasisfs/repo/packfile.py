@@ -85,6 +85,14 @@ def journal_path_of(pack_tmp: Path) -> Path:
     return pack_tmp.with_name(pack_tmp.name.replace("pack-", "journal-", 1))
 
 
+def discard_open_packs_of(repo: Repository, pids: set[int]) -> None:
+    """Drop the temp packs and journals these (finished) writer processes left: a failed run's, not a killed one's."""
+    for entry in os.scandir(repo.path / "data"):
+        if entry.name.startswith((f"{TEMP_PREFIX}pack-", f"{TEMP_PREFIX}journal-")) and entry.name.rsplit(".", 1)[-1] in {str(p) for p in pids}:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(entry.path)
+
+
 def abandoned_open_packs(repo: Repository) -> list[tuple[Path, Path]]:
     """(temp pack, its journal) pairs left by killed runs."""
     found = []

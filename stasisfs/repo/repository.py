@@ -198,11 +198,11 @@ class Repository:
         raise WrongKey(f"wrong password: no key slot of this repository opens with it{skipped}")
 
     @classmethod
-    def for_worker(cls, path: Path, master: bytes) -> Repository:
-        """A reader in a worker process: unlocked with the parent's key, index opened as is (the parent keeps it current)."""
+    def for_worker(cls, path: Path, master: bytes, index_path: Path | None = None) -> Repository:
+        """A worker process's view: unlocked with the parent's key, index opened as is (the parent keeps it current)."""
         repo = cls(path)
         repo._attach(master, "")
-        repo._index = Index(repo.cache_dir / "index", probe_first=False)
+        repo._index = Index(index_path or repo.cache_dir / "index", probe_first=False)
         return repo
 
     def unlock_master(self, master: bytes) -> None:

@@ -42,6 +42,10 @@ def process_alive(pid: int) -> bool:
         return False
     except PermissionError:
         return True  # alive, and someone else's
+    # A zombie (killed, not yet reaped) writes nothing more.
+    with contextlib.suppress(OSError, IndexError), open(f"/proc/{pid}/stat", "rb") as f:
+        if f.read().rsplit(b")", 1)[1].split()[0] in (b"Z", b"X"):
+            return False
     return True
 
 

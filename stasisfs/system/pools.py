@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import importlib.machinery
 import multiprocessing
 import os
@@ -20,6 +21,7 @@ Shared = TypeVar("Shared")
 Worker = TypeVar("Worker")
 PARENT_SIGNALS = {signal.SIGINT, signal.SIGTERM}
 PARENT_CHECK_EVERY = 1.0
+PR_SET_PDEATHSIG = 1
 
 
 def exit_with_parent() -> None:
@@ -61,8 +63,10 @@ class StartingPool:
             return
         with _signals_left_to_the_parent():
             try:
-                self._pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=initializer,
-                                                 initargs=initargs)
+                # The kernel's parent-death signal follows the thread that spawned a worker: only the main thread lives as long as the process.
+                main_thread = threading.current_thread() is threading.main_thread()
+                self._pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=_start_worker,
+                                                 initargs=(main_thread, initializer, initargs))
                 # One task per worker, submitted at once: none finds an idle worker, so every worker is spawned now, here.
                 self._started = [self._pool.submit(time.sleep, 0.01) for _ in range(workers)]
             except (OSError, BrokenProcessPool):
@@ -87,6 +91,30 @@ class StartingPool:
             with contextlib.suppress(Exception):
                 self._pool.shutdown(wait=False, cancel_futures=True)
         self._pool = None
+
+
+def _start_worker(spawned_by_main_thread: bool, initializer: Callable[..., None], initargs: tuple[Any, ...]) -> None:
+    if spawned_by_main_thread:
+        die_with_parent()
+    initializer(*initargs)
+
+
+def die_with_parent() -> None:
+    """In a worker process: be killed the moment the parent dies, as with a SIGKILL.
+
+    The watch thread of `exit_with_parent` takes up to a second to notice; meanwhile a worker
+    would go on writing into the repository, and a successor run must not salvage a pack that
+    is still being written (it skips packs whose writer lives, and reads their files again).
+    """
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+
+
+def worker_pids(pool: Executor) -> set[int]:
+    """The process ids of a process pool's workers (none for threads); read before the pool shuts down."""
+    processes = getattr(pool, "_processes", None) or {}  # CPython's ProcessPoolExecutor keeps them by pid
+    return set(processes)
 
 
 def _thread_pool(workers: int, name: str, initializer: Callable[..., None], initargs: tuple[Any, ...],
