@@ -1,10 +1,10 @@
 """Backup: walk -> files cache -> chunk -> dedup -> pack, then trees, then the snapshot.
 
 The walk runs on the calling thread; changed small files are read, cut, hashed,
-compressed and sealed in batches by worker processes (`pools.py`: spawned, each
-with its own GIL and session key; threads where processes cannot start), and
-large files by a thread pool (blake3, zstd, AES-GCM and file reads release the
-GIL). Trees are written bottom-up once their children are known. Order of durability: packs, index objects, snapshot.
+compressed, sealed and (past a run's first few MiB) packed in batches by worker
+processes (`workers.py`; `pools.py`: spawned, each with its own GIL and session key;
+threads where processes cannot start), and large files by a thread pool (blake3,
+zstd, AES-GCM and file reads release the GIL). Trees are written bottom-up once their children are known. Order of durability: packs, index objects, snapshot.
 """
 
 from __future__ import annotations
@@ -36,7 +36,6 @@ from stasisfs.backup.workers import (
     process_files,
     use_repository_in_threads,
 )
-from stasisfs.errors import StasisError
 from stasisfs.format.chunker import CHUNK_MIN, Chunker, ReadInto
 from stasisfs.format.pack import BLOB_DATA, BLOB_TREE
 from stasisfs.format.snapshot import Snapshot, Summary
@@ -63,7 +62,6 @@ MAX_PENDING_DIRS = 1024
 STAT_SIGNATURE = struct.Struct("<HIIIQqqQQQQ")
 # The parent packs what workers seal until a run has sent them this much: a small run (an hourly
 # edit) then writes one pack with its trees. Past it, each worker packs what it seals itself.
-FLUSH_ROUNDS = 50  # rounds of end-of-run flush tasks before giving up on a worker that takes none
 PARENT_PACKS_FIRST = int(tuned("parent-packs-first", 4 * 1024 * 1024))
 
 
@@ -114,9 +112,11 @@ class Backup:
         self._options_fingerprint = repr((sorted(options.excludes), options.exclude_caches, options.one_file_system)).encode()
         self._hardlinks: dict[tuple[int, int], Future[Node | None] | PendingFile] = {}
         self._jobs: deque[DirJob] = deque()
-        self._batch = BatchQueue(self)
-        self._procs: Executor | None = None
-        self._starting: StartingPool | None = None  # spawned early for a resumed run
+        # One queue and one single-worker pool per worker: a file goes to the worker its size picks, so copies
+        # of a file (same size) meet in one worker, which stores them once (workers pack what they seal).
+        self._batches = [BatchQueue(self, worker) for worker in range(options.workers)]
+        self._procs: list[Executor] | None = None
+        self._starting: list[StartingPool] | None = None  # spawned early for a resumed run
         self._sealers = ThreadPoolExecutor(options.workers, thread_name_prefix="backup-seal")  # threads start on first use
         self._pending_items = 0
         self._pending_bytes = 0
@@ -255,13 +255,11 @@ class Backup:
 
     def _flush_workers(self) -> None:
         """The end of a run: every worker holding blobs in open packs (or packs not in an index object) writes them."""
-        for _ in range(FLUSH_ROUNDS):
-            if not self._unsettled_workers:
-                return
-            flushes = [self.procs.submit(flush_worker) for _ in self._unsettled_workers]
-            for future in flushes:
-                self._unsettled_workers.discard(future.result())
-        raise StasisError("a backup worker did not take its final flush; nothing was lost, run the backup again")
+        if not self._unsettled_workers:
+            return
+        for future in [pool.submit(flush_worker) for pool in self.procs]:
+            self._unsettled_workers.discard(future.result())
+        assert not self._unsettled_workers, "every worker flushed"
 
     # --- the walk ---
     def _file_node(self, pool: ThreadPoolExecutor, path: bytes, node: Node, st: os.stat_result, listed_ahead: bool = False) -> PendingItem:
@@ -288,7 +286,8 @@ class Backup:
         if key is not None and key in self._hardlinks:
             return LinkedFile(self, self._hardlinks[key], node, path, st)
         item: Future[Node | None] | PendingFile = (
-            pool.submit(self._read_file, path, node, st) if st.st_size >= LARGE_FILE else self._batch.add(path, node, st)
+            pool.submit(self._read_file, path, node, st) if st.st_size >= LARGE_FILE
+            else self._batches[st.st_size % len(self._batches)].add(path, node, st)
         )
         if key is not None:
             self._hardlinks[key] = item
@@ -495,7 +494,7 @@ class Backup:
         except BaseException:
             self.writer.abort()
             self._shutdown()  # the workers stop: their open packs can go too (a killed run's are salvaged instead)
-            discard_open_packs_of(self.repo, {os.getpid(), *self._worker_pids})
+            discard_open_packs_of(self.repo, {os.getpid(), *self._worker_pids})  # threads' packs carry the parent's pid
             raise
         finally:
             self._shutdown()
@@ -503,22 +502,23 @@ class Backup:
     def _shutdown(self) -> None:
         self._sealers.shutdown(cancel_futures=True)
         with self._procs_lock:  # waits for a pool still starting
-            if self._procs is not None:
-                self._procs.shutdown(cancel_futures=True)
+            for pool in self._procs or []:
+                pool.shutdown(cancel_futures=True)
 
     @property
-    def procs(self) -> Executor:
-        """The chunking workers, started on first use: a run with nothing changed starts none."""
+    def procs(self) -> list[Executor]:
+        """The chunking workers, one pool each, started on first use: a run with nothing changed starts none."""
         with self._procs_lock:
             if self._procs is None:
-                self._procs = (self._starting or self._start_workers()).ready()
-                self._worker_pids = worker_pids(self._procs)
+                self._procs = [starting.ready() for starting in self._starting or self._start_workers()]
+                self._worker_pids = {pid for pool in self._procs for pid in worker_pids(pool)}
             return self._procs
 
-    def _start_workers(self) -> StartingPool:
+    def _start_workers(self) -> list[StartingPool]:
         """Worker processes (own GILs); threads when processes cannot be started here."""
         initargs = (self.keys.master, str(self.repo.path), str(self.index.path), self.writer.verify, self.options.dry_run)
-        return StartingPool(self.options.workers, "backup", init_worker, initargs, partial(use_repository_in_threads, self.repo))
+        share = partial(use_repository_in_threads, self.repo)
+        return [StartingPool(1, f"backup-{n}", init_worker, initargs, share) for n in range(self.options.workers)]
 
     def run_stdin(self, stream: BinaryIO, filename: str) -> Snapshot:
         started = time.monotonic()
@@ -612,8 +612,9 @@ class ProcessBatch:
     MAX_FILES = 64
     MAX_BYTES = 4 * 1024 * 1024
 
-    def __init__(self, backup: Backup) -> None:
+    def __init__(self, backup: Backup, worker: int) -> None:
         self.backup = backup
+        self.worker = worker
         self.jobs: list[tuple[bytes, Node, os.stat_result]] = []
         self.bytes = 0
         self.future: Future[BatchDone] | None = None
@@ -633,7 +634,7 @@ class ProcessBatch:
             backup = self.backup
             self.pack_here = backup._sent_to_workers >= PARENT_PACKS_FIRST
             backup._sent_to_workers += self.bytes
-            self.future = backup.procs.submit(process_files, [(p, st.st_size, st.st_mtime_ns) for p, _, st in self.jobs], self.pack_here)
+            self.future = backup.procs[self.worker].submit(process_files, [(p, st.st_size, st.st_mtime_ns) for p, _, st in self.jobs], self.pack_here)
 
     def resolve(self) -> list[Node | None]:
         if self.nodes is None:
@@ -650,14 +651,15 @@ class ProcessBatch:
 class BatchQueue:
     """The batch being filled; a batch is sent when full, or as soon as anyone waits on it."""
 
-    def __init__(self, backup: Backup) -> None:
+    def __init__(self, backup: Backup, worker: int) -> None:
         self.backup = backup
-        self.current = ProcessBatch(backup)
+        self.worker = worker
+        self.current = ProcessBatch(backup, worker)
 
     def add(self, path: bytes, node: Node, st: os.stat_result) -> PendingFile:
         batch = self.current
         if batch.sent or batch.full:
-            batch = self.current = ProcessBatch(self.backup)
+            batch = self.current = ProcessBatch(self.backup, self.worker)
         batch.jobs.append((path, node, st))
         batch.bytes += st.st_size
         if batch.full:
