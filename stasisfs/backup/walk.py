@@ -65,7 +65,7 @@ RACY_NS = 2_000_000_000  # directories changed this close to the listing are lis
 class ListingAhead:
     """Directory listings (stats cached in each `DirEntry`), taken in the walk's depth-first order."""
 
-    MAX_ENTRIES = 100_000  # about 40 MB of entries at most, for a walk that has not started yet
+    MAX_ENTRIES = 30_000  # about 12 MB of entries at most: what a walk crosses in the time the key takes to open
 
     def __init__(self, roots: list[bytes], rules: WalkRules) -> None:
         self.rules = rules

@@ -2,12 +2,13 @@
 
 pyfastcdc's own `cut_stream` allocates and zero-fills a fresh 2 x max-size buffer
 per call, which dominates the cost of many medium files; this keeps one window per
-thread and feeds `cut_buf`. A chunk that ends exactly at the window's end was cut
+thread (mapped, so only the pages used are ever allocated) and feeds `cut_buf`. A chunk that ends exactly at the window's end was cut
 by the window, not by content, so it is carried over and cut again with more data.
 """
 
 from __future__ import annotations
 
+import mmap
 from collections.abc import Callable, Iterator
 
 from pyfastcdc import FastCDC
@@ -26,7 +27,8 @@ class Chunker:
 
     def __init__(self, seed: int) -> None:
         self._fastcdc = FastCDC(CHUNK_AVG, min_size=CHUNK_MIN, max_size=CHUNK_MAX, seed=seed)
-        self._buf = bytearray(WINDOW)
+        # Anonymous memory pages in on first touch: a worker that only meets small files holds a few KiB of it, not 8 MiB.
+        self._buf = mmap.mmap(-1, WINDOW)
         self._view = memoryview(self._buf)
 
     def cut(self, readinto: ReadInto) -> Iterator[memoryview]:
