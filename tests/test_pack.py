@@ -1,5 +1,6 @@
 import hashlib
 import os
+from pathlib import Path
 
 import pytest
 
@@ -8,9 +9,11 @@ from stasisfs.format.crypto import KIND_CHUNK, Cipher, MasterKeys, padme
 from stasisfs.format.pack import (
     BLOB_DATA,
     BLOB_TREE,
+    PACK_MAX_BLOBS,
     BlobEntry,
     MemorySink,
     PackBuilder,
+    PackInfo,
     authentic_prefix,
     decode_index,
     decode_journal,
@@ -20,6 +23,7 @@ from stasisfs.format.pack import (
     open_blob,
     parse_pack,
 )
+from stasisfs.repo.index import WRITE_BATCH, Index
 
 
 @pytest.fixture
@@ -129,3 +133,30 @@ def test_a_pack_resumed_from_its_written_part_equals_one_built_at_once(cipher: C
     assert info.pack_id == hashlib.sha256(data).digest() and info.size == len(data)
     assert list(info.blobs) == entries
     assert parse_pack(cipher, data) == entries
+
+
+def test_a_pack_of_tiny_blobs_closes_at_the_blob_limit(cipher: Cipher) -> None:
+    """A writer holds an entry per blob of an open pack: tiny files must not make one pack hold 150k of them."""
+    builder = PackBuilder(MemorySink())
+    box = cipher.seal(encode_blob_payload(b"x" * 40, b"x" * 40), KIND_CHUNK, b"")
+    for n in range(PACK_MAX_BLOBS - 1):
+        builder.add(n.to_bytes(32, "big"), BLOB_DATA, box, 40, content_defined=False)
+        assert n % 4096 or not builder.ready()  # far below the size at which a pack closes
+    builder.add(PACK_MAX_BLOBS.to_bytes(32, "big"), BLOB_DATA, box, 40, content_defined=False)
+    assert builder.ready() and len(builder) < 8 << 20
+    info = builder.finish(cipher)
+    assert info.size == padme(info.size) and len(info.blobs) == PACK_MAX_BLOBS
+
+
+def test_the_index_takes_a_pack_of_many_blobs_whole(tmp_path: Path) -> None:
+    """Blobs go in bounded transactions, the pack's row after them: every blob is found, and the pack is listed."""
+    index = Index(tmp_path / "index")
+    try:
+        blobs = tuple(BlobEntry(os.urandom(32), BLOB_DATA, 100 * n, 100, 60) for n in range(3 * WRITE_BATCH + 5))
+        pack = PackInfo(os.urandom(32), 1 << 20, blobs)
+        index.add_packs([pack])
+        assert index.packs()[pack.pack_id][0] == 1 << 20
+        assert all(index.lookup(e.chunk_id) is not None for e in blobs)
+        assert index.chunk_count() == len(blobs)
+    finally:
+        index.close()

@@ -40,6 +40,10 @@ PACK_TARGET_SIZE = 16 * 1024 * 1024
 PACK_MIN_SIZE = 12 * 1024 * 1024
 PACK_MAX_SIZE = 20 * 1024 * 1024
 PACK_SNUG = 32 * 1024
+# Or once it holds this many blobs: a writer keeps an entry per blob of its open packs, and 16 MiB of
+# tiny files (64-byte configs, empty-ish sources) is 150k of them, about 35 MB. At this many a pack of
+# such files is a few MiB, padded to its Padmé step (at most 12%, 3% on average); other packs never get here.
+PACK_MAX_BLOBS = 32_768
 WRITE_BUFFER = 512 * 1024
 PACK_PAD_FLOOR = 1024 * 1024  # a pack with a content-defined cut in it
 SMALL_PACK_PAD_FLOOR = 64 * 1024  # a pack of whole small files and trees only
@@ -194,7 +198,8 @@ class PackBuilder:
 
     def ready(self) -> bool:
         """Big enough to close: past the minimum and snug against a Padmé step, or at the maximum."""
-        return self.size >= PACK_MAX_SIZE or (self.size >= PACK_MIN_SIZE and self.padding_if_finished() <= PACK_SNUG)
+        return (self.size >= PACK_MAX_SIZE or len(self.entries) >= PACK_MAX_BLOBS
+                or (self.size >= PACK_MIN_SIZE and self.padding_if_finished() <= PACK_SNUG))
 
     @property
     def floor(self) -> int:

@@ -372,11 +372,12 @@ class Repository:
             self.write_index_object(orphans)
         return len(orphans)
 
-    def write_index_object(self, packs: list[PackInfo]) -> bytes:
+    def write_index_object(self, packs: list[PackInfo], blobs_indexed: bool = False) -> bytes:
+        """Seal an index object for these packs and note it in the local index (`blobs_indexed`: their blobs are there already)."""
         sealed = encode_index(self.cipher, packs)
         object_id = self.write_object_raw("index", sealed)
         if self._index is not None:
-            self._index.add_packs(packs, object_id)
+            self._index.add_packs(packs, object_id, chunks=not blobs_indexed)
         return object_id
 
     # --- objects ---
