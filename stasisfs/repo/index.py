@@ -38,7 +38,7 @@ FILE_ROW = struct.Struct(">QQQqq")
 NO_INDEX_OBJECT = bytes(32)
 MAP_SIZE = 1 << 40  # sparse; grows on MapFullError
 MADV_DONTNEED = 4
-RELEASE_EVERY = 1.0  # seconds between drops of the mapped index pages a long run has touched
+RELEASE_EVERY = 0.2  # seconds between drops of the mapped index pages a long run has touched
 # Puts per write transaction. LMDB keeps every page a transaction dirtied on a free list for reuse,
 # for as long as the environment is open: 32k puts of random keys in one would hold 128 MB.
 WRITE_BATCH = 2048
@@ -167,16 +167,18 @@ class Index:
         """Drop this process's mappings of the index pages it has read, at most once a `RELEASE_EVERY`.
 
         A backup or a mount touches index pages all over the file (its keys are hashes), and each
-        stays mapped, so RSS grows with the index: 2.7x from 100k to 1M files. They are clean page
-        cache (LMDB writes with write(), never through the map), so dropping them loses nothing:
-        the next read faults them back in from the cache.
+        stays mapped (with the 64 KiB the kernel maps around each fault), so RSS grows with the
+        index: 2.7x from 100k to 1M files. They are clean page cache (LMDB writes with write(),
+        never through the map), so dropping them loses nothing: the next read faults them back in.
         """
         now = time.monotonic()
         if now - self._released_at < RELEASE_EVERY:
             return
         self._released_at = now
         data_file = os.path.realpath(self.path / "data.mdb")
-        with contextlib.suppress(OSError, AttributeError), open("/proc/self/maps") as maps:
+        # Under the write lock: the map moves only when a writer grows it, and advising an old range that
+        # malloc had reused since would zero live memory.
+        with self._write_lock, contextlib.suppress(OSError, AttributeError), open("/proc/self/maps") as maps:
             for line in maps:
                 if line.rstrip("\n").endswith(" " + data_file):
                     start, end = (int(bound, 16) for bound in line.split(None, 1)[0].split("-"))
