@@ -64,11 +64,16 @@ def text_of(driver: Any) -> str:
 
 def wait_text(driver: Any, needle: str, timeout: float = 30) -> str:
     """The page's text once it shows `needle` (a click's navigation finishes on its own time)."""
-    from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException, TimeoutException
+    from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException, TimeoutException, WebDriverException
     from selenium.webdriver.support.ui import WebDriverWait
 
     def shows(d: Any) -> str | bool:
-        text = text_of(d)
+        try:
+            text = text_of(d)
+        except WebDriverException as exc:  # Chromium's form of a stale element, mid-navigation
+            if "does not belong to the document" in str(exc):
+                return False
+            raise
         return text if needle in text else False
 
     try:
