@@ -225,7 +225,6 @@ class Backup:
         self._records_saved += len(batch)
         self.writer.journal()  # the blobs behind these records become salvageable
         self.index.put_file_records(batch)
-        self.index.release_mapped_pages()
         crash_point("backup-checkpointed", self._records_saved)
         if now - self._last_dir_checkpoint >= DIR_CHECKPOINT_EVERY and not self.warnings and self._dir_records:
             # A directory record names a tree whose whole subtree must be stored: make every blob written

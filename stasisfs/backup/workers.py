@@ -120,7 +120,7 @@ class ChunkWorker:
 
     def settle(self) -> None:
         """After a packed-here batch: journal the open packs, and make them durable now and then."""
-        self.index.release_mapped_pages()
+        self.index.release_mapped_pages()  # its dedup probes map index pages, and a probe writes nothing
         started = time.monotonic()
         if started - self.flushed_at >= FLUSH_EVERY:
             self.writer.flush()

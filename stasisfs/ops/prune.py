@@ -149,9 +149,10 @@ def consolidate_small_packs(plan: PrunePlan) -> None:
     one left, so the next prune finds nothing to merge (prune reaches a fixed point).
     """
     small = [p for p in plan.keep + plan.repack if plan.packs[p].size < SMALL_PACK_LIMIT]
-    repacking_anyway = bool(plan.repack)
-    if not small or (not repacking_anyway and (len(small) < 2 or sum(plan.packs[p].size for p in small) < PACK_PAD_FLOOR)):
+    if not small:
         return
+    if not plan.repack and (len(small) < 2 or sum(plan.packs[p].size for p in small) < PACK_PAD_FLOOR):
+        return  # merging them alone would not pay for the floor
     plan.consolidate = sorted(small)
     plan.keep = [p for p in plan.keep if p not in small]
     plan.repack += [p for p in plan.consolidate if p not in plan.repack]

@@ -13,7 +13,6 @@ Databases (every key is a keyed hash or a storage id; nothing is plaintext):
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import functools
 import itertools
 import os
@@ -31,13 +30,13 @@ import lmdb
 
 from stasisfs.errors import IndexDamaged
 from stasisfs.format.pack import BlobEntry, PackInfo
+from stasisfs.system.kernel import drop_file_mappings
 
 LOCATION = struct.Struct(">32sBIII")
 PACK_ROW = struct.Struct(">Q32s")
 FILE_ROW = struct.Struct(">QQQqq")
 NO_INDEX_OBJECT = bytes(32)
 MAP_SIZE = 1 << 40  # sparse; grows on MapFullError
-MADV_DONTNEED = 4
 RELEASE_EVERY = 0.2  # seconds between drops of the mapped index pages a long run has touched
 # Puts per write transaction. LMDB keeps every page a transaction dirtied on a free list for reuse,
 # for as long as the environment is open: 32k puts of random keys in one would hold 128 MB.
@@ -175,14 +174,8 @@ class Index:
         if now - self._released_at < RELEASE_EVERY:
             return
         self._released_at = now
-        data_file = os.path.realpath(self.path / "data.mdb")
-        # Under the write lock: the map moves only when a writer grows it, and advising an old range that
-        # malloc had reused since would zero live memory.
-        with self._write_lock, contextlib.suppress(OSError, AttributeError), open("/proc/self/maps") as maps:
-            for line in maps:
-                if line.rstrip("\n").endswith(" " + data_file):
-                    start, end = (int(bound, 16) for bound in line.split(None, 1)[0].split("-"))
-                    _libc().madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), MADV_DONTNEED)
+        with self._write_lock:  # the map moves only when a writer grows it
+            drop_file_mappings(self.path / "data.mdb")
 
     def close(self) -> None:
         self.env.close()
@@ -197,9 +190,10 @@ class Index:
                 try:
                     with self.env.begin(write=True) as txn:
                         fn(txn)
-                    return
+                    break
                 except lmdb.MapFullError:
                     self.env.set_mapsize(self.env.info()["map_size"] * 2)
+        self.release_mapped_pages()  # a write reads the pages its keys land on
 
     # --- state ---
     @property
@@ -340,11 +334,6 @@ class Index:
             part = records[start : start + WRITE_BATCH]
             self._write(functools.partial(self._put_all, db=self._files, items=part))
 
-
-
-@functools.cache
-def _libc() -> ctypes.CDLL:
-    return ctypes.CDLL(None, use_errno=True)
 
 
 def remove_index_dir(path: Path) -> None:

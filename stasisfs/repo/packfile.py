@@ -87,8 +87,9 @@ def journal_path_of(pack_tmp: Path) -> Path:
 
 def discard_open_packs_of(repo: Repository, pids: set[int]) -> None:
     """Drop the temp packs and journals these (finished) writer processes left: a failed run's, not a killed one's."""
+    suffixes = {str(pid) for pid in pids}
     for entry in os.scandir(repo.path / "data"):
-        if entry.name.startswith((f"{TEMP_PREFIX}pack-", f"{TEMP_PREFIX}journal-")) and entry.name.rsplit(".", 1)[-1] in {str(p) for p in pids}:
+        if entry.name.startswith((f"{TEMP_PREFIX}pack-", f"{TEMP_PREFIX}journal-")) and entry.name.rsplit(".", 1)[-1] in suffixes:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(entry.path)
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import importlib.machinery
 import multiprocessing
 import os
@@ -16,12 +15,13 @@ from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPool
 from concurrent.futures.process import BrokenProcessPool
 from typing import Any, Generic, TypeVar
 
+from stasisfs.system.kernel import die_with_parent
+
 STARTUP_TIMEOUT = 60.0
 Shared = TypeVar("Shared")
 Worker = TypeVar("Worker")
 PARENT_SIGNALS = {signal.SIGINT, signal.SIGTERM}
 PARENT_CHECK_EVERY = 1.0
-PR_SET_PDEATHSIG = 1
 
 
 def exit_with_parent() -> None:
@@ -94,21 +94,11 @@ class StartingPool:
 
 
 def _start_worker(spawned_by_main_thread: bool, initializer: Callable[..., None], initargs: tuple[Any, ...]) -> None:
+    # The watch thread of `exit_with_parent` takes up to a second to notice a dead parent; meanwhile a
+    # worker would go on writing into the repository, where a successor run may be salvaging its packs.
     if spawned_by_main_thread:
         die_with_parent()
     initializer(*initargs)
-
-
-def die_with_parent() -> None:
-    """In a worker process: be killed the moment the parent dies, as with a SIGKILL.
-
-    The watch thread of `exit_with_parent` takes up to a second to notice; meanwhile a worker
-    would go on writing into the repository, and a successor run must not salvage a pack that
-    is still being written (it skips packs whose writer lives, and reads their files again).
-    """
-    with contextlib.suppress(OSError, AttributeError):
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
 
 
 def worker_pids(pool: Executor) -> set[int]:

@@ -1,0 +1,37 @@
+"""The two Linux calls Python does not wrap: a parent-death signal, and dropping a file's mappings."""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import functools
+import os
+import signal
+
+PR_SET_PDEATHSIG = 1
+MADV_DONTNEED = 4
+
+
+@functools.cache
+def _libc() -> ctypes.CDLL:
+    return ctypes.CDLL(None, use_errno=True)
+
+
+def die_with_parent() -> None:
+    """Be sent SIGKILL the moment the parent dies (the thread that spawned this process, in fact)."""
+    with contextlib.suppress(OSError, AttributeError):
+        _libc().prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+
+
+def drop_file_mappings(path: os.PathLike[str] | str) -> None:
+    """Unmap this process's pages of every shared mapping of `path`; later reads fault them back in from the file.
+
+    Only for read-only shared file mappings: the caller must hold off anything that could move the
+    mapping meanwhile, or the advice could fall on memory reused since (anonymous memory is zeroed).
+    """
+    target = " " + os.path.realpath(path)
+    with contextlib.suppress(OSError, AttributeError), open("/proc/self/maps") as maps:
+        for line in maps:
+            if line.rstrip("\n").endswith(target):
+                start, end = (int(bound, 16) for bound in line.split(None, 1)[0].split("-"))
+                _libc().madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), MADV_DONTNEED)
