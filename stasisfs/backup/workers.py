@@ -23,6 +23,7 @@ from __future__ import annotations
 import os
 import threading
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -93,7 +94,7 @@ class ChunkWorker:
         try:
             result.xattrs = read_xattrs(fd)
             stored_before = self.writer.bytes_added
-            for data in self.chunker.cut(lambda view: os.readv(fd, [view])):
+            for data in self._chunks(fd, size):
                 chunk_id = self.keys.chunk_id_of(data)
                 whole_small_file = not result.content and len(data) < CHUNK_MIN  # cut by the file's end, not by content
                 result.content.append(chunk_id)
@@ -117,6 +118,14 @@ class ChunkWorker:
         result.stored = self.writer.bytes_added - stored_before
         result.changed = (after.st_mtime_ns, after.st_size) != (mtime_ns, size) or result.size != size
         return result
+
+    def _chunks(self, fd: int, size: int) -> Iterable[bytes | memoryview]:
+        if size < CHUNK_MIN:  # most files: one read, one chunk, none of the chunker's window
+            data = os.read(fd, size + 1)
+            if len(data) <= size:  # a short read of a regular file means end of file
+                return (data,) if data else ()
+            os.lseek(fd, 0, os.SEEK_SET)  # it grew since it was listed: cut it as it is now
+        return self.chunker.cut(lambda view: os.readv(fd, [view]))
 
     def settle(self) -> None:
         """After a packed-here batch: journal the open packs, and make them durable now and then."""
