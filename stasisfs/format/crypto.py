@@ -30,6 +30,7 @@ NONCE_LEN = 12
 TAG_LEN = 16
 BOX_OVERHEAD = 1 + SESSION_ID_LEN + NONCE_LEN + TAG_LEN
 KEY_LEN = 32
+NONCE = struct.Struct(">IQ")  # zero, then the session's counter
 
 # Object kinds bound into the associated data, so one object cannot stand in for another.
 KIND_CHUNK = b"chunk"
@@ -81,6 +82,7 @@ class Cipher:
         self.keys = keys
         self._session_id = os.urandom(SESSION_ID_LEN)
         self._sealer = AESGCM(self._session_key(self._session_id))
+        self._box_prefix = bytes((BOX_VERSION,)) + self._session_id
         self._nonces = itertools.count(1)  # next() on count is atomic under the GIL
         self._openers: dict[bytes, AESGCM] = {self._session_id: self._sealer}
         self._lock = threading.Lock()
@@ -89,9 +91,9 @@ class Cipher:
         return hkdf(self.keys.encryption, b"stasisfs session v1", salt=session_id)
 
     def seal(self, plaintext: bytes | memoryview, kind: bytes, object_id: bytes = b"") -> bytes:
-        nonce = struct.pack(">IQ", 0, next(self._nonces))
+        nonce = NONCE.pack(0, next(self._nonces))
         aad = associated_data(self.keys.repo_id, kind, object_id)
-        return b"".join((bytes((BOX_VERSION,)), self._session_id, nonce, self._sealer.encrypt(nonce, bytes(plaintext), aad)))
+        return b"".join((self._box_prefix, nonce, self._sealer.encrypt(nonce, bytes(plaintext), aad)))
 
     def open(self, box: bytes | memoryview, kind: bytes, object_id: bytes = b"") -> bytes:
         view = memoryview(box)
