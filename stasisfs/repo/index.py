@@ -155,7 +155,10 @@ class Index:
             self._packs = self.env.open_db(b"packs")
             self._indexobjs = self.env.open_db(b"indexobjs")
             self._snapshots = self.env.open_db(b"snapshots")
-            self._files = self.env.open_db(b"files")
+            # Files-cache records, keyed by `files_cache_key`: a directory's records sit together, so a walk
+            # reads and writes a few pages per directory, not one page per file scattered over the index.
+            self._files = self.env.open_db(b"files-by-dir")
+            self._legacy_files = self.env.open_db(b"files")  # keyed by path hash alone (before 0.2): read until the first complete run
             self._meta = self.env.open_db(b"meta")
             with self.env.begin() as txn:
                 txn.stat(self._chunks)
@@ -291,11 +294,16 @@ class Index:
 
     # --- files cache ---
 
-    def unchanged_content(self, path_key: bytes, st: os.stat_result) -> tuple[bool, list[bytes] | None]:
-        """(a record exists, its chunk ids if the file is unchanged and every chunk is still stored)."""
+    def unchanged_content(self, key: bytes, st: os.stat_result, legacy_key: bytes | None = None) -> tuple[bool, list[bytes] | None]:
+        """(a record exists, its chunk ids if the file is unchanged and every chunk is still stored).
+
+        `legacy_key`: the file's key in a files cache written before records were grouped by directory.
+        """
         expected = FILE_ROW.pack(st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
         with self.env.begin() as txn:
-            raw = txn.get(path_key, db=self._files)
+            raw = txn.get(key, db=self._files)
+            if raw is None and legacy_key is not None:
+                raw = txn.get(legacy_key, db=self._legacy_files)
             if raw is None:
                 return False, None
             if raw[: FILE_ROW.size] != expected:
@@ -308,7 +316,15 @@ class Index:
     def files_empty(self) -> bool:
         """No file or directory record at all (a first backup)."""
         with self.env.begin() as txn:
-            return int(txn.stat(self._files)["entries"]) == 0
+            return int(txn.stat(self._files)["entries"]) == 0 and int(txn.stat(self._legacy_files)["entries"]) == 0
+
+    def has_legacy_files(self) -> bool:
+        with self.env.begin() as txn:
+            return int(txn.stat(self._legacy_files)["entries"]) > 0
+
+    def drop_legacy_files(self) -> None:
+        """After a complete run has recorded every file it met under the grouped keys."""
+        self._write(lambda txn: txn.drop(self._legacy_files, delete=False))
 
     def cached_tree(self, dir_key: bytes, signature: bytes) -> bytes | None:
         """The tree id recorded for a directory whose signature is unchanged, if that tree is still stored."""
@@ -325,7 +341,11 @@ class Index:
         Needed when blobs are declared lost: a directory record names a tree by id, and that tree
         may still be stored while data it references is gone.
         """
-        self._write(lambda txn: txn.drop(self._files, delete=False))
+        def drop(txn: lmdb.Transaction) -> None:
+            txn.drop(self._files, delete=False)
+            txn.drop(self._legacy_files, delete=False)
+
+        self._write(drop)
 
     def put_file_records(self, records: Iterable[tuple[bytes, bytes]]) -> None:
         """(keyed path hash, `FileRecord.encode()`) pairs."""
