@@ -1,4 +1,4 @@
-"""The files cache: records grouped by directory, and a cache written before that still spares a re-read."""
+"""The files cache: its own environment, records grouped by directory, and a cache from before that still spares a re-read."""
 
 from __future__ import annotations
 
@@ -34,17 +34,17 @@ def backup(repo: Repository, root: Path) -> Snapshot:
     return Backup(repo, BackupOptions(paths=[bytes(root)])).run()
 
 
-def records(repo: Repository, name: bytes) -> dict[bytes, bytes]:
+def file_records(repo: Repository) -> dict[bytes, bytes]:
     index = repo.index
-    with index.env.begin() as txn:
-        return {bytes(k): bytes(v) for k, v in txn.cursor(db=index.env.open_db(name, txn=txn))}
+    with index._files.begin() as txn:
+        return {bytes(k): bytes(v) for k, v in txn.cursor(db=index._records)}
 
 
 def test_a_directorys_records_share_a_key_prefix(repo: Repository, tmp_path: Path) -> None:
     files = tree(tmp_path / "src")
     backup(repo, tmp_path / "src")
     keys = repo.master_keys
-    stored = records(repo, b"files-by-dir")
+    stored = file_records(repo)
     for path in files:
         dir_key = keys.path_key(b"dir\0" + os.fsencode(path.parent))
         assert dir_key[:8] + keys.path_key(os.fsencode(path))[:24] in stored
@@ -56,14 +56,14 @@ def test_a_cache_from_before_the_grouping_is_read_once_then_dropped(repo: Reposi
     files = tree(tmp_path / "src")
     backup(repo, tmp_path / "src")
     keys, index = repo.master_keys, repo.index
-    grouped = records(repo, b"files-by-dir")
+    grouped = file_records(repo)
     # Rewrite the cache as an older version kept it: file records under the path hash alone, no directory records.
     legacy = {}
     for path in files:
         dir_key = keys.path_key(b"dir\0" + os.fsencode(path.parent))
         legacy[keys.path_key(os.fsencode(path))] = grouped[dir_key[:8] + keys.path_key(os.fsencode(path))[:24]]
+    index.clear_files_cache()
     with index.env.begin(write=True) as txn:
-        txn.drop(index.env.open_db(b"files-by-dir", txn=txn), delete=False)
         old = index.env.open_db(b"files", txn=txn)
         for key, value in legacy.items():
             txn.put(key, value, db=old)
@@ -77,3 +77,31 @@ def test_a_cache_from_before_the_grouping_is_read_once_then_dropped(repo: Reposi
     (files[0]).write_text("changed\n")
     after = backup(repo, tmp_path / "src")
     assert (after.summary.files_changed, after.summary.files_unmodified) == (1, len(files) - 1), "the grouped records carry on"
+
+
+def test_the_workers_chunk_index_holds_no_file_records(repo: Repository, tmp_path: Path) -> None:
+    tree(tmp_path / "src")
+    backup(repo, tmp_path / "src")
+    index = repo.index
+    with index.env.begin() as txn:
+        names = {bytes(name) for name, _ in txn.cursor()}
+        legacy = index.env.open_db(b"files", txn=txn)
+        assert txn.stat(legacy)["entries"] == 0
+    assert b"files-by-dir" not in names
+    assert len(file_records(repo)) == 60 + 4, "every file and directory (and the parent above them) in the files cache"
+
+
+def test_a_damaged_files_cache_is_dropped_and_the_files_read_again(repo: Repository, tmp_path: Path) -> None:
+    files = tree(tmp_path / "src")
+    backup(repo, tmp_path / "src")
+    files_path = repo.index.files_path
+    repo.close()
+    data = files_path / "data.mdb"
+    scrambled = bytearray(data.read_bytes())
+    scrambled[2 * 4096 :] = os.urandom(len(scrambled) - 2 * 4096)  # every page past the two meta pages
+    data.write_bytes(scrambled)
+    again = Repository(repo.path)
+    again.unlock_master(repo.master_keys.master)
+    snapshot = backup(again, tmp_path / "src")
+    assert snapshot.summary.files_unmodified == 0 and not snapshot.incomplete
+    assert backup(again, tmp_path / "src").summary.files_unmodified == len(files), "a fresh cache serves the next run"

@@ -82,6 +82,7 @@ with env.begin(buffers=True) as txn:
             if len(value):
                 value[0], value[len(value) - 1]
 """
+FILES_DIR = "files"  # the files cache's environment, beside the index's
 VERIFIED = "verified"  # size, mtime and inode of data.mdb as a stasisfs writer left it, or as the last probe passed it
 
 
@@ -128,42 +129,79 @@ def _mark_verified(path: Path, fingerprint: str) -> None:
         os.replace(tmp, path / VERIFIED)
 
 
+def _open_environment(path: Path, probe_first: bool, max_dbs: int) -> lmdb.Environment:
+    """An LMDB environment, refused (`IndexDamaged`) when its file is truncated or a page does not read."""
+    path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    data_file = path / "data.mdb"
+    size = data_file.stat().st_size if data_file.exists() else 0
+    if 0 < size < 2 * PAGE_SIZE:  # not even the two meta pages: opening would fault on them
+        raise IndexDamaged(f"the local index at {path} is truncated; run `stasisfs repair index`")
+    damage = probe(path) if probe_first else None
+    if damage is not None:
+        raise IndexDamaged(f"the local index at {path} is damaged: {damage}; run `stasisfs repair index`")
+    try:
+        env = lmdb.open(str(path), map_size=MAP_SIZE, max_dbs=max_dbs, subdir=True, sync=True, metasync=True, mode=0o600)
+        env.reader_check()
+        needed = (env.info()["last_pgno"] + 1) * env.stat()["psize"]
+    except lmdb.Error as exc:
+        raise IndexDamaged(f"the local index at {path} is damaged ({exc}); run `stasisfs repair index`") from None
+    if size and data_file.stat().st_size < needed:
+        # A truncated map would end in SIGBUS on first touch of the missing pages.
+        env.close()
+        raise IndexDamaged(f"the local index at {path} is truncated; run `stasisfs repair index`")
+    return env
+
+
 class Index:
+    """The chunk index (`index/`) and, beside it, the files cache (`files/`): two environments.
+
+    The files cache has its own file because the two are read differently. Chunk lookups land
+    anywhere (keys are hashes), and the kernel maps 64 KiB around each page a lookup faults in:
+    sharing a file, the backup workers' lookups mapped the files cache's pages too, nearly the
+    whole index at 1M files. Workers never open the files cache; the parent reads and writes it a
+    directory at a time (see `Backup._record_key`).
+    """
+
     def __init__(self, path: Path, probe_first: bool = True) -> None:
         """`probe_first=False` for worker processes: their parent opened (and so probed) the same environment."""
         self.path = path
-        path.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.files_path = path.with_name(FILES_DIR)
         self._write_lock = threading.Lock()
-        self._wrote = False
+        self._wrote: set[str] = set()  # the environments this process wrote to
         self._released_at = time.monotonic()
-        data_file = path / "data.mdb"
-        size = data_file.stat().st_size if data_file.exists() else 0
-        if 0 < size < 2 * PAGE_SIZE:  # not even the two meta pages: opening would fault on them
-            raise IndexDamaged(f"the local index at {path} is truncated; run `stasisfs repair index`")
-        damage = probe(path) if probe_first else None
-        if damage is not None:
-            raise IndexDamaged(f"the local index at {path} is damaged: {damage}; run `stasisfs repair index`")
+        self.env = _open_environment(path, probe_first, max_dbs=8)
+        self._files_env: lmdb.Environment | None = None  # opened on first use: workers never need it
+        self._records: lmdb._Database | None = None
+        self._files_lock = threading.Lock()
         try:
-            self.env = lmdb.open(str(path), map_size=MAP_SIZE, max_dbs=8, subdir=True, sync=True, metasync=True, mode=0o600)
-            self.env.reader_check()
-            needed = (self.env.info()["last_pgno"] + 1) * self.env.stat()["psize"]
-            if size and data_file.stat().st_size < needed:
-                # A truncated map would end in SIGBUS on first touch of the missing pages.
-                self.env.close()
-                raise IndexDamaged(f"the local index at {path} is truncated; run `stasisfs repair index`")
             self._chunks = self.env.open_db(b"chunks")
             self._packs = self.env.open_db(b"packs")
             self._indexobjs = self.env.open_db(b"indexobjs")
             self._snapshots = self.env.open_db(b"snapshots")
-            # Files-cache records, keyed by `files_cache_key`: a directory's records sit together, so a walk
-            # reads and writes a few pages per directory, not one page per file scattered over the index.
-            self._files = self.env.open_db(b"files-by-dir")
-            self._legacy_files = self.env.open_db(b"files")  # keyed by path hash alone (before 0.2): read until the first complete run
+            self._legacy_files = self.env.open_db(b"files")  # the files cache before it had its own environment
             self._meta = self.env.open_db(b"meta")
             with self.env.begin() as txn:
                 txn.stat(self._chunks)
         except lmdb.Error as exc:
             raise IndexDamaged(f"the local index at {path} is damaged ({exc}); run `stasisfs repair index`") from None
+
+    @property
+    def _files(self) -> lmdb.Environment:
+        """The files cache, opened on first use; a damaged one is dropped (the files are only read again)."""
+        env = self._files_env
+        if env is None:
+            with self._files_lock:
+                if self._files_env is None:
+                    try:
+                        env = _open_environment(self.files_path, True, max_dbs=2)
+                        self._records = env.open_db(b"records")  # named, as every database of ours (`probe` walks them by name)
+                    except (IndexDamaged, lmdb.Error):
+                        remove_index_dir(self.files_path)
+                        env = _open_environment(self.files_path, True, max_dbs=2)
+                        self._records = env.open_db(b"records")
+                    self._files_env = env
+                env = self._files_env
+        return env
 
     def release_mapped_pages(self) -> None:
         """Drop this process's mappings of the index pages it has read, at most once a `RELEASE_EVERY`.
@@ -179,23 +217,29 @@ class Index:
         self._released_at = now
         with self._write_lock:  # the map moves only when a writer grows it
             drop_file_mappings(self.path / "data.mdb")
+            if self._files_env is not None:
+                drop_file_mappings(self.files_path / "data.mdb")
 
     def close(self) -> None:
-        self.env.close()
-        if self._wrote:  # LMDB commits are atomic: what this process wrote last is a whole environment
-            with contextlib.suppress(OSError):
-                _mark_verified(self.path, _fingerprint(self.path / "data.mdb"))
+        for path, env in ((self.path, self.env), (self.files_path, self._files_env)):
+            if env is None:
+                continue
+            env.close()
+            if str(path) in self._wrote:  # LMDB commits are atomic: what this process wrote last is a whole environment
+                with contextlib.suppress(OSError):
+                    _mark_verified(path, _fingerprint(path / "data.mdb"))
 
-    def _write(self, fn: Callable[[lmdb.Transaction], object]) -> None:
+    def _write(self, fn: Callable[[lmdb.Transaction], object], files: bool = False) -> None:
+        env = self._files if files else self.env
         with self._write_lock:
-            self._wrote = True
+            self._wrote.add(str(self.files_path if files else self.path))
             while True:
                 try:
-                    with self.env.begin(write=True) as txn:
+                    with env.begin(write=True) as txn:
                         fn(txn)
                     break
                 except lmdb.MapFullError:
-                    self.env.set_mapsize(self.env.info()["map_size"] * 2)
+                    env.set_mapsize(env.info()["map_size"] * 2)
         self.release_mapped_pages()  # a write reads the pages its keys land on
 
     # --- state ---
@@ -263,6 +307,14 @@ class Index:
 
         self._write(put)
 
+    def _drop_records(self, txn: lmdb.Transaction) -> None:
+        assert self._records is not None, "the files cache is open: `_write` opened it"
+        txn.drop(self._records, delete=False)
+
+    def _put_records(self, txn: lmdb.Transaction, items: list[tuple[bytes, bytes]]) -> None:
+        assert self._records is not None, "the files cache is open: `_write` opened it"
+        self._put_all(txn, self._records, items)
+
     @staticmethod
     def _put_all(txn: lmdb.Transaction, db: lmdb._Database, items: list[tuple[bytes, bytes]]) -> None:
         for key, value in items:
@@ -300,8 +352,9 @@ class Index:
         `legacy_key`: the file's key in a files cache written before records were grouped by directory.
         """
         expected = FILE_ROW.pack(st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+        with self._files.begin() as txn:
+            raw = txn.get(key, db=self._records)
         with self.env.begin() as txn:
-            raw = txn.get(key, db=self._files)
             if raw is None and legacy_key is not None:
                 raw = txn.get(legacy_key, db=self._legacy_files)
             if raw is None:
@@ -315,8 +368,10 @@ class Index:
 
     def files_empty(self) -> bool:
         """No file or directory record at all (a first backup)."""
-        with self.env.begin() as txn:
-            return int(txn.stat(self._files)["entries"]) == 0 and int(txn.stat(self._legacy_files)["entries"]) == 0
+        with self._files.begin() as txn:
+            if txn.stat(self._records)["entries"]:
+                return False
+        return not self.has_legacy_files()
 
     def has_legacy_files(self) -> bool:
         with self.env.begin() as txn:
@@ -328,11 +383,12 @@ class Index:
 
     def cached_tree(self, dir_key: bytes, signature: bytes) -> bytes | None:
         """The tree id recorded for a directory whose signature is unchanged, if that tree is still stored."""
-        with self.env.begin() as txn:
-            raw = txn.get(dir_key, db=self._files)
+        with self._files.begin() as txn:
+            raw = txn.get(dir_key, db=self._records)
             if raw is None or len(raw) != 64 or raw[:32] != signature:
                 return None
             tree_id = bytes(raw[32:])
+        with self.env.begin() as txn:
             return tree_id if txn.get(tree_id, db=self._chunks) is not None else None
 
     def clear_files_cache(self) -> None:
@@ -341,18 +397,15 @@ class Index:
         Needed when blobs are declared lost: a directory record names a tree by id, and that tree
         may still be stored while data it references is gone.
         """
-        def drop(txn: lmdb.Transaction) -> None:
-            txn.drop(self._files, delete=False)
-            txn.drop(self._legacy_files, delete=False)
-
-        self._write(drop)
+        self._write(self._drop_records, files=True)
+        self.drop_legacy_files()
 
     def put_file_records(self, records: Iterable[tuple[bytes, bytes]]) -> None:
         """(keyed path hash, `FileRecord.encode()`) pairs."""
         records = list(records)
         for start in range(0, len(records), WRITE_BATCH):  # bounded transactions (see WRITE_BATCH); each record stands alone
             part = records[start : start + WRITE_BATCH]
-            self._write(functools.partial(self._put_all, db=self._files, items=part))
+            self._write(functools.partial(self._put_records, items=part), files=True)
 
 
 
