@@ -92,6 +92,8 @@ class Backup:
         self._summary_lock = threading.Lock()
         self.keys = repo.master_keys
         self.index = repo.index
+        # Its first open may probe it in a child process (after a killed run): meanwhile, not on the walk's path.
+        threading.Thread(target=self._open_files_cache, name="backup-files-cache", daemon=True).start()
         self._chunkers = threading.local()
         # Records not yet written (encoded), kept only until a checkpoint: memory stays flat over the run.
         self._file_records: list[tuple[bytes, bytes]] = []  # written once the packs are safe
@@ -126,6 +128,10 @@ class Backup:
         self.rules = WalkRules(options.excludes, options.one_file_system, repo.path)  # now that the cache exists
         self._begun = False
         self._listed = listed
+
+    def _open_files_cache(self) -> None:
+        with contextlib.suppress(Exception):  # the walk's own first use reports what is wrong
+            self.index.open_files_cache()
 
     # --- reporting ---
     @property

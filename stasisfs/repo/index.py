@@ -185,6 +185,10 @@ class Index:
         except lmdb.Error as exc:
             raise IndexDamaged(f"the local index at {path} is damaged ({exc}); run `stasisfs repair index`") from None
 
+    def open_files_cache(self) -> None:
+        """Open the files cache now (after a killed run that includes probing it), so its first use does not wait."""
+        self._files  # noqa: B018 - the property opens it
+
     @property
     def _files(self) -> lmdb.Environment:
         """The files cache, opened on first use; a damaged one is dropped (the files are only read again)."""
