@@ -35,9 +35,9 @@ def backup(repo: Repository, root: Path) -> Snapshot:
 
 
 def file_records(repo: Repository) -> dict[bytes, bytes]:
-    index = repo.index
-    with index._files.begin() as txn:
-        return {bytes(k): bytes(v) for k, v in txn.cursor(db=index._records)}
+    files, records = repo.index.open_files_cache()
+    with files.begin() as txn:
+        return {bytes(k): bytes(v) for k, v in txn.cursor(db=records)}
 
 
 def test_a_directorys_records_share_a_key_prefix(repo: Repository, tmp_path: Path) -> None:

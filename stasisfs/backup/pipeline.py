@@ -210,11 +210,14 @@ class Backup:
         if result.changed:
             self.warn(f"{os.fsdecode(path)} changed while it was being read; the snapshot holds what was read")
         else:
-            record = FileRecord(st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns, tuple(node.content))
-            self._file_records.append((path_key or self._record_key(path), record.encode()))
-            self._checkpoint(result.size)
+            self._record_file(path_key or self._record_key(path), st, node.content, result.size)
         self.counters.add(files=1, nbytes=0 if counted else result.size)
         return node
+
+    def _record_file(self, key: bytes, st: os.stat_result, content: list[bytes], nbytes: int) -> None:
+        record = FileRecord(st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns, tuple(content))
+        self._file_records.append((key, record.encode()))
+        self._checkpoint(nbytes)
 
     def _checkpoint(self, nbytes: int) -> None:
         """Save the files cache as the run goes, so a killed run's successor skips what it finished.
@@ -286,9 +289,7 @@ class Backup:
         known, content = (False, None) if self._files_cache_empty else self.index.unchanged_content(path_key, st, legacy_key)
         if content is not None:
             if self._legacy_files:  # recorded again under its grouped key: the old records go after this run
-                self._file_records.append((path_key, FileRecord(st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns,
-                                                                tuple(content)).encode()))
-                self._checkpoint(0)
+                self._record_file(path_key, st, content, 0)
             node.content, node.xattrs = content, read_xattrs(path)
             with self._summary_lock:
                 self.summary.files_unmodified += 1

@@ -152,6 +152,11 @@ def _open_environment(path: Path, probe_first: bool, max_dbs: int) -> lmdb.Envir
     return env
 
 
+def _open_files_environment(path: Path) -> tuple[lmdb.Environment, lmdb._Database]:
+    env = _open_environment(path, True, max_dbs=2)
+    return env, env.open_db(b"records")  # named, as every database of ours (`probe` walks them by name)
+
+
 class Index:
     """The chunk index (`index/`) and, beside it, the files cache (`files/`): two environments.
 
@@ -167,11 +172,10 @@ class Index:
         self.path = path
         self.files_path = path.with_name(FILES_DIR)
         self._write_lock = threading.Lock()
-        self._wrote: set[str] = set()  # the environments this process wrote to
+        self._wrote: set[Path] = set()  # the environments this process wrote to
         self._released_at = time.monotonic()
         self.env = _open_environment(path, probe_first, max_dbs=8)
-        self._files_env: lmdb.Environment | None = None  # opened on first use: workers never need it
-        self._records: lmdb._Database | None = None
+        self._files_cache: tuple[lmdb.Environment, lmdb._Database] | None = None  # opened on first use: workers never need it
         self._files_lock = threading.Lock()
         try:
             self._chunks = self.env.open_db(b"chunks")
@@ -185,27 +189,20 @@ class Index:
         except lmdb.Error as exc:
             raise IndexDamaged(f"the local index at {path} is damaged ({exc}); run `stasisfs repair index`") from None
 
-    def open_files_cache(self) -> None:
-        """Open the files cache now (after a killed run that includes probing it), so its first use does not wait."""
-        self._files  # noqa: B018 - the property opens it
-
-    @property
-    def _files(self) -> lmdb.Environment:
-        """The files cache, opened on first use; a damaged one is dropped (the files are only read again)."""
-        env = self._files_env
-        if env is None:
+    def open_files_cache(self) -> tuple[lmdb.Environment, lmdb._Database]:
+        """The files cache's environment and its `records` database, opened on first use (after a killed
+        run, opening includes a probe); a damaged one is dropped, since the files are only read again."""
+        files = self._files_cache
+        if files is None:
             with self._files_lock:
-                if self._files_env is None:
+                if self._files_cache is None:
                     try:
-                        env = _open_environment(self.files_path, True, max_dbs=2)
-                        self._records = env.open_db(b"records")  # named, as every database of ours (`probe` walks them by name)
+                        self._files_cache = _open_files_environment(self.files_path)
                     except (IndexDamaged, lmdb.Error):
                         remove_index_dir(self.files_path)
-                        env = _open_environment(self.files_path, True, max_dbs=2)
-                        self._records = env.open_db(b"records")
-                    self._files_env = env
-                env = self._files_env
-        return env
+                        self._files_cache = _open_files_environment(self.files_path)
+                files = self._files_cache
+        return files
 
     def release_mapped_pages(self) -> None:
         """Drop this process's mappings of the index pages it has read, at most once a `RELEASE_EVERY`.
@@ -221,22 +218,21 @@ class Index:
         self._released_at = now
         with self._write_lock:  # the map moves only when a writer grows it
             drop_file_mappings(self.path / "data.mdb")
-            if self._files_env is not None:
+            if self._files_cache is not None:
                 drop_file_mappings(self.files_path / "data.mdb")
 
     def close(self) -> None:
-        for path, env in ((self.path, self.env), (self.files_path, self._files_env)):
-            if env is None:
-                continue
+        environments = [(self.path, self.env)] + ([(self.files_path, self._files_cache[0])] if self._files_cache else [])
+        for path, env in environments:
             env.close()
-            if str(path) in self._wrote:  # LMDB commits are atomic: what this process wrote last is a whole environment
+            if path in self._wrote:  # LMDB commits are atomic: what this process wrote last is a whole environment
                 with contextlib.suppress(OSError):
                     _mark_verified(path, _fingerprint(path / "data.mdb"))
 
     def _write(self, fn: Callable[[lmdb.Transaction], object], files: bool = False) -> None:
-        env = self._files if files else self.env
+        env = self.open_files_cache()[0] if files else self.env
         with self._write_lock:
-            self._wrote.add(str(self.files_path if files else self.path))
+            self._wrote.add(self.files_path if files else self.path)
             while True:
                 try:
                     with env.begin(write=True) as txn:
@@ -311,14 +307,6 @@ class Index:
 
         self._write(put)
 
-    def _drop_records(self, txn: lmdb.Transaction) -> None:
-        assert self._records is not None, "the files cache is open: `_write` opened it"
-        txn.drop(self._records, delete=False)
-
-    def _put_records(self, txn: lmdb.Transaction, items: list[tuple[bytes, bytes]]) -> None:
-        assert self._records is not None, "the files cache is open: `_write` opened it"
-        self._put_all(txn, self._records, items)
-
     @staticmethod
     def _put_all(txn: lmdb.Transaction, db: lmdb._Database, items: list[tuple[bytes, bytes]]) -> None:
         for key, value in items:
@@ -356,8 +344,11 @@ class Index:
         `legacy_key`: the file's key in a files cache written before records were grouped by directory.
         """
         expected = FILE_ROW.pack(st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
-        with self._files.begin() as txn:
-            raw = txn.get(key, db=self._records)
+        files, records = self.open_files_cache()
+        with files.begin() as txn:
+            raw = txn.get(key, db=records)
+        if raw is None and legacy_key is None:
+            return False, None
         with self.env.begin() as txn:
             if raw is None and legacy_key is not None:
                 raw = txn.get(legacy_key, db=self._legacy_files)
@@ -372,8 +363,9 @@ class Index:
 
     def files_empty(self) -> bool:
         """No file or directory record at all (a first backup)."""
-        with self._files.begin() as txn:
-            if txn.stat(self._records)["entries"]:
+        files, records = self.open_files_cache()
+        with files.begin() as txn:
+            if txn.stat(records)["entries"]:
                 return False
         return not self.has_legacy_files()
 
@@ -387,8 +379,9 @@ class Index:
 
     def cached_tree(self, dir_key: bytes, signature: bytes) -> bytes | None:
         """The tree id recorded for a directory whose signature is unchanged, if that tree is still stored."""
-        with self._files.begin() as txn:
-            raw = txn.get(dir_key, db=self._records)
+        files, records = self.open_files_cache()
+        with files.begin() as txn:
+            raw = txn.get(dir_key, db=records)
             if raw is None or len(raw) != 64 or raw[:32] != signature:
                 return None
             tree_id = bytes(raw[32:])
@@ -401,15 +394,17 @@ class Index:
         Needed when blobs are declared lost: a directory record names a tree by id, and that tree
         may still be stored while data it references is gone.
         """
-        self._write(self._drop_records, files=True)
+        records = self.open_files_cache()[1]
+        self._write(lambda txn: txn.drop(records, delete=False), files=True)
         self.drop_legacy_files()
 
     def put_file_records(self, records: Iterable[tuple[bytes, bytes]]) -> None:
         """(keyed path hash, `FileRecord.encode()`) pairs."""
         records = list(records)
+        db = self.open_files_cache()[1]
         for start in range(0, len(records), WRITE_BATCH):  # bounded transactions (see WRITE_BATCH); each record stands alone
             part = records[start : start + WRITE_BATCH]
-            self._write(functools.partial(self._put_records, items=part), files=True)
+            self._write(functools.partial(self._put_all, db=db, items=part), files=True)
 
 
 
