@@ -19,7 +19,8 @@ def workers_of(marker: str) -> list[int]:
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
             with open(f"/proc/{pid}/cmdline", "rb") as f:
-                if b"spawn_main" not in f.read():
+                command = f.read()
+                if b"spawn_main" not in command and b"stasisfs-worker" not in command:
                     continue
             with open(f"/proc/{pid}/environ", "rb") as f:
                 if marker.encode() in f.read():

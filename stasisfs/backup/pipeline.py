@@ -2,7 +2,7 @@
 
 The walk runs on the calling thread; changed small files are read, cut, hashed,
 compressed, sealed and (past a run's first few MiB) packed in batches by worker
-processes (`workers.py`; `pools.py`: spawned, each with its own GIL and session key;
+processes (`workers.py`; `workerprocess.py`: spawned, each with its own GIL and session key;
 threads where processes cannot start), and large files by a thread pool (blake3,
 zstd, AES-GCM and file reads release the GIL). Trees are written bottom-up once their children are known. Order of durability: packs, index objects, snapshot.
 """
@@ -18,7 +18,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from concurrent.futures import Executor, Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import partial
@@ -47,7 +47,7 @@ from stasisfs.repo.packfile import discard_open_packs_of
 from stasisfs.repo.repository import Repository
 from stasisfs.system.crashpoints import crash_point, tuned
 from stasisfs.system.fsmeta import node_from_stat, read_xattrs
-from stasisfs.system.pools import StartingPool, worker_pids
+from stasisfs.system.pools import Answer, StartingWorker, TaskRunner, process_ids
 
 CACHEDIR_SIGNATURE = b"Signature: 8a477f597d28d172789f06886806bc55"
 LARGE_FILE = 16 * 1024 * 1024  # larger files stream through a parent thread instead of a worker process
@@ -118,8 +118,8 @@ class Backup:
         # One queue and one single-worker pool per worker: a file goes to the worker its size picks, so copies
         # of a file (same size) meet in one worker, which stores them once (workers pack what they seal).
         self._batches = [BatchQueue(self, worker) for worker in range(options.workers)]
-        self._procs: list[Executor] | None = None
-        self._starting: list[StartingPool] | None = None  # spawned early for a resumed run
+        self._procs: list[TaskRunner] | None = None
+        self._starting: list[StartingWorker] | None = None  # spawned early for a resumed run
         self._sealers = ThreadPoolExecutor(options.workers, thread_name_prefix="backup-seal")  # threads start on first use
         self._pending_items = 0
         self._pending_bytes = 0
@@ -531,19 +531,19 @@ class Backup:
                 pool.shutdown(cancel_futures=True)
 
     @property
-    def procs(self) -> list[Executor]:
+    def procs(self) -> list[TaskRunner]:
         """The chunking workers, one pool each, started on first use: a run with nothing changed starts none."""
         with self._procs_lock:
             if self._procs is None:
                 self._procs = [starting.ready() for starting in self._starting or self._start_workers()]
-                self._worker_pids = {pid for pool in self._procs for pid in worker_pids(pool)}
+                self._worker_pids = process_ids(self._procs)
             return self._procs
 
-    def _start_workers(self) -> list[StartingPool]:
+    def _start_workers(self) -> list[StartingWorker]:
         """Worker processes (own GILs); threads when processes cannot be started here."""
         initargs = (self.keys.master, str(self.repo.path), str(self.index.path), self.writer.verify, self.options.dry_run)
         share = partial(use_repository_in_threads, self.repo)
-        return [StartingPool(1, f"backup-{n}", init_worker, initargs, share) for n in range(self.options.workers)]
+        return [StartingWorker(f"backup-{n}", init_worker, initargs, share) for n in range(self.options.workers)]
 
     def run_stdin(self, stream: BinaryIO, filename: str) -> Snapshot:
         started = time.monotonic()
@@ -644,7 +644,7 @@ class ProcessBatch:
         self.worker = worker
         self.jobs: list[tuple[bytes, Node, os.stat_result]] = []
         self.bytes = 0
-        self.future: Future[BatchDone] | None = None
+        self.answer: Answer[BatchDone] | None = None
         self.pack_here = False
         self.nodes: list[Node | None] | None = None
 
@@ -654,21 +654,21 @@ class ProcessBatch:
 
     @property
     def sent(self) -> bool:
-        return self.future is not None or self.nodes is not None
+        return self.answer is not None or self.nodes is not None
 
     def submit(self) -> None:
         if not self.sent:
             backup = self.backup
             self.pack_here = backup._sent_to_workers >= PARENT_PACKS_FIRST
             backup._sent_to_workers += self.bytes
-            self.future = backup.procs[self.worker].submit(process_files, [(p, st.st_size, st.st_mtime_ns) for p, _, st in self.jobs], self.pack_here)
+            self.answer = backup.procs[self.worker].submit(process_files, [(p, st.st_size, st.st_mtime_ns) for p, _, st in self.jobs], self.pack_here)
 
     def resolve(self) -> list[Node | None]:
         if self.nodes is None:
             self.submit()
-            assert self.future is not None
-            future, self.future = self.future, None
-            done = future.result()
+            assert self.answer is not None
+            answer, self.answer = self.answer, None
+            done = answer.result()
             self.backup._batch_done(done)
             self.nodes = [self.backup._complete(p, node, st, r) for (p, node, st), r in zip(self.jobs, done.files, strict=True)]
             self.jobs = []  # the sealed boxes are packed now: let them go

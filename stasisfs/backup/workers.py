@@ -34,7 +34,7 @@ from stasisfs.repo.packer import BlobWriter, ChunkSealer
 from stasisfs.repo.repository import Repository
 from stasisfs.system.crashpoints import tuned
 from stasisfs.system.fsmeta import read_xattrs
-from stasisfs.system.pools import WorkerContext, exit_with_parent
+from stasisfs.system.pools import WorkerContext
 
 O_NOATIME = getattr(os, "O_NOATIME", 0)
 SEEN_LIMIT = 65536  # chunk ids a worker remembers sealing: bounded, so memory does not grow with the tree
@@ -142,8 +142,7 @@ _context: WorkerContext[Repository, ChunkWorker] = WorkerContext()
 
 
 def init_worker(master: bytes, repo_path: str, index_path: str, verify: bool, dry_run: bool) -> None:
-    """Initializer for a worker process, or for a worker thread when processes are unavailable."""
-    exit_with_parent()
+    """Initializer for a worker process (which `workerprocess.serve` set up to exit with the parent), or for a worker thread."""
     repo = _context.shared(lambda: Repository.for_worker(Path(repo_path), master, Path(index_path)),
                            lambda shared: str(shared.index.path) == index_path)
     _context.start(ChunkWorker(repo, verify, dry_run))

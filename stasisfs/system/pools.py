@@ -13,30 +13,35 @@ import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, ParamSpec, Protocol, TypeVar
 
 from stasisfs.system.kernel import die_with_parent
+from stasisfs.system.workerprocess import WorkerDied, WorkerProcess
 
 STARTUP_TIMEOUT = 60.0
 Shared = TypeVar("Shared")
 Worker = TypeVar("Worker")
+P = ParamSpec("P")
+T = TypeVar("T")
+T_co = TypeVar("T_co", covariant=True)
 PARENT_SIGNALS = {signal.SIGINT, signal.SIGTERM}
 PARENT_CHECK_EVERY = 1.0
 
 
-def exit_with_parent() -> None:
+def exit_with_parent(parent: int | None = None) -> None:
     """In a worker process: leave SIGINT and SIGTERM to the parent, and exit as soon as the parent is gone.
 
     A terminal's Ctrl-C reaches the whole process group: the parent stops the pool cleanly, and a
     worker that took the signal itself would only print a traceback and break the pool. A pool
     worker whose parent died would otherwise wait forever on its task queue, holding the key in memory.
     """
-    parent_process = multiprocessing.parent_process()
-    if parent_process is None:
-        return  # a worker thread of the parent itself
+    if parent is None:  # as the parent said, not as getppid() says now: it may already be gone
+        parent_process = multiprocessing.parent_process()
+        if parent_process is None:
+            return  # a worker thread of the parent itself
+        parent = parent_process.pid
     for sig in PARENT_SIGNALS:  # ignored since spawn when the main thread spawned it; made sure of here
         signal.signal(sig, signal.SIG_IGN)
-    parent = parent_process.pid  # as the parent said, not as getppid() says now: it may already be gone
 
     def watch() -> None:
         while os.getppid() == parent:
@@ -93,18 +98,67 @@ class StartingPool:
         self._pool = None
 
 
+class Answer(Protocol[T_co]):
+    """A submitted task's result: a thread pool's `Future`, or a worker process's `TaskAnswer`."""
+
+    def result(self, timeout: float | None = None) -> T_co: ...
+
+
+class TaskRunner(Protocol):
+    """Where a backup sends its batches: one worker process, or a thread pool standing in for it."""
+
+    def submit(self, fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> Answer[T]: ...
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None: ...
+
+
+class StartingWorker:
+    """One worker process (see `workerprocess`), spawned at construction; `ready()` waits for its initializer.
+
+    Falls back to a one-thread pool running the same code when the process cannot start or initialize.
+    """
+
+    def __init__(self, name: str, initializer: Callable[..., None], initargs: tuple[Any, ...], share_in_threads: Callable[[], None]) -> None:
+        self._args = (1, name, initializer, initargs, share_in_threads)
+        self._worker: WorkerProcess | None = None
+        self._started: Answer[None] | None = None
+        if not os.access(sys.executable, os.X_OK):  # e.g. an interpreter under a home directory this user cannot enter
+            return
+        with _signals_left_to_the_parent():
+            try:
+                self._worker = WorkerProcess(spawned_by_main_thread=threading.current_thread() is threading.main_thread())
+                self._started = self._worker.submit(initializer, *initargs)
+            except (OSError, WorkerDied):
+                self._discard()
+
+    def ready(self) -> TaskRunner:
+        if self._worker is None or self._started is None:
+            return _thread_pool(*self._args)
+        try:
+            self._started.result(timeout=STARTUP_TIMEOUT)
+            return self._worker
+        except Exception:  # it could not start, or not open what it needs: the threads share the parent's
+            self._discard()
+            return _thread_pool(*self._args)
+
+    def _discard(self) -> None:
+        if self._worker is not None:
+            with contextlib.suppress(Exception):
+                self._worker.kill()
+        self._worker = None
+
+
+def process_ids(runners: list[TaskRunner]) -> set[int]:
+    """The process ids of worker processes among `runners` (threads have none)."""
+    return {runner.pid for runner in runners if isinstance(runner, WorkerProcess)}
+
+
 def _start_worker(spawned_by_main_thread: bool, initializer: Callable[..., None], initargs: tuple[Any, ...]) -> None:
     # The watch thread of `exit_with_parent` takes up to a second to notice a dead parent; meanwhile a
     # worker would go on writing into the repository, where a successor run may be salvaging its packs.
     if spawned_by_main_thread:
         die_with_parent()
     initializer(*initargs)
-
-
-def worker_pids(pool: Executor) -> set[int]:
-    """The process ids of a process pool's workers (none for threads); read before the pool shuts down."""
-    processes = getattr(pool, "_processes", None) or {}  # CPython's ProcessPoolExecutor keeps them by pid
-    return set(processes)
 
 
 def _thread_pool(workers: int, name: str, initializer: Callable[..., None], initargs: tuple[Any, ...],
