@@ -104,7 +104,10 @@ class WorkerProcess:
         self._received[number] = (ok, value)
 
     def _died(self) -> WorkerDied:
-        code = self._process.poll()
+        try:
+            code: int | None = self._process.wait(timeout=1)  # its pipes closed as it died: it is being reaped
+        except subprocess.TimeoutExpired:
+            code = None
         how = f"was killed by signal {-code}" if code is not None and code < 0 else f"exited with status {code}" if code else "exited"
         return WorkerDied(f"worker process {self.pid} {how} before finishing its work (out of memory?)")
 
