@@ -118,10 +118,10 @@ class StartingWorker:
     Falls back to a one-thread pool running the same code when the process cannot start or initialize.
     """
 
-    def __init__(self, name: str, initializer: Callable[..., None], initargs: tuple[Any, ...], share_in_threads: Callable[[], None]) -> None:
+    def __init__(self, name: str, initializer: Callable[..., object], initargs: tuple[Any, ...], share_in_threads: Callable[[], None]) -> None:
         self._args = (1, name, initializer, initargs, share_in_threads)
         self._worker: WorkerProcess | None = None
-        self._started: Answer[None] | None = None
+        self._started: Answer[object] | None = None
         if not os.access(sys.executable, os.X_OK):  # e.g. an interpreter under a home directory this user cannot enter
             return
         with _signals_left_to_the_parent():
@@ -161,7 +161,7 @@ def _start_worker(spawned_by_main_thread: bool, initializer: Callable[..., None]
     initializer(*initargs)
 
 
-def _thread_pool(workers: int, name: str, initializer: Callable[..., None], initargs: tuple[Any, ...],
+def _thread_pool(workers: int, name: str, initializer: Callable[..., object], initargs: tuple[Any, ...],
                  share_in_threads: Callable[[], None]) -> Executor:
     share_in_threads()
     return ThreadPoolExecutor(workers, thread_name_prefix=name, initializer=initializer, initargs=initargs)
