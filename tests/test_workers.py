@@ -52,3 +52,44 @@ def test_a_small_file_is_one_chunk_and_compressible_content_is_checked_and_store
     assert (result.error, result.changed, len(result.content)) == (None, False, 1)
     assert 0 < result.stored < len(content) // 4, "compressed before it was sealed"
     assert stored_content(repo, worker, result.content) == content
+
+
+def test_into_an_empty_index_copies_of_a_small_file_are_stored_once_without_a_lookup(repo: Repository, tmp_path: Path,
+                                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every copy of a small file comes to the same worker (by size), which remembers what it stored; with an
+    empty index at the start there is nothing else to find, so the index is not searched (its pages stay unmapped)."""
+    lookups: list[bytes] = []
+    has_chunk = repo.index.has_chunk
+
+    def counted_has_chunk(chunk_id: bytes) -> bool:
+        lookups.append(chunk_id)
+        return has_chunk(chunk_id)
+
+    monkeypatch.setattr(repo.index, "has_chunk", counted_has_chunk)
+    contents = [b"alpha" * 100, b"beta" * 125, b"alpha" * 100, b"alpha" * 100, b""]
+    worker = ChunkWorker(repo, verify=True, dry_run=False)
+    results = []
+    for n, content in enumerate(contents):
+        path = tmp_path / f"f{n}"
+        path.write_bytes(content)
+        st = path.stat()
+        results.append(worker.process(bytes(path), st.st_size, st.st_mtime_ns, pack_here=True, index_was_empty=True))
+    assert [r.added for r in results] == [500, 500, 0, 0, 0], "each content stored once"
+    assert lookups == []
+    assert stored_content(repo, worker, results[3].content) == contents[3]
+
+
+def test_after_an_earlier_run_a_small_file_it_stored_is_looked_up_and_not_stored_again(repo: Repository, tmp_path: Path) -> None:
+    path = tmp_path / "f"
+    path.write_bytes(b"kept from the last run" * 10)
+    st = path.stat()
+    first = ChunkWorker(repo, verify=True, dry_run=False)
+    assert first.process(bytes(path), st.st_size, st.st_mtime_ns, pack_here=True, index_was_empty=True).added == 220
+    first.writer.flush()
+    copy = tmp_path / "copy"
+    copy.write_bytes(path.read_bytes())
+    st = copy.stat()
+    second = ChunkWorker(repo, verify=True, dry_run=False)  # the next run: a new worker, knowing nothing of the last
+    for pack_here in (True, False):
+        result = second.process(bytes(copy), st.st_size, st.st_mtime_ns, pack_here=pack_here, index_was_empty=False)
+        assert (result.added, result.new_blobs) == (0, [])

@@ -100,6 +100,7 @@ class Backup:
         self._records_saved = 0  # how many checkpoints wrote so far
         self._path_keys: dict[bytes, bytes] = {}  # files being read -> keyed path hash, computed once
         self._files_cache_empty = False  # a first backup: no file can be unchanged, so none is looked up
+        self._index_was_empty = False  # no chunk stored as the run began: workers need not look up new small files
         self._legacy_files = False  # a files cache from before records were grouped by directory: read, then dropped
         self._last_checkpoint = time.monotonic()
         self._bytes_since_checkpoint = 0
@@ -508,6 +509,7 @@ class Backup:
         sys.setrecursionlimit(max(sys.getrecursionlimit(), 20000))
         paths = normalize_paths(self.options.paths)
         self._files_cache_empty = self.index.files_empty()
+        self._index_was_empty = self.index.chunk_count() == 0  # after a resume's salvage; see workers.py
         self._legacy_files = self.index.has_legacy_files()
         if self._listed is not None:
             self._listed.stop()  # the walk takes over: two threads walking only contend for the GIL
@@ -661,7 +663,8 @@ class ProcessBatch:
             backup = self.backup
             self.pack_here = backup._sent_to_workers >= PARENT_PACKS_FIRST
             backup._sent_to_workers += self.bytes
-            self.answer = backup.procs[self.worker].submit(process_files, [(p, st.st_size, st.st_mtime_ns) for p, _, st in self.jobs], self.pack_here)
+            jobs = [(p, st.st_size, st.st_mtime_ns) for p, _, st in self.jobs]
+            self.answer = backup.procs[self.worker].submit(process_files, jobs, self.pack_here, backup._index_was_empty)
 
     def resolve(self) -> list[Node | None]:
         if self.nodes is None:

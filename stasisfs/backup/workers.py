@@ -27,6 +27,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from rbloom import Bloom
+
 from stasisfs.format.chunker import CHUNK_MIN, Chunker
 from stasisfs.format.crypto import Cipher
 from stasisfs.format.pack import BLOB_DATA
@@ -38,6 +40,7 @@ from stasisfs.system.pools import WorkerContext
 
 O_NOATIME = getattr(os, "O_NOATIME", 0)
 SEEN_LIMIT = 65536  # chunk ids a worker remembers sealing: bounded, so memory does not grow with the tree
+SMALL_FILES_EXPECTED = 2_000_000  # the whole small files a worker's Bloom filter is sized for (2.4 MB at 1% false positives)
 
 
 FLUSH_EVERY = tuned("worker-flush", 2.0)  # seconds between making a worker's own packs durable (the parent's directory records wait for it)
@@ -83,8 +86,13 @@ class ChunkWorker:
         self.writer = BlobWriter(repo, dry_run=dry_run, verify=verify)  # packs nothing until a batch is packed here
         self.flushed_at = time.monotonic()
         self.seen: set[bytes] = set()
+        # The whole small files this worker stored this run. Every copy of a small file comes to the worker
+        # its size picks, so when the index held no chunk as the run began, a small file not in here is new,
+        # and is not looked up: at random over the index, each lookup maps 64 KiB of it (a worker's memory
+        # grew with the index). Past the expected count false positives rise, and lookups come back.
+        self.small_files_stored = Bloom(SMALL_FILES_EXPECTED, 0.01)
 
-    def process(self, path: bytes, size: int, mtime_ns: int, pack_here: bool) -> FileResult:
+    def process(self, path: bytes, size: int, mtime_ns: int, pack_here: bool, index_was_empty: bool = False) -> FileResult:
         result = FileResult()
         try:
             fd = open_for_backup(path)
@@ -99,11 +107,15 @@ class ChunkWorker:
                 whole_small_file = not result.content and len(data) < CHUNK_MIN  # cut by the file's end, not by content
                 result.content.append(chunk_id)
                 result.size += len(data)
+                known_new = False
+                if whole_small_file:
+                    known_new = index_was_empty and chunk_id not in self.small_files_stored
+                    self.small_files_stored.add(chunk_id)
                 if pack_here:
-                    if self.writer.add(chunk_id, BLOB_DATA, data, content_defined=not whole_small_file):
+                    if self.writer.add(chunk_id, BLOB_DATA, data, content_defined=not whole_small_file, known_new=known_new):
                         result.added += len(data)
                     continue
-                if chunk_id in self.seen or self.index.has_chunk(chunk_id):
+                if chunk_id in self.seen or (not known_new and self.index.has_chunk(chunk_id)):
                     continue
                 if len(self.seen) >= SEEN_LIMIT:
                     self.seen.clear()  # only saves sealing a repeat twice; the parent's claim decides
@@ -153,9 +165,9 @@ def use_repository_in_threads(repo: Repository) -> None:
     _context.share(repo)
 
 
-def process_files(jobs: list[tuple[bytes, int, int]], pack_here: bool) -> BatchDone:
+def process_files(jobs: list[tuple[bytes, int, int]], pack_here: bool, index_was_empty: bool = False) -> BatchDone:
     worker = _context.worker
-    files = [worker.process(path, size, mtime_ns, pack_here) for path, size, mtime_ns in jobs]
+    files = [worker.process(path, size, mtime_ns, pack_here, index_was_empty) for path, size, mtime_ns in jobs]
     if pack_here:
         worker.settle()
     return BatchDone(files, worker_id(), worker.flushed_at, worker.writer.settled())

@@ -29,7 +29,7 @@ from pathlib import Path
 import lmdb
 
 from stasisfs.errors import IndexDamaged
-from stasisfs.format.pack import BlobEntry, PackInfo
+from stasisfs.format.pack import BlobEntry, IndexSection, PackInfo
 from stasisfs.system.kernel import drop_file_mappings
 
 LOCATION = struct.Struct(">32sBIII")
@@ -290,7 +290,7 @@ class Index:
             return txn.get(chunk_id, db=self._chunks) is not None
 
 
-    def add_packs(self, packs: Iterable[PackInfo], index_object_id: bytes = NO_INDEX_OBJECT, chunks: bool = True) -> None:
+    def add_packs(self, packs: Iterable[PackInfo | IndexSection], index_object_id: bytes = NO_INDEX_OBJECT, chunks: bool = True) -> None:
         """Index packs' blobs (unless `chunks` is False: they are already), then the packs themselves.
 
         The blobs go in transactions of at most `CHUNK_WRITE_BATCH`; the packs' rows come after, so a pack
@@ -299,8 +299,9 @@ class Index:
         """
         packs = list(packs)
         if chunks:
+            assert all(isinstance(pack, PackInfo) for pack in packs), "a section's blobs are indexed already"
             locations = ((e.chunk_id, LOCATION.pack(pack.pack_id, e.kind, e.offset, e.length, e.raw_length))
-                         for pack in packs for e in pack.blobs)
+                         for pack in packs if isinstance(pack, PackInfo) for e in pack.blobs)
             while part := list(itertools.islice(locations, CHUNK_WRITE_BATCH)):
                 self._write(functools.partial(self._put_all, db=self._chunks, items=part))
 

@@ -28,6 +28,7 @@ from stasisfs.format.chunker import CHUNK_AVG, CHUNK_MAX, CHUNK_MIN
 from stasisfs.format.crypto import KIND_SETTINGS, KIND_SNAPSHOT, Cipher, MasterKeys, padded_size
 from stasisfs.format.pack import (
     TRAILER_BOX_LEN,
+    IndexSection,
     PackInfo,
     decode_index,
     encode_index,
@@ -372,12 +373,18 @@ class Repository:
             self.write_index_object(orphans)
         return len(orphans)
 
-    def write_index_object(self, packs: list[PackInfo], blobs_indexed: bool = False) -> bytes:
-        """Seal an index object for these packs and note it in the local index (`blobs_indexed`: their blobs are there already)."""
-        sealed = encode_index(self.cipher, packs)
-        object_id = self.write_object_raw("index", sealed)
+    def write_index_object(self, packs: list[PackInfo]) -> bytes:
+        """Seal an index object for these packs and note them, with their blobs, in the local index."""
+        object_id = self.write_object_raw("index", encode_index(self.cipher, packs))
         if self._index is not None:
-            self._index.add_packs(packs, object_id, chunks=not blobs_indexed)
+            self._index.add_packs(packs, object_id)
+        return object_id
+
+    def write_index_sections(self, sections: list[IndexSection]) -> bytes:
+        """Seal an index object for packs whose blobs the local index has already; note the packs there."""
+        object_id = self.write_object_raw("index", encode_index(self.cipher, sections))
+        if self._index is not None:
+            self._index.add_packs(sections, object_id, chunks=False)
         return object_id
 
     # --- objects ---
