@@ -253,7 +253,7 @@ class Backup:
             if any(self._worker_flushed.get(w, -1.0) < taken_at for w in workers):
                 return
             self._dirs_waiting.popleft()
-            self.index.put_file_records(dirs)
+            self.index.put_file_records(dirs, scattered=True)
             self._dirs_recorded += len(dirs)
             crash_point("backup-dirs-recorded", self._dirs_recorded)
 
@@ -566,10 +566,10 @@ class Backup:
         if not self.options.dry_run:
             self.index.put_file_records(self._file_records)
             for _, _, dirs in self._dirs_waiting:
-                self.index.put_file_records(dirs)
+                self.index.put_file_records(dirs, scattered=True)
             self._dirs_waiting.clear()
             if not self.warnings:  # a tree that left out an unreadable file must not be reused silently
-                self.index.put_file_records(self._dir_records)
+                self.index.put_file_records(self._dir_records, scattered=True)
                 if self._legacy_files:  # every file met is recorded under its grouped key now
                     self.index.drop_legacy_files()
             self._file_records, self._dir_records = [], []
