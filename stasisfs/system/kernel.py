@@ -1,4 +1,4 @@
-"""The two Linux calls Python does not wrap: a parent-death signal, and dropping a file's mappings."""
+"""The Linux and glibc calls Python does not wrap: a parent-death signal, dropping a file's mappings, trimming the heap."""
 
 from __future__ import annotations
 
@@ -35,3 +35,14 @@ def drop_file_mappings(path: os.PathLike[str] | str) -> None:
             if line.rstrip("\n").endswith(target):
                 start, end = (int(bound, 16) for bound in line.split(None, 1)[0].split("-"))
                 _libc().madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), MADV_DONTNEED)
+
+
+def release_free_heap() -> None:
+    """Give the C heap's free pages back to the kernel (glibc; elsewhere this does nothing).
+
+    Once a big block is freed, glibc raises its mmap threshold to that size (up to 32 MiB) and its
+    trim threshold to twice that, so from then on such blocks come from the heap, and freed ones
+    stay resident until a trim.
+    """
+    with contextlib.suppress(OSError, AttributeError):
+        _libc().malloc_trim(0)
