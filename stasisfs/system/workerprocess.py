@@ -109,7 +109,8 @@ class WorkerProcess:
         except subprocess.TimeoutExpired:
             code = None
         how = f"was killed by signal {-code}" if code is not None and code < 0 else f"exited with status {code}" if code else "exited"
-        return WorkerDied(f"worker process {self.pid} {how} before finishing its work (out of memory?)")
+        return WorkerDied(f"worker process {self.pid} {how} before finishing its work (out of memory?); "
+                          "nothing finished is lost: run the command again to resume")
 
     def answer(self, number: int, timeout: float | None = None) -> Any:
         with self._lock:
