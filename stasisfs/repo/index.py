@@ -298,22 +298,24 @@ class Index:
             return txn.get(chunk_id, db=self._chunks) is not None
 
 
-    def add_packs(self, packs: Iterable[PackInfo | IndexSection], index_object_id: bytes = NO_INDEX_OBJECT, chunks: bool = True) -> None:
-        """Index packs' blobs (unless `chunks` is False: they are already), then the packs themselves.
+    def add_packs(self, packs: Iterable[PackInfo], index_object_id: bytes = NO_INDEX_OBJECT) -> None:
+        """Index packs' blobs, then the packs themselves (see `add_pack_rows`).
 
         The blobs go in transactions of at most `CHUNK_WRITE_BATCH`; the packs' rows come after, so a pack
         with a row has all its blobs indexed (a run killed in between leaves a pack without a row,
         which `Repository.index_orphan_packs` indexes from its header).
         """
         packs = list(packs)
-        if chunks:
-            assert all(isinstance(pack, PackInfo) for pack in packs), "a section's blobs are indexed already"
-            locations = ((e.chunk_id, LOCATION.pack(pack.pack_id, e.kind, e.offset, e.length, e.raw_length))
-                         for pack in packs if isinstance(pack, PackInfo) for e in pack.blobs)
-            # Past a size, every transaction's pages are dropped: see MAPPED_INDEX_BOUND.
-            scattered = self.env.info()["last_pgno"] * PAGE_SIZE > MAPPED_INDEX_BOUND
-            while part := list(itertools.islice(locations, CHUNK_WRITE_BATCH)):
-                self._write(functools.partial(self._put_all, db=self._chunks, items=part), scattered=scattered)
+        locations = ((e.chunk_id, LOCATION.pack(pack.pack_id, e.kind, e.offset, e.length, e.raw_length))
+                     for pack in packs for e in pack.blobs)
+        # Past a size, every transaction's pages are dropped: see MAPPED_INDEX_BOUND.
+        scattered = self.env.info()["last_pgno"] * PAGE_SIZE > MAPPED_INDEX_BOUND
+        while part := list(itertools.islice(locations, CHUNK_WRITE_BATCH)):
+            self._write(functools.partial(self._put_all, db=self._chunks, items=part), scattered=scattered)
+        self.add_pack_rows(packs, index_object_id)
+
+    def add_pack_rows(self, packs: Iterable[PackInfo | IndexSection], index_object_id: bytes = NO_INDEX_OBJECT) -> None:
+        """A row for each pack (size, and the index object listing it, if any); their blobs are indexed already."""
 
         def put(txn: lmdb.Transaction) -> None:
             for pack in packs:

@@ -384,7 +384,7 @@ class Repository:
         """Seal an index object for packs whose blobs the local index has already; note the packs there."""
         object_id = self.write_object_raw("index", encode_index(self.cipher, sections))
         if self._index is not None:
-            self._index.add_packs(sections, object_id, chunks=False)
+            self._index.add_pack_rows(sections, object_id)
         return object_id
 
     # --- objects ---
