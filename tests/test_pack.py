@@ -18,6 +18,7 @@ from stasisfs.format.pack import (
     decode_index,
     decode_journal,
     encode_blob_payload,
+    encode_entries,
     encode_index,
     encode_journal_record,
     open_blob,
@@ -86,7 +87,7 @@ def test_journal_yields_entries_up_to_the_first_torn_record(cipher: Cipher) -> N
     first = [BlobEntry(os.urandom(32), BLOB_DATA, 0, 100, 80), BlobEntry(os.urandom(32), BLOB_TREE, 100, 50, 40)]
     second = [BlobEntry(os.urandom(32), BLOB_DATA, 150, 70, 70)]
     third = [BlobEntry(os.urandom(32), BLOB_DATA, 220, 30, 10)]
-    records = [encode_journal_record(cipher, batch) for batch in (first, second, third)]
+    records = [encode_journal_record(cipher, encode_entries(batch)) for batch in (first, second, third)]
     assert decode_journal(cipher, b"".join(records)) == first + second + third
     assert decode_journal(cipher, b"".join(records)[:-5]) == first + second  # killed mid-write
     damaged = bytearray(b"".join(records))
@@ -153,7 +154,7 @@ def test_the_index_takes_a_pack_of_many_blobs_whole(tmp_path: Path) -> None:
     index = Index(tmp_path / "index")
     try:
         blobs = tuple(BlobEntry(os.urandom(32), BLOB_DATA, 100 * n, 100, 60) for n in range(3 * WRITE_BATCH + 5))
-        pack = PackInfo(os.urandom(32), 1 << 20, blobs)
+        pack = PackInfo.of_blobs(os.urandom(32), 1 << 20, blobs)
         index.add_packs([pack])
         assert index.packs()[pack.pack_id][0] == 1 << 20
         assert all(index.lookup(e.chunk_id) is not None for e in blobs)

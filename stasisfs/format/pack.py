@@ -22,7 +22,7 @@ import hashlib
 import os
 import struct
 import threading
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -76,9 +76,28 @@ class BlobEntry:
 
 @dataclass(frozen=True, slots=True)
 class PackInfo:
+    """A pack as its header lists it. The entries stay encoded (HEADER_ENTRY rows, 45 bytes a blob):
+    as `BlobEntry` objects they take about 150 bytes each, and a backup worker holds two open packs
+    of up to 32k blobs."""
+
     pack_id: bytes
     size: int
-    blobs: tuple[BlobEntry, ...]
+    entries: bytes
+
+    @classmethod
+    def of_blobs(cls, pack_id: bytes, size: int, blobs: Iterable[BlobEntry]) -> PackInfo:
+        return cls(pack_id, size, encode_entries(blobs))
+
+    @property
+    def blobs(self) -> list[BlobEntry]:
+        return decode_entries(self.entries)
+
+    @property
+    def blob_count(self) -> int:
+        return len(self.entries) // HEADER_ENTRY.size
+
+    def chunk_ids(self) -> Iterator[bytes]:
+        return (fields[0] for fields in HEADER_ENTRY.iter_unpack(self.entries))
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,7 +114,7 @@ class IndexSection:
 
     @classmethod
     def of(cls, pack: PackInfo) -> IndexSection:
-        return cls(pack.pack_id, pack.size, INDEX_PACK.pack(pack.pack_id, pack.size, len(pack.blobs)) + encode_entries(pack.blobs))
+        return cls(pack.pack_id, pack.size, INDEX_PACK.pack(pack.pack_id, pack.size, pack.blob_count) + pack.entries)
 
     @property
     def blob_count(self) -> int:
@@ -106,7 +125,7 @@ def encode_entries(entries: Iterable[BlobEntry]) -> bytes:
     return b"".join(HEADER_ENTRY.pack(e.chunk_id, e.kind, e.offset, e.length, e.raw_length) for e in entries)
 
 
-def decode_entries(view: bytes | memoryview) -> list[BlobEntry]:
+def decode_entries(view: bytes | bytearray | memoryview) -> list[BlobEntry]:
     return [BlobEntry(*fields) for fields in HEADER_ENTRY.iter_unpack(view)]
 
 
@@ -171,7 +190,7 @@ class PackBuilder:
     def __init__(self, sink: PackSink) -> None:
         self.sink = sink
         self.size = 0
-        self.entries: list[BlobEntry] = []
+        self.encoded = bytearray()  # the entries, as the header lists them
         self.journaled = 0  # how many entries the open pack's journal already lists
         self.content_defined = False  # holds a chunk whose boundaries the chunker chose: the 1 MiB floor
         self._digest = hashlib.sha256()
@@ -182,7 +201,7 @@ class PackBuilder:
     def resume(cls, sink: PackSink, entries: list[BlobEntry], written: bytes | memoryview) -> PackBuilder:
         """A builder for a pack whose first bytes (`written`, holding `entries`) are already in `sink`."""
         builder = cls(sink)
-        builder.entries = list(entries)
+        builder.encoded = bytearray(encode_entries(entries))
         builder.journaled = len(entries)
         builder.content_defined = True  # what the blobs were is not recorded: the safe floor
         builder.size = len(written)
@@ -191,6 +210,20 @@ class PackBuilder:
 
     def __len__(self) -> int:
         return self.size
+
+    @property
+    def entry_count(self) -> int:
+        return len(self.encoded) // HEADER_ENTRY.size
+
+    @property
+    def entries(self) -> list[BlobEntry]:
+        return decode_entries(self.encoded)
+
+    def unjournaled(self) -> bytes:
+        """The encoded entries added since the last call, now counted as journaled."""
+        fresh = bytes(self.encoded[self.journaled * HEADER_ENTRY.size :])
+        self.journaled = self.entry_count
+        return fresh
 
     def _emit(self, data: bytes) -> None:
         self._buffered.append(data)
@@ -208,18 +241,18 @@ class PackBuilder:
             self._digest.update(data)
 
     def add(self, chunk_id: bytes, kind: int, box: bytes, raw_length: int, content_defined: bool = True) -> None:
-        self.entries.append(BlobEntry(chunk_id, kind, self.size, len(box), raw_length))
+        self.encoded += HEADER_ENTRY.pack(chunk_id, kind, self.size, len(box), raw_length)
         self.content_defined |= content_defined
         self._emit(box)
 
     def padding_if_finished(self) -> int:
         """The padding `finish` would add now."""
-        content = self.size + BOX_OVERHEAD + len(HEADER_MAGIC) + len(self.entries) * HEADER_ENTRY.size + TRAILER_BOX_LEN
+        content = self.size + BOX_OVERHEAD + len(HEADER_MAGIC) + len(self.encoded) + TRAILER_BOX_LEN
         return padded_size(content, self.floor) - content
 
     def ready(self) -> bool:
         """Big enough to close: past the minimum and snug against a Padmé step, or at the maximum."""
-        return (self.size >= PACK_MAX_SIZE or len(self.entries) >= PACK_MAX_BLOBS
+        return (self.size >= PACK_MAX_SIZE or self.entry_count >= PACK_MAX_BLOBS
                 or (self.size >= PACK_MIN_SIZE and self.padding_if_finished() <= PACK_SNUG))
 
     @property
@@ -229,7 +262,7 @@ class PackBuilder:
     def finish(self, cipher: Cipher, floor: int | None = None) -> PackInfo:
         """Append header, padding and trailer; the pack id is the SHA-256 of everything written."""
         floor = self.floor if floor is None else floor
-        header_box = cipher.seal(HEADER_MAGIC + encode_entries(self.entries), KIND_PACK_HEADER)
+        header_box = cipher.seal(HEADER_MAGIC + self.encoded, KIND_PACK_HEADER)
         header_offset = self.size
         content = self.size + len(header_box) + TRAILER_BOX_LEN
         padding = os.urandom(padded_size(content, floor) - content)
@@ -237,12 +270,12 @@ class PackBuilder:
         for part in (header_box, padding, trailer_box):
             self._emit(part)
         self.flush()
-        return PackInfo(self._digest.digest(), self.size, tuple(self.entries))
+        return PackInfo(self._digest.digest(), self.size, bytes(self.encoded))
 
 
-def encode_journal_record(cipher: Cipher, entries: Sequence[BlobEntry]) -> bytes:
-    """One appended batch of an open pack's journal: the entries of blobs it holds so far, sealed."""
-    box = cipher.seal(encode_entries(entries), KIND_PACK_JOURNAL)
+def encode_journal_record(cipher: Cipher, encoded_entries: bytes) -> bytes:
+    """One appended batch of an open pack's journal: the (encoded) entries of blobs it holds so far, sealed."""
+    box = cipher.seal(encoded_entries, KIND_PACK_JOURNAL)
     return JOURNAL_RECORD.pack(len(box)) + box
 
 
@@ -310,9 +343,9 @@ def decode_index(cipher: Cipher, data: bytes) -> Iterator[PackInfo]:
         end = pos + count * HEADER_ENTRY.size
         if end > len(plain):
             raise IntegrityError("truncated index object")
-        blobs = tuple(decode_entries(view[pos:end]))
+        entries = bytes(view[pos:end])
         pos = end
-        yield PackInfo(pack_id, size, blobs)
+        yield PackInfo(pack_id, size, entries)
 
 
 def open_blob(cipher: Cipher, entry: BlobEntry, box: bytes | memoryview, verify: bool = True) -> bytes:

@@ -121,8 +121,8 @@ class Checker:
             try:
                 for pack in decode_index(self.cipher, self.repo.read_object_raw("index", object_id)):
                     self.pack_sizes[pack.pack_id] = pack.size
-                    self.pack_entries[pack.pack_id] = pack.blobs
-                    for entry in pack.blobs:
+                    self.pack_entries[pack.pack_id] = blobs = pack.blobs
+                    for entry in blobs:
                         self.chunks[entry.chunk_id] = (pack.pack_id, entry)
             except (IntegrityError, ValueError) as exc:
                 self.error(f"index object {object_id} is damaged ({exc}); run `stasisfs repair index`")

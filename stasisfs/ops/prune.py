@@ -105,13 +105,14 @@ def plan_prune(repo: Repository, max_unused_percent: float, say: Callable[[str],
     unused_of: dict[bytes, int] = {}
     for pack_id in sorted(packs):  # a blob stored twice (after a crash) is served by its first pack only
         live = []
-        for entry in packs[pack_id].blobs:
+        blobs = packs[pack_id].blobs
+        for entry in blobs:
             if entry.chunk_id in used and entry.chunk_id not in served:
                 served.add(entry.chunk_id)
                 live.append(entry)
         plan.live[pack_id] = live
         live_bytes = sum(e.length for e in live)
-        blob_bytes = sum(e.length for e in packs[pack_id].blobs)
+        blob_bytes = sum(e.length for e in blobs)
         plan.used_bytes += live_bytes
         unused_of[pack_id] = blob_bytes - live_bytes
         plan.unused_bytes += unused_of[pack_id]
@@ -177,7 +178,7 @@ def execute(repo: Repository, plan: PrunePlan, say: Callable[[str], None] = lamb
         writer.abort()
         raise
     report.packs_written = writer.packs_written
-    kept = [PackInfo(p, plan.packs[p].size, tuple(plan.live[p])) for p in plan.keep]
+    kept = [PackInfo.of_blobs(p, plan.packs[p].size, plan.live[p]) for p in plan.keep]
     crash_point("prune-repacked")
     fresh = {repo.write_index_object(kept).hex()} if kept else set()
     fresh.update(set(repo.list_objects("index")) - set(plan.index_objects))  # the new packs' own index objects

@@ -166,7 +166,7 @@ def heal_remote(repo: Repository, remote: Remote, read_data: bool, say: Callable
     held = {bytes.fromhex(i): n for i, n in client.list_objects(remote.device, "data")}
     lost_chunks: set[bytes] = set()
     for pack_id, pack in sorted(packs.items()):
-        size, chunks = pack.size, [e.chunk_id for e in pack.blobs]
+        size, chunks = pack.size, list(pack.chunk_ids())
         report.checked += 1
         bad = held.get(pack_id) != size
         if not bad and read_data:
@@ -221,7 +221,7 @@ def repair_snapshots(repo: Repository, forget_originals: bool, say: Callable[[st
     # Judged per sealed box: what still opens in a bad pack is kept, written again below into new packs.
     salvaged = [blob for p in sorted(bad) for blob in salvage_blobs(repo, packs[p])]
     if bad:
-        good = [PackInfo(p, info.size, info.blobs) for p, info in packs.items() if p not in bad]
+        good = [info for p, info in packs.items() if p not in bad]
         old_index = repo.list_objects("index")
         fresh = repo.write_index_object(good).hex() if good else None
         repo.index.set_complete(False)

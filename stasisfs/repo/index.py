@@ -29,7 +29,7 @@ from pathlib import Path
 import lmdb
 
 from stasisfs.errors import IndexDamaged
-from stasisfs.format.pack import BlobEntry, IndexSection, PackInfo
+from stasisfs.format.pack import HEADER_ENTRY, BlobEntry, IndexSection, PackInfo
 from stasisfs.system.kernel import drop_file_mappings
 
 LOCATION = struct.Struct(">32sBIII")
@@ -306,8 +306,8 @@ class Index:
         which `Repository.index_orphan_packs` indexes from its header).
         """
         packs = list(packs)
-        locations = ((e.chunk_id, LOCATION.pack(pack.pack_id, e.kind, e.offset, e.length, e.raw_length))
-                     for pack in packs for e in pack.blobs)
+        locations = ((chunk_id, LOCATION.pack(pack.pack_id, *fields))
+                     for pack in packs for chunk_id, *fields in HEADER_ENTRY.iter_unpack(pack.entries))
         # Past a size, every transaction's pages are dropped: see MAPPED_INDEX_BOUND.
         scattered = self.env.info()["last_pgno"] * PAGE_SIZE > MAPPED_INDEX_BOUND
         while part := list(itertools.islice(locations, CHUNK_WRITE_BATCH)):

@@ -137,7 +137,7 @@ class BlobWriter:
         with self._lock:
             # The index answers for these from now on: the claims need not be held, and memory stays flat.
             if self.dedup:
-                self._claimed.difference_update(e.chunk_id for e in info.blobs)
+                self._claimed.difference_update(info.chunk_ids())
             self.packs_written += 1
             self._unindexed.append(IndexSection.of(info))
             waiting = len(self._unindexed) >= INDEX_OBJECT_EVERY or sum(p.blob_count for p in self._unindexed) >= INDEX_OBJECT_BLOBS
@@ -160,11 +160,9 @@ class BlobWriter:
         """
         with self._lock:
             for builder in self._open:
-                if isinstance(builder.sink, PackFile) and builder.journaled < len(builder.entries):
+                if isinstance(builder.sink, PackFile) and builder.journaled < builder.entry_count:
                     builder.flush()
-                    fresh = builder.entries[builder.journaled :]
-                    builder.journaled = len(builder.entries)
-                    builder.sink.journal(encode_journal_record(self.cipher, fresh))
+                    builder.sink.journal(encode_journal_record(self.cipher, builder.unjournaled()))
 
     def abort(self) -> None:
         """A failed run: drop the open packs' temp files. Packs already written stay and are reused next time."""

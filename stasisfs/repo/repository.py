@@ -462,7 +462,7 @@ class Repository:
             offset, length = read_trailer(self.cipher, f.read(TRAILER_BOX_LEN), size)
             f.seek(offset)
             entries = parse_header(self.cipher, f.read(length))
-        return PackInfo(pack_id, size, tuple(entries))
+        return PackInfo.of_blobs(pack_id, size, entries)
 
     def fetch_packs_from(self, packs: PackSource | None) -> None:
         """Make this a thin repository whose missing packs come from `packs` (None: every pack is local)."""
