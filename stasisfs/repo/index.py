@@ -46,13 +46,16 @@ WRITE_BATCH = 2048
 # process that indexes packs (three in a backup; 120k small files peaked at 171-172 MB of PSS, 158-159
 # at 512). The price: four commits (fsyncs) where there was one, 0.18 ms each on this machine's disk.
 CHUNK_WRITE_BATCH = 512
-SCATTERED_WRITE_BATCH = 256  # directory records: see `Index.put_file_records`
-# A chunk transaction maps up to 32 MB of index (512 leaves, 64 KiB around each). Below this size,
-# the pages are dropped every RELEASE_EVERY: the whole index may stay mapped, and is small. Above it,
-# after every transaction, bounding memory at the price of those faults again (about 3 µs a chunk).
-# A first backup of 1M tiny files peaked at 273 MB of PSS without this, 235 MB with 64 MiB (0.89x
-# restic's time), 222 MB with 32 MiB (1.0x restic's time), 215 MB with no threshold.
-MAPPED_INDEX_BOUND = 64 << 20
+# Each put into random keys faults its leaf in, and the kernel maps the 64 KiB around it: a transaction
+# of N such puts maps up to N * 64 KiB of index. Below MAPPED_INDEX_BOUND, mapped pages are dropped every
+# RELEASE_EVERY (the whole index may stay mapped, and is small). Past it, transactions take
+# SCATTERED_WRITE_BATCH puts and each one's pages are dropped at its end, so no process maps more than
+# about 16 MB of index at once (directory records, random keys too, always go so: `put_file_records`).
+# The price: faulting those pages in again, about 5 µs a put.
+# A first backup of 1M tiny files peaked at 273 MB of PSS with no bound, 227-234 MB with this bound at
+# 64 MiB (28.5-31.3 s), 188-225 MB at 16 MiB (29.2-36.3 s; restic takes about 32 s and 380-430 MB).
+SCATTERED_WRITE_BATCH = 256
+MAPPED_INDEX_BOUND = 16 << 20
 PAGE_SIZE = 4096
 
 
@@ -310,7 +313,8 @@ class Index:
                      for pack in packs for chunk_id, *fields in HEADER_ENTRY.iter_unpack(pack.entries))
         # Past a size, every transaction's pages are dropped: see MAPPED_INDEX_BOUND.
         scattered = self.env.info()["last_pgno"] * PAGE_SIZE > MAPPED_INDEX_BOUND
-        while part := list(itertools.islice(locations, CHUNK_WRITE_BATCH)):
+        batch = SCATTERED_WRITE_BATCH if scattered else CHUNK_WRITE_BATCH
+        while part := list(itertools.islice(locations, batch)):
             self._write(functools.partial(self._put_all, db=self._chunks, items=part), scattered=scattered)
         self.add_pack_rows(packs, index_object_id)
 
