@@ -53,7 +53,7 @@ CHUNK_WRITE_BATCH = 512
 # about 16 MB of index at once (directory records, random keys too, always go so: `put_file_records`).
 # The price: faulting those pages in again, about 5 µs a put.
 # A first backup of 1M tiny files peaked at 273 MB of PSS with no bound, 227-234 MB with this bound at
-# 64 MiB (28.5-31.3 s), 188-225 MB at 16 MiB (29.2-36.3 s; restic takes about 32 s and 380-430 MB).
+# 64 MiB, 185-225 MB at 16 MiB, for about 10% more time (a median of 33 s against 30; restic: 33-37 s, 340-430 MB).
 SCATTERED_WRITE_BATCH = 256
 MAPPED_INDEX_BOUND = 16 << 20
 PAGE_SIZE = 4096
