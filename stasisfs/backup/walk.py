@@ -17,10 +17,12 @@ import threading
 import time
 from pathlib import Path
 from types import TracebackType
-
-import pathspec
+from typing import TYPE_CHECKING
 
 from stasisfs.system.paths import cache_root
+
+if TYPE_CHECKING:
+    import pathspec
 
 
 def stasisfs_mountpoints() -> set[bytes]:
@@ -35,7 +37,11 @@ class WalkRules:
     """What the walk leaves out: excluded paths, the repository and cache themselves, stasisfs mounts."""
 
     def __init__(self, excludes: list[str], one_file_system: bool, repo_path: Path) -> None:
-        self.spec = pathspec.GitIgnoreSpec.from_lines(excludes) if excludes else None
+        self.spec: pathspec.GitIgnoreSpec | None = None
+        if excludes:
+            import pathspec  # 5 ms a start-up: most runs exclude nothing
+
+            self.spec = pathspec.GitIgnoreSpec.from_lines(excludes)
         self.one_file_system = one_file_system
         self.skip_inodes: set[tuple[int, int]] = set()
         for path in (repo_path, cache_root()):

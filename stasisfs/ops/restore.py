@@ -22,8 +22,7 @@ from concurrent.futures import Executor, Future
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-
-import pathspec
+from typing import TYPE_CHECKING
 
 from stasisfs.errors import IntegrityError
 from stasisfs.format.snapshot import Snapshot
@@ -36,6 +35,9 @@ from stasisfs.repo.trees import TreeReader
 from stasisfs.system.fsmeta import apply_metadata, create_special
 from stasisfs.system.pools import WorkerContext, exit_with_parent, worker_pool
 
+if TYPE_CHECKING:
+    import pathspec
+
 OVERWRITE_MODES = ("always", "if-changed", "if-newer", "never")
 SPARSE_BLOCK = 64 * 1024
 MAX_IN_FLIGHT = 8  # batches queued for the writers
@@ -43,6 +45,14 @@ _ZERO_BLOCK = bytes(SPARSE_BLOCK)
 
 
 PARTIAL_PREFIX = b".stasisfs-partial-"
+
+
+def _spec(patterns: list[str]) -> pathspec.GitIgnoreSpec | None:
+    if not patterns:
+        return None
+    import pathspec  # imported on use: every command loads this module, few restore with patterns
+
+    return pathspec.GitIgnoreSpec.from_lines(patterns)
 
 
 def partial_name(dest: bytes) -> bytes:
@@ -208,12 +218,12 @@ class Restorer:
         self._report = report or (lambda message: None)
         self._lock = threading.Lock()
         self._as_root = os.geteuid() == 0
-        self._include = pathspec.GitIgnoreSpec.from_lines(options.includes) if options.includes else None
+        self._include = _spec(options.includes)
         self._made: dict[bytes, bool] = {}  # directory -> created by this run
         self._in_flight = threading.BoundedSemaphore(MAX_IN_FLIGHT)
         # Set by a signal handler: the walk stops at its next entry (never mid-call into the pool, which could deadlock it).
         self.stop = threading.Event()
-        self._exclude = pathspec.GitIgnoreSpec.from_lines(options.excludes) if options.excludes else None
+        self._exclude = _spec(options.excludes)
 
     def _error(self, message: str) -> None:
         with self._lock:
