@@ -215,10 +215,6 @@ class PackBuilder:
     def entry_count(self) -> int:
         return len(self.encoded) // HEADER_ENTRY.size
 
-    @property
-    def entries(self) -> list[BlobEntry]:
-        return decode_entries(self.encoded)
-
     def unjournaled(self) -> bytes:
         """The encoded entries added since the last call, now counted as journaled."""
         fresh = bytes(self.encoded[self.journaled * HEADER_ENTRY.size :])
