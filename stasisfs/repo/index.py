@@ -29,7 +29,7 @@ from pathlib import Path
 import lmdb
 
 from stasisfs.errors import IndexDamaged
-from stasisfs.format.pack import HEADER_ENTRY, BlobEntry, IndexSection, PackInfo
+from stasisfs.format.pack import HEADER_ENTRY, BlobEntry, PackInfo
 from stasisfs.system.kernel import drop_file_mappings
 
 LOCATION = struct.Struct(">32sBIII")
@@ -318,7 +318,7 @@ class Index:
             self._write(functools.partial(self._put_all, db=self._chunks, items=part), scattered=scattered)
         self.add_pack_rows(packs, index_object_id)
 
-    def add_pack_rows(self, packs: Iterable[PackInfo | IndexSection], index_object_id: bytes = NO_INDEX_OBJECT) -> None:
+    def add_pack_rows(self, packs: Iterable[PackInfo], index_object_id: bytes = NO_INDEX_OBJECT) -> None:
         """A row for each pack (size, and the index object listing it, if any); their blobs are indexed already."""
 
         def put(txn: lmdb.Transaction) -> None:

@@ -28,7 +28,6 @@ from stasisfs.format.chunker import CHUNK_AVG, CHUNK_MAX, CHUNK_MIN
 from stasisfs.format.crypto import KIND_SETTINGS, KIND_SNAPSHOT, Cipher, MasterKeys, padded_size
 from stasisfs.format.pack import (
     TRAILER_BOX_LEN,
-    IndexSection,
     PackInfo,
     decode_index,
     encode_index,
@@ -373,18 +372,12 @@ class Repository:
             self.write_index_object(orphans)
         return len(orphans)
 
-    def write_index_object(self, packs: list[PackInfo]) -> bytes:
-        """Seal an index object for these packs and note them, with their blobs, in the local index."""
+    def write_index_object(self, packs: list[PackInfo], blobs_indexed: bool = False) -> bytes:
+        """Seal an index object for these packs and note them in the local index, with their blobs unless
+        `blobs_indexed` (a backup indexes each pack's blobs as it writes the pack)."""
         object_id = self.write_object_raw("index", encode_index(self.cipher, packs))
         if self._index is not None:
-            self._index.add_packs(packs, object_id)
-        return object_id
-
-    def write_index_sections(self, sections: list[IndexSection]) -> bytes:
-        """Seal an index object for packs whose blobs the local index has already; note the packs there."""
-        object_id = self.write_object_raw("index", encode_index(self.cipher, sections))
-        if self._index is not None:
-            self._index.add_pack_rows(sections, object_id)
+            (self._index.add_pack_rows if blobs_indexed else self._index.add_packs)(packs, object_id)
         return object_id
 
     # --- objects ---
