@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import os
 import stat
-import struct
 import sys
 import threading
 import time
@@ -26,7 +25,8 @@ from typing import BinaryIO
 
 import blake3
 
-from stasisfs.backup.walk import ListingAhead, WalkRules
+from stasisfs.backup.presign import MOUNT_POINT, ReverseSigner, Signed
+from stasisfs.backup.walk import ListingAhead, WalkRules, holds_cachedir_tag, options_fingerprint, signed_stat
 from stasisfs.backup.workers import (
     BatchDone,
     FileResult,
@@ -49,7 +49,6 @@ from stasisfs.system.crashpoints import crash_point, tuned
 from stasisfs.system.fsmeta import node_from_stat, read_xattrs
 from stasisfs.system.pools import Answer, StartingWorker, TaskRunner, process_ids
 
-CACHEDIR_SIGNATURE = b"Signature: 8a477f597d28d172789f06886806bc55"
 LARGE_FILE = 16 * 1024 * 1024  # larger files stream through a parent thread instead of a worker process
 # How far the walk runs ahead of the trees written: enough to keep workers fed, little enough to bound memory.
 CHECKPOINT_EVERY = tuned("checkpoint", 0.25)  # seconds between saves of the files cache (and the open packs' journals) during a run,
@@ -59,7 +58,6 @@ SEAL_AHEAD = 6  # chunks of one large file hashed, compressed and sealed at once
 MAX_PENDING_ITEMS = 4096  # entries walked ahead of the oldest unwritten tree (their boxes are bounded by bytes)
 MAX_PENDING_BYTES = 12 * 1024 * 1024
 MAX_PENDING_DIRS = 1024
-STAT_SIGNATURE = struct.Struct("<HIIIQqqQQQQ")
 # The parent packs what workers seal until a run has sent them this much: a small run (an hourly
 # edit) then writes one pack with its trees. Past it, each worker packs what it seals itself.
 PARENT_PACKS_FIRST = int(tuned("parent-packs-first", 4 * 1024 * 1024))
@@ -79,7 +77,8 @@ class BackupOptions:
 
 class Backup:
     def __init__(self, repo: Repository, options: BackupOptions, counters: Counters | None = None,
-                 warn: Callable[[str], None] | None = None, listed: ListingAhead | None = None) -> None:
+                 warn: Callable[[str], None] | None = None, listed: ListingAhead | None = None,
+                 presigned: ReverseSigner | None = None) -> None:
         self.repo = repo
         self.options = options
         self.counters = counters or Counters()
@@ -113,7 +112,7 @@ class Backup:
         self._sent_to_workers = 0  # file bytes sent in batches so far
         self._stored_by_workers = 0  # bytes of sealed blobs the workers packed themselves
         self._last_dir_checkpoint = time.monotonic()
-        self._options_fingerprint = repr((sorted(options.excludes), options.exclude_caches, options.one_file_system)).encode()
+        self._options_fingerprint = options_fingerprint(options.excludes, options.exclude_caches, options.one_file_system)
         self._hardlinks: dict[tuple[int, int], Future[Node | None] | PendingFile] = {}
         self._jobs: deque[DirJob] = deque()
         # One queue and one single-worker pool per worker: a file goes to the worker its size picks, so copies
@@ -129,6 +128,7 @@ class Backup:
         self.rules = WalkRules(options.excludes, options.one_file_system, repo.path)  # now that the cache exists
         self._begun = False
         self._listed = listed
+        self._presigned = presigned
 
     def _open_files_cache(self) -> None:
         with contextlib.suppress(Exception):  # the walk's own first use reports what is wrong
@@ -326,13 +326,6 @@ class Backup:
                 self.summary.dirs_new += 1
         return tree_id
 
-    def _is_cache_dir(self, path: bytes) -> bool:
-        try:
-            with open(os.path.join(path, b"CACHEDIR.TAG"), "rb") as f:
-                return f.read(len(CACHEDIR_SIGNATURE)) == CACHEDIR_SIGNATURE
-        except OSError:
-            return False
-
     def _save_dir(self, pool: ThreadPoolExecutor, path: bytes, dir_node: Node, root_dev: int) -> bytes:
         """Walk one real directory (subdirectories recursively) and queue its tree; returns its signature.
 
@@ -348,7 +341,7 @@ class Backup:
             entries = []
         signed = [self._options_fingerprint]  # hashed at once: the same digest as hashing piece by piece
         walked: list[tuple[os.DirEntry[bytes], os.stat_result, Node | None]] = []
-        spec, pack_stat = self.rules.spec, STAT_SIGNATURE.pack
+        spec = self.rules.spec
         stop = self.stop
         for entry in entries:
             if stop.is_set():
@@ -363,8 +356,7 @@ class Backup:
             except OSError as exc:
                 self.warn(f"cannot read {os.fsdecode(entry.path)}: {exc.strerror}; skipped")
                 continue
-            signed.append(pack_stat(len(entry.name), st.st_mode, st.st_uid, st.st_gid, st.st_size, st.st_mtime_ns,
-                                    st.st_ctime_ns, st.st_ino, st.st_dev, st.st_nlink, st.st_rdev))
+            signed.append(signed_stat(entry.name, st))
             signed.append(entry.name)
             if dir_entry_node is not None:
                 child_signature = self._subdir(pool, entry.path, dir_entry_node, st, root_dev)
@@ -436,12 +428,27 @@ class Backup:
         """Descend into a directory and return its signature; None to leave it out of the snapshot entirely."""
         if self.rules.skipped(path, st):
             return None
-        if self.options.exclude_caches and self._is_cache_dir(path):
+        if self.options.exclude_caches and holds_cachedir_tag(path):
             return None
         if self.options.one_file_system and st.st_dev != root_dev:
             node.subtree = self._save_tree([])  # keep the mount point, not what is mounted on it
-            return b"mount point"
+            return MOUNT_POINT
+        if self._presigned is not None:
+            signed = self._presigned.take(path)
+            if signed is not None and self._reuse_presigned(path, node, signed):
+                return signed.signature
         return self._save_dir(pool, path, node, root_dev)
+
+    def _reuse_presigned(self, path: bytes, node: Node, signed: Signed) -> bool:
+        """Reuse the tree recorded under the helper's signature of this directory, if there is one."""
+        cached = self.index.cached_tree(self.keys.path_key(b"dir\0" + path), signed.signature)
+        if cached is None:
+            return False
+        node.subtree = cached
+        with self._summary_lock:
+            self.summary.files_unmodified += signed.files
+        self.counters.add(files=signed.files, nbytes=signed.nbytes)
+        return True
 
     def _save_path(self, pool: ThreadPoolExecutor, path: bytes) -> Node | None:
         """One backed-up path as a node (directories recursively)."""
@@ -513,10 +520,14 @@ class Backup:
         self._legacy_files = self.index.has_legacy_files()
         if self._listed is not None:
             self._listed.stop()  # the walk takes over: two threads walking only contend for the GIL
+        if self._presigned is not None and self._files_cache_empty:
+            self._presigned.stop()  # a first backup: no signature to reuse
         self.begin()
         try:
             with ThreadPoolExecutor(1, thread_name_prefix="backup-large") as pool:
                 root = self._build_root(pool, paths)
+            if self._presigned is not None:
+                self._presigned.stop()
             return self._finish(root, paths, started)
         except BaseException:
             self.writer.abort()
@@ -527,6 +538,8 @@ class Backup:
             self._shutdown()
 
     def _shutdown(self) -> None:
+        if self._presigned is not None:
+            self._presigned.stop()
         self._sealers.shutdown(cancel_futures=True)
         with self._procs_lock:  # waits for a pool still starting
             for pool in self._procs or []:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import os
 import stat
+import struct
 import threading
 import time
 from pathlib import Path
@@ -23,6 +24,30 @@ from stasisfs.system.paths import cache_root
 
 if TYPE_CHECKING:
     import pathspec
+
+
+# One entry's part of its directory's signature: name length, then the stat fields any change moves.
+STAT_SIGNATURE = struct.Struct("<HIIIQqqQQQQ")
+CACHEDIR_SIGNATURE = b"Signature: 8a477f597d28d172789f06886806bc55"
+
+
+def signed_stat(name: bytes, st: os.stat_result) -> bytes:
+    return STAT_SIGNATURE.pack(len(name), st.st_mode, st.st_uid, st.st_gid, st.st_size, st.st_mtime_ns,
+                               st.st_ctime_ns, st.st_ino, st.st_dev, st.st_nlink, st.st_rdev)
+
+
+def options_fingerprint(excludes: list[str], exclude_caches: bool, one_file_system: bool) -> bytes:
+    """Begins every directory signature: changing what the walk leaves out rebuilds every tree."""
+    return repr((sorted(excludes), exclude_caches, one_file_system)).encode()
+
+
+def holds_cachedir_tag(path: bytes) -> bool:
+    """A directory marked as a cache (bford.info/cachedir): --exclude-caches leaves it out."""
+    try:
+        with open(os.path.join(path, b"CACHEDIR.TAG"), "rb") as f:
+            return f.read(len(CACHEDIR_SIGNATURE)) == CACHEDIR_SIGNATURE
+    except OSError:
+        return False
 
 
 def stasisfs_mountpoints() -> set[bytes]:

@@ -223,6 +223,13 @@ def open_repository(unlock: bool = True) -> Iterator[Repository]:
         repo.close()
 
 
+@contextmanager
+def unlocked(repo: Repository) -> Iterator[Repository]:
+    """Opens the key of a repository opened with `unlock=False`, once other work has started meanwhile."""
+    repo.unlock(read_credential())
+    yield repo
+
+
 def damage_exit() -> int:
     """Name the damaged objects the command skipped and the repairs it made; EXIT_INCOMPLETE if anything was skipped."""
     skipped = 0

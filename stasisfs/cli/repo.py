@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import os
 import socket
@@ -14,6 +15,7 @@ import click
 
 from stasisfs import jobs
 from stasisfs.backup.pipeline import Backup, BackupOptions, count_tree, normalize_paths
+from stasisfs.backup.presign import ReverseSigner, WalkParams
 from stasisfs.backup.walk import ListingAhead, WalkRules
 from stasisfs.cli.common import (
     active_profile,
@@ -30,6 +32,7 @@ from stasisfs.cli.common import (
     repo_path,
     snapshot_filter,
     sync_after_change,
+    unlocked,
     warn,
     write_line,
 )
@@ -183,6 +186,21 @@ def _hook_warning(message: str | None) -> None:
         warn(message)
 
 
+def _reverse_signer(repo: Repository, options: BackupOptions, from_stdin: bool) -> contextlib.AbstractContextManager[ReverseSigner | None]:
+    """A helper signing directories from the far end of the walk (see presign), when an earlier run left signatures."""
+    if from_stdin or not repo.has_files_cache():
+        return contextlib.nullcontext()
+    try:
+        return ReverseSigner(WalkParams(normalize_paths(options.paths), options.excludes, options.exclude_caches,
+                                        options.one_file_system, str(repo_path())))
+    except OSError:  # no process to spare: the walk does it all
+        return contextlib.nullcontext()
+
+
+def _listing_ahead(options: BackupOptions, rules: WalkRules, needless: bool) -> contextlib.AbstractContextManager[ListingAhead | None]:
+    return contextlib.nullcontext() if needless else ListingAhead(normalize_paths(options.paths), rules)
+
+
 def _backup(paths: tuple[bytes, ...], excludes: tuple[str, ...], exclude_file: str | None, exclude_caches: bool,
             one_file_system: bool, tags: tuple[str, ...], when: str | None, from_stdin: bool, stdin_filename: str,
             dry_run: bool, json_output: bool, quiet: bool, no_sync: bool, lock_wait: int) -> tuple[int, Snapshot, list[str]]:
@@ -217,10 +235,12 @@ def _backup(paths: tuple[bytes, ...], excludes: tuple[str, ...], exclude_file: s
     rules = WalkRules(patterns, one_file_system, repo_path())
     saved: Snapshot | None = None
     try:
-        # Lists the first directories while the key is derived (that releases the GIL) and open packs are salvaged.
-        with ListingAhead(normalize_paths(options.paths), rules) as listed, open_repository() as repo, \
+        # While the key is derived (that releases the GIL) and open packs are salvaged, a re-backup's helper signs
+        # directories from the far end of the walk; a first backup lists its first directories instead.
+        with open_repository(unlock=False) as repo, _reverse_signer(repo, options, from_stdin) as presigned, \
+                _listing_ahead(options, rules, from_stdin or presigned is not None) as listed, unlocked(repo), \
                 RepositoryLock(repo, "backup", wait=lock_wait):
-            job = Backup(repo, options, counters, warn=None if json_output else warn, listed=None if from_stdin else listed)
+            job = Backup(repo, options, counters, warn=None if json_output else warn, listed=listed, presigned=presigned)
             job.begin()  # after a killed run its workers start now, while the salvage below runs
             jobs.prepare_backup(repo)  # resume: chunks a killed run packed are reused, even from its open packs
             stop = threading.Event()

@@ -36,7 +36,7 @@ from stasisfs.format.pack import (
 )
 from stasisfs.format.snapshot import Snapshot
 from stasisfs.repo.blobs import BlobReader, PackSource, pack_path
-from stasisfs.repo.index import NO_INDEX_OBJECT, Index, remove_index_dir
+from stasisfs.repo.index import FILES_DIR, NO_INDEX_OBJECT, Index, remove_index_dir
 from stasisfs.repo.storage import is_object_name, read_verified, storage_id, sweep_temp_files, write_atomic
 from stasisfs.system.paths import cache_root
 
@@ -250,6 +250,10 @@ class Repository:
         path = self._cache_dir or cache_root() / self.id.hex()
         path.mkdir(parents=True, exist_ok=True, mode=0o700)
         return path
+
+    def has_files_cache(self) -> bool:
+        """Whether an earlier backup left its files cache here; needs no key (a hint: the index says for sure)."""
+        return (self.cache_dir / FILES_DIR / "data.mdb").exists()
 
     @property
     def index(self) -> Index:
