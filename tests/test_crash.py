@@ -14,13 +14,13 @@ from conftest import Cli
 
 
 def workers_of(marker: str) -> list[int]:
-    """Worker processes started for this test's repository (found by their environment)."""
+    """Worker and helper processes started for this test's repository (found by their environment)."""
     found = []
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
             with open(f"/proc/{pid}/cmdline", "rb") as f:
                 command = f.read()
-                if b"spawn_main" not in command and b"stasisfs-worker" not in command:
+                if b"stasisfs-worker" not in command and b"stasisfs-presign" not in command:
                     continue
             with open(f"/proc/{pid}/environ", "rb") as f:
                 if marker.encode() in f.read():

@@ -13,7 +13,6 @@ import click
 from stasisfs import __version__
 from stasisfs.cli.common import damage_exit, global_options
 from stasisfs.errors import EXIT_FATAL, EXIT_INTERRUPTED, EXIT_USAGE, StasisError
-from stasisfs.system.pools import spawn_light_workers
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
@@ -76,7 +75,6 @@ def _interrupt(_signum: int, _frame: object) -> None:
 def main() -> None:
     # SIGTERM (a service manager, `kill`) stops a command the way Ctrl-C does: one line, exit 130, no traceback.
     signal.signal(signal.SIGTERM, _interrupt)
-    spawn_light_workers()
     try:
         cli.main(prog_name="stasisfs", standalone_mode=False)
         code = damage_exit()

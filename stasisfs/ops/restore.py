@@ -18,7 +18,6 @@ import shutil
 import stat
 import threading
 from collections.abc import Callable
-from concurrent.futures import Executor, Future
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -33,14 +32,14 @@ from stasisfs.repo.repository import Repository
 from stasisfs.repo.storage import write_all
 from stasisfs.repo.trees import TreeReader
 from stasisfs.system.fsmeta import apply_metadata, create_special
-from stasisfs.system.pools import WorkerContext, exit_with_parent, worker_pool
+from stasisfs.system.pools import LeastBusy, WorkerContext, start_workers
 
 if TYPE_CHECKING:
     import pathspec
 
 OVERWRITE_MODES = ("always", "if-changed", "if-newer", "never")
 SPARSE_BLOCK = 64 * 1024
-MAX_IN_FLIGHT = 8  # batches queued for the writers
+BATCHES_PER_WRITER = 2  # queued for each writer: the walk runs ahead of them by a bounded amount
 _ZERO_BLOCK = bytes(SPARSE_BLOCK)
 
 
@@ -174,15 +173,41 @@ def use_repository_in_threads(repo: Repository) -> None:
 
 
 def init_writer(repo_path: str, master: bytes, sparse: bool, verify: bool, as_root: bool) -> None:
-    exit_with_parent()
+    """Initializer for a writer process (which `workerprocess.serve` set up to exit with the parent), or a writer thread."""
     # A writer process opens the repository and its index once; writer threads use the parent's.
     repo = _context.shared(lambda: attach_thin_packs(Repository.for_worker(Path(repo_path), master)))
     _context.start(FileWriter(repo, sparse, verify, as_root))
 
 
-def write_files(jobs: list[tuple[bytes, Node]]) -> list[FileOutcome]:
-    writer = _context.worker
-    return [writer.write(dest, node) for dest, node in jobs]
+@dataclass
+class WrittenBatch:
+    """What a writer reports for a batch: counts, and only the messages there are (one answer, not one per file)."""
+
+    files: int = 0
+    bytes: int = 0
+    verified: int = 0
+    errors: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+    def add(self, outcome: FileOutcome) -> WrittenBatch:
+        self.files += outcome.restored
+        self.bytes += outcome.bytes
+        self.verified += outcome.verified
+        self.errors += outcome.errors
+        self.warnings += outcome.warnings
+        return self
+
+
+def write_files(jobs: list[tuple[bytes, Node]]) -> WrittenBatch:
+    writer, written = _context.worker, WrittenBatch()
+    for dest, node in jobs:
+        written.add(writer.write(dest, node))
+    return written
+
+
+def default_writers() -> int:
+    """A writer per core and one more, to use the time another waits on a read (3 beat 2 and 4 on two cores)."""
+    return min(8, (os.cpu_count() or 2) + 1)
 
 
 @dataclass
@@ -194,7 +219,7 @@ class RestoreOptions:
     overwrite: str = "always"
     verify: bool = False
     sparse: bool = False
-    workers: int = 4
+    workers: int = field(default_factory=default_writers)
 
 
 @dataclass
@@ -220,7 +245,6 @@ class Restorer:
         self._as_root = os.geteuid() == 0
         self._include = _spec(options.includes)
         self._made: dict[bytes, bool] = {}  # directory -> created by this run
-        self._in_flight = threading.BoundedSemaphore(MAX_IN_FLIGHT)
         # Set by a signal handler: the walk stops at its next entry (never mid-call into the pool, which could deadlock it).
         self.stop = threading.Event()
         self._exclude = _spec(options.excludes)
@@ -262,7 +286,7 @@ class Restorer:
         excluded: bytes | None = None
         included: bytes | None = None
         batch = WriteBatch()
-        pool = self._writers()
+        writers = self._writers()
         interrupted = False
         try:
             for path, node in self.reader.walk(root, root_path):
@@ -305,17 +329,18 @@ class Restorer:
                 if node.type == FILE:
                     batch.add(dest, node)
                     if batch.full:
-                        self._send(pool, batch)
+                        writers.submit(write_files, batch.jobs)
                         batch = WriteBatch()
                 else:
                     self._restore_other(dest, node)
-            self._send(pool, batch)
+            if batch.jobs:
+                writers.submit(write_files, batch.jobs)
         except BaseException:
             interrupted = True  # Ctrl-C, SIGTERM or an error: drop what is queued, finish what is being written
             raise
         finally:
-            pool.shutdown(wait=True, cancel_futures=interrupted)
-        # the shutdown waited for every batch and ran its callback
+            writers.shutdown(cancel=interrupted)
+        # the shutdown collected every batch's answer
         for source, dest, node in links:
             self._restore_link(source, dest, node)
         for dest, node in reversed(dir_nodes):
@@ -323,30 +348,15 @@ class Restorer:
                 self._apply(dest, node)
         return self.result
 
-    def _writers(self) -> Executor:
+    def _writers(self) -> LeastBusy[WrittenBatch]:
         """Writer processes (own GILs); threads when processes cannot be started here."""
         keys = self.repo.master_keys
         initargs = (str(self.repo.path), keys.master, self.options.sparse, self.options.verify, self._as_root)
-        return worker_pool(self.options.workers, "restore", init_writer, initargs, partial(use_repository_in_threads, self.repo))
+        runners = start_workers(self.options.workers, "restore", init_writer, initargs, partial(use_repository_in_threads, self.repo))
+        return LeastBusy(runners, self._take, self._writer_failed, per_runner=BATCHES_PER_WRITER)
 
-    def _send(self, pool: Executor, batch: WriteBatch) -> None:
-        if not batch.jobs:
-            return
-        self._in_flight.acquire()  # the walk runs ahead of the writers by a bounded amount
-        future = pool.submit(write_files, batch.jobs)
-        future.add_done_callback(self._done)
-
-    def _done(self, future: Future[list[FileOutcome]]) -> None:
-        self._in_flight.release()
-        if future.cancelled():
-            return
-        try:
-            outcomes = future.result()
-        except Exception as exc:
-            self._error(f"a restore writer failed: {exc}")
-            return
-        for outcome in outcomes:
-            self._take(outcome)
+    def _writer_failed(self, exc: BaseException) -> None:
+        self._error(f"a restore writer failed: {exc}")
 
     def _ensure_dir(self, dest: bytes) -> bool:
         """Create a directory (and missing parents) once; True when this run created it, so nothing in it pre-exists."""
@@ -405,18 +415,17 @@ class Restorer:
             with self._lock:
                 self.result.warnings.extend(warnings)
 
-    def _take(self, outcome: FileOutcome) -> None:
-        """Fold a writer's outcome into the result (parent side)."""
+    def _take(self, written: WrittenBatch) -> None:
+        """Fold a writer's answer into the result (parent side)."""
         with self._lock:
-            self.result.errors.extend(outcome.errors)
-            self.result.warnings.extend(outcome.warnings)
-            if outcome.restored:
-                self.result.files += 1
-                self.result.bytes += outcome.bytes
-            self.result.verified += outcome.verified
-        for message in outcome.errors:
+            self.result.errors.extend(written.errors)
+            self.result.warnings.extend(written.warnings)
+            self.result.files += written.files
+            self.result.bytes += written.bytes
+            self.result.verified += written.verified
+        for message in written.errors:
             self._report(message)
-        self.counters.add(files=1 if outcome.restored else 0, nbytes=outcome.bytes)
+        self.counters.add(files=written.files, nbytes=written.bytes)
 
     def _restore_other(self, dest: bytes, node: Node) -> None:
         try:
@@ -433,7 +442,7 @@ class Restorer:
         try:
             os.link(source, dest)
         except OSError:  # the first path failed or lives elsewhere: restore a copy
-            self._take(FileWriter(self.repo, self.options.sparse, self.options.verify, self._as_root).write(dest, node))
+            self._take(WrittenBatch().add(FileWriter(self.repo, self.options.sparse, self.options.verify, self._as_root).write(dest, node)))
             return
         with self._lock:
             self.result.files += 1

@@ -3,21 +3,17 @@
 from __future__ import annotations
 
 import contextlib
-import importlib.machinery
 import os
 import signal
 import sys
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterator
-from concurrent.futures import Executor, Future, ThreadPoolExecutor
-from typing import TYPE_CHECKING, Any, Generic, ParamSpec, Protocol, TypeVar
+from concurrent.futures import Executor, ThreadPoolExecutor
+from typing import Any, Generic, ParamSpec, Protocol, TypeVar
 
-from stasisfs.system.kernel import die_with_parent
 from stasisfs.system.workerprocess import WorkerDied, WorkerProcess
-
-if TYPE_CHECKING:
-    from concurrent.futures import ProcessPoolExecutor
 
 STARTUP_TIMEOUT = 60.0
 Shared = TypeVar("Shared")
@@ -29,20 +25,14 @@ PARENT_SIGNALS = {signal.SIGINT, signal.SIGTERM}
 PARENT_CHECK_EVERY = 1.0
 
 
-def exit_with_parent(parent: int | None = None) -> None:
+def exit_with_parent(parent: int) -> None:
     """In a worker process: leave SIGINT and SIGTERM to the parent, and exit as soon as the parent is gone.
 
     A terminal's Ctrl-C reaches the whole process group: the parent stops the pool cleanly, and a
     worker that took the signal itself would only print a traceback and break the pool. A pool
     worker whose parent died would otherwise wait forever on its task queue, holding the key in memory.
+    `parent` is as the parent said, not as getppid() says now: it may already be gone.
     """
-    if parent is None:  # as the parent said, not as getppid() says now: it may already be gone
-        import multiprocessing
-
-        parent_process = multiprocessing.parent_process()
-        if parent_process is None:
-            return  # a worker thread of the parent itself
-        parent = parent_process.pid
     for sig in PARENT_SIGNALS:  # ignored since spawn when the main thread spawned it; made sure of here
         signal.signal(sig, signal.SIG_IGN)
 
@@ -52,60 +42,6 @@ def exit_with_parent(parent: int | None = None) -> None:
         os._exit(1)
 
     threading.Thread(target=watch, name="parent-watch", daemon=True).start()
-
-
-class StartingPool:
-    """Worker processes spawned at construction; `ready()` waits until they answer, or falls back to threads.
-
-    Spawn, not fork: a forked child would inherit open LMDB environments and locks held by
-    other threads. Processes can fail to start, e.g. when the interpreter is not executable
-    for the user the command runs as; the threads then share the parent's objects instead.
-    """
-
-    def __init__(self, workers: int, name: str, initializer: Callable[..., None], initargs: tuple[Any, ...],
-                 share_in_threads: Callable[[], None]) -> None:
-        # Imported here: a backup's workers are `WorkerProcess`es, and this costs a backup 15 ms and 2 MB a process.
-        import multiprocessing
-        from concurrent.futures import ProcessPoolExecutor
-        from concurrent.futures.process import BrokenProcessPool
-
-        self._args = (workers, name, initializer, initargs, share_in_threads)
-        self._pool: ProcessPoolExecutor | None = None
-        self._started: list[Future[None]] = []
-        if not os.access(sys.executable, os.X_OK):  # e.g. an interpreter under a home directory this user cannot enter
-            return
-        with _signals_left_to_the_parent():
-            try:
-                # The kernel's parent-death signal follows the thread that spawned a worker: only the main thread lives as long as the process.
-                main_thread = threading.current_thread() is threading.main_thread()
-                self._pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=_start_worker,
-                                                 initargs=(main_thread, initializer, initargs))
-                # One task per worker, submitted at once: none finds an idle worker, so every worker is spawned now, here.
-                self._started = [self._pool.submit(time.sleep, 0.01) for _ in range(workers)]
-            except (OSError, BrokenProcessPool):
-                self._discard()
-
-    def ready(self) -> Executor:
-        from concurrent.futures.process import BrokenProcessPool
-
-        if self._pool is None:
-            return self._threads()
-        try:
-            for future in self._started:
-                future.result(timeout=STARTUP_TIMEOUT)
-            return self._pool
-        except (OSError, BrokenProcessPool, TimeoutError):
-            self._discard()
-            return self._threads()
-
-    def _threads(self) -> Executor:
-        return _thread_pool(*self._args)
-
-    def _discard(self) -> None:
-        if self._pool is not None:
-            with contextlib.suppress(Exception):
-                self._pool.shutdown(wait=False, cancel_futures=True)
-        self._pool = None
 
 
 class Answer(Protocol[T_co]):
@@ -158,17 +94,66 @@ class StartingWorker:
         self._worker = None
 
 
+class LeastBusy(Generic[T]):
+    """Tasks spread over worker runners, each sent to the one with the fewest unanswered.
+
+    Answers go to `take` (a failed task's exception to `failed`) in the parent's own thread, as
+    they are collected: no callback thread contends with the caller for the GIL. At most
+    `per_runner` tasks wait on each runner, so the caller runs ahead of the workers by a bounded amount.
+    """
+
+    def __init__(self, runners: list[TaskRunner], take: Callable[[T], None], failed: Callable[[BaseException], None],
+                 per_runner: int = 2) -> None:
+        self._runners = runners
+        self._waiting: list[deque[Answer[T]]] = [deque() for _ in runners]
+        self._take, self._failed, self._per_runner = take, failed, per_runner
+
+    def submit(self, fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> None:
+        for number in range(len(self._runners)):
+            self._collect(number, block=False)
+        number = min(range(len(self._runners)), key=lambda n: len(self._waiting[n]))
+        if len(self._waiting[number]) >= self._per_runner:
+            self._collect(number, block=True)
+        self._waiting[number].append(self._runners[number].submit(fn, *args, **kwargs))
+
+    def _collect(self, number: int, block: bool) -> None:
+        """Hand over this runner's finished answers (waiting for its oldest one when `block`)."""
+        waiting = self._waiting[number]
+        while waiting:
+            try:
+                value = waiting[0].result(timeout=None if block else 0)
+            except TimeoutError:
+                return
+            except Exception as exc:  # the task failed, or its worker died
+                waiting.popleft()
+                self._failed(exc)
+            else:
+                waiting.popleft()
+                self._take(value)
+            block = False
+
+    def shutdown(self, cancel: bool = False) -> None:
+        """Collect every answer and stop the workers; `cancel` drops the tasks not started yet."""
+        try:
+            if not cancel:
+                for number in range(len(self._runners)):
+                    while self._waiting[number]:
+                        self._collect(number, block=True)
+        finally:
+            for runner in self._runners:
+                runner.shutdown(wait=True, cancel_futures=cancel)
+
+
+def start_workers(workers: int, name: str, initializer: Callable[..., object], initargs: tuple[Any, ...],
+                  share_in_threads: Callable[[], None]) -> list[TaskRunner]:
+    """`workers` worker processes, all spawned before any is waited for (threads where processes cannot start)."""
+    starting = [StartingWorker(f"{name}-{n}", initializer, initargs, share_in_threads) for n in range(workers)]
+    return [worker.ready() for worker in starting]
+
+
 def process_ids(runners: list[TaskRunner]) -> set[int]:
     """The process ids of worker processes among `runners` (threads have none)."""
     return {runner.pid for runner in runners if isinstance(runner, WorkerProcess)}
-
-
-def _start_worker(spawned_by_main_thread: bool, initializer: Callable[..., None], initargs: tuple[Any, ...]) -> None:
-    # The watch thread of `exit_with_parent` takes up to a second to notice a dead parent; meanwhile a
-    # worker would go on writing into the repository, where a successor run may be salvaging its packs.
-    if spawned_by_main_thread:
-        die_with_parent()
-    initializer(*initargs)
 
 
 def _thread_pool(workers: int, name: str, initializer: Callable[..., object], initargs: tuple[Any, ...],
@@ -201,12 +186,6 @@ def _signals_left_to_the_parent() -> Iterator[None]:
         signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
 
 
-def worker_pool(workers: int, name: str, initializer: Callable[..., None], initargs: tuple[Any, ...],
-                share_in_threads: Callable[[], None]) -> Executor:
-    """Start `workers` spawned processes and wait until they answer; threads running the same code if they cannot."""
-    return StartingPool(workers, name, initializer, initargs, share_in_threads).ready()
-
-
 class WorkerContext(Generic[Shared, Worker]):
     """What a pool's initializer sets up, as module state its task functions can reach.
 
@@ -235,16 +214,3 @@ class WorkerContext(Generic[Shared, Worker]):
         worker: Worker | None = getattr(self._local, "worker", None)
         assert worker is not None, "the pool's initializer was not run in this thread"
         return worker
-
-
-def spawn_light_workers() -> None:
-    """Let spawned workers skip re-running the program's main script.
-
-    Started as the `stasisfs` console script, `__main__` has a file and no spec, so multiprocessing
-    makes every spawned worker run that script as `__mp_main__`, importing the whole CLI (about
-    10 MB more per worker). Naming it `stasisfs.__main__`, which it is equivalent to, lets the
-    workers import only what their tasks need, as under `python -m stasisfs`.
-    """
-    main = sys.modules.get("__main__")
-    if main is not None and getattr(main, "__spec__", None) is None:
-        main.__spec__ = importlib.machinery.ModuleSpec("stasisfs.__main__", None)
