@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from stasisfs.system.pools import StartingWorker
+from stasisfs.system.pools import LeastBusy, StartingWorker, process_ids, start_workers
 from stasisfs.system.workerprocess import WorkerDied, WorkerProcess
 
 
@@ -118,3 +118,23 @@ def test_a_worker_that_starts_runs_in_its_own_process() -> None:
         assert runner.submit(os.getpid).result() != os.getpid()
     finally:
         runner.shutdown()
+
+
+
+@pytest.mark.timeout(60)
+def test_least_busy_spreads_tasks_hands_over_every_answer_and_reports_failures() -> None:
+    runners = start_workers(3, "spread", time.sleep, (0,), lambda: None)
+    taken: list[object] = []
+    failures: list[BaseException] = []
+    spread = LeastBusy(runners, taken.append, failures.append, per_runner=2)
+    spread.submit(time.sleep, 1.0)  # keeps one worker busy: the next tasks go to the others meanwhile
+    started = time.monotonic()
+    for _ in range(12):
+        spread.submit(os.getpid)
+    assert time.monotonic() - started < 0.8, "no quick task waited behind the slow one"
+    spread.submit(int, "not a number")
+    spread.shutdown()
+    pids = [answer for answer in taken if answer is not None]
+    assert len(pids) == 12 and None in taken, "every answer is handed over"
+    assert len(set(pids)) >= 2 and set(pids) <= process_ids(runners)
+    assert len(failures) == 1 and isinstance(failures[0], ValueError)
