@@ -4,16 +4,17 @@ from __future__ import annotations
 
 import contextlib
 import os
+import select
 import signal
 import sys
 import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
-from concurrent.futures import Executor, ThreadPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, Executor, Future, ThreadPoolExecutor, wait
 from typing import Any, Generic, ParamSpec, Protocol, TypeVar
 
-from stasisfs.system.workerprocess import WorkerDied, WorkerProcess
+from stasisfs.system.workerprocess import TaskAnswer, WorkerDied, WorkerProcess
 
 STARTUP_TIMEOUT = 60.0
 Shared = TypeVar("Shared")
@@ -109,12 +110,27 @@ class LeastBusy(Generic[T]):
         self._take, self._failed, self._per_runner = take, failed, per_runner
 
     def submit(self, fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> None:
+        self._collect_finished()
+        while min(len(waiting) for waiting in self._waiting) >= self._per_runner:
+            self._wait_for_any()
+            self._collect_finished()
+        number = min(range(len(self._runners)), key=lambda n: len(self._waiting[n]))
+        self._waiting[number].append(self._runners[number].submit(fn, *args, **kwargs))
+
+    def _collect_finished(self) -> None:
         for number in range(len(self._runners)):
             self._collect(number, block=False)
-        number = min(range(len(self._runners)), key=lambda n: len(self._waiting[n]))
-        if len(self._waiting[number]) >= self._per_runner:
-            self._collect(number, block=True)
-        self._waiting[number].append(self._runners[number].submit(fn, *args, **kwargs))
+
+    def _wait_for_any(self) -> None:
+        """Until some runner's oldest task may have finished (whichever it is: a slow task holds up only its own runner)."""
+        oldest = [waiting[0] for waiting in self._waiting if waiting]
+        if all(isinstance(answer, TaskAnswer) for answer in oldest):
+            select.select([answer.fileno() for answer in oldest if isinstance(answer, TaskAnswer)], [], [])
+        elif all(isinstance(answer, Future) for answer in oldest):
+            wait([answer for answer in oldest if isinstance(answer, Future)], return_when=FIRST_COMPLETED)
+        else:  # some workers fell back to threads: rare enough to wait in order
+            with contextlib.suppress(Exception):  # reported when collected
+                oldest[0].result()
 
     def _collect(self, number: int, block: bool) -> None:
         """Hand over this runner's finished answers (waiting for its oldest one when `block`)."""

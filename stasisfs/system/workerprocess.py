@@ -112,6 +112,10 @@ class WorkerProcess:
         return WorkerDied(f"worker process {self.pid} {how} before finishing its work (out of memory?); "
                           "nothing finished is lost: run the command again to resume")
 
+    @property
+    def answer_fd(self) -> int:
+        return self._answers.fileno()
+
     def answer(self, number: int, timeout: float | None = None) -> Any:
         with self._lock:
             while number not in self._received:
@@ -157,6 +161,10 @@ class TaskAnswer(Generic[T]):
     def __init__(self, worker: WorkerProcess, number: int) -> None:
         self._worker, self._number = worker, number
         self._outcome: tuple[T] | None = None
+
+    def fileno(self) -> int:
+        """The worker's answer pipe: readable once this or an earlier answer of the same worker may have come."""
+        return self._worker.answer_fd
 
     def result(self, timeout: float | None = None) -> T:
         if self._outcome is None:
