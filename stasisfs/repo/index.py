@@ -232,9 +232,8 @@ class Index:
             return
         self._released_at = started
         with self._write_lock:  # the map moves only when a writer grows it
-            drop_file_mappings(self.path / "data.mdb")
-            if self._files_cache is not None:
-                drop_file_mappings(self.files_path / "data.mdb")
+            files = [self.files_path / "data.mdb"] if self._files_cache is not None else []
+            drop_file_mappings(self.path / "data.mdb", *files)
 
     def close(self) -> None:
         environments = [(self.path, self.env)] + ([(self.files_path, self._files_cache[0])] if self._files_cache else [])

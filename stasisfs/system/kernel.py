@@ -23,16 +23,17 @@ def die_with_parent() -> None:
         _libc().prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
 
 
-def drop_file_mappings(path: os.PathLike[str] | str) -> None:
-    """Unmap this process's pages of every shared mapping of `path`; later reads fault them back in from the file.
+def drop_file_mappings(*paths: os.PathLike[str] | str) -> None:
+    """Unmap this process's pages of every shared mapping of these files; later reads fault them back in from the file.
 
     Only for read-only shared file mappings: the caller must hold off anything that could move the
     mapping meanwhile, or the advice could fall on memory reused since (anonymous memory is zeroed).
+    The mapping table is read once for all of them: the kernel takes about 0.3 ms to print it.
     """
-    target = " " + os.path.realpath(path)
+    targets = tuple(" " + os.path.realpath(path) for path in paths)
     with contextlib.suppress(OSError, AttributeError), open("/proc/self/maps") as maps:
         for line in maps:
-            if line.rstrip("\n").endswith(target):
+            if line.rstrip("\n").endswith(targets):
                 start, end = (int(bound, 16) for bound in line.split(None, 1)[0].split("-"))
                 _libc().madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), MADV_DONTNEED)
 
