@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import gc
 import importlib
 import os
 import signal
@@ -72,9 +73,17 @@ def _interrupt(_signum: int, _frame: object) -> None:
     raise KeyboardInterrupt
 
 
+# The cyclic collector's young generation, in container objects allocated. A backup's walk makes
+# a few short-lived containers per file (tuples, lists, a node's xattrs dict), nearly all freed by
+# reference counting: at the default of 700 the parent ran 611 collections, 0.32 s of its 2.6 s of
+# CPU, on 120k small files. Cycles are rare here; at worst this many objects wait for a collection.
+GC_YOUNG_THRESHOLD = 20_000
+
+
 def main() -> None:
     # SIGTERM (a service manager, `kill`) stops a command the way Ctrl-C does: one line, exit 130, no traceback.
     signal.signal(signal.SIGTERM, _interrupt)
+    gc.set_threshold(GC_YOUNG_THRESHOLD, 20, 100)
     try:
         cli.main(prog_name="stasisfs", standalone_mode=False)
         code = damage_exit()
