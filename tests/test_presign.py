@@ -109,6 +109,19 @@ def test_changes_made_before_the_run_are_saved_with_the_helper(repo: Repository,
     assert backup(repo, root).root == with_helper.root, "the walk alone saves the same tree"
 
 
+def test_a_helper_started_long_before_the_walk_is_started_again(repo: Repository, tmp_path: Path) -> None:
+    root = tmp_path / "src"
+    varied_tree(root)
+    backup(repo, root)
+    stale = finished_signer(repo, root)  # signed the tree as it was before the edits below
+    (root / "d2" / "inner" / "deeper" / "g1.dat").write_bytes(b"edited while the run waited for its lock\n")
+    (root / "d0" / "inner" / "new.txt").write_text("added meanwhile\n")
+    stale.started -= 60  # as if the run had waited a minute for another run's lock
+    files = saved_files(repo, backup(repo, root, stale), root)
+    assert files["d2/inner/deeper/g1.dat"] == b"edited while the run waited for its lock\n"
+    assert files["d0/inner/new.txt"] == b"added meanwhile\n"
+
+
 def test_signatures_under_other_rules_are_never_reused(repo: Repository, tmp_path: Path) -> None:
     root = tmp_path / "src"
     varied_tree(root)

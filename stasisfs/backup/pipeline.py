@@ -520,8 +520,14 @@ class Backup:
         self._legacy_files = self.index.has_legacy_files()
         if self._listed is not None:
             self._listed.stop()  # the walk takes over: two threads walking only contend for the GIL
-        if self._presigned is not None and self._files_cache_empty:
-            self._presigned.stop()  # a first backup: no signature to reuse
+        if self._presigned is not None:
+            if self._files_cache_empty:
+                self._presigned.stop()  # a first backup: no signature to reuse
+            else:
+                try:
+                    self._presigned = self._presigned.fresh()
+                except OSError:  # no process to spare now: the walk does it all
+                    self._presigned = None
         self.begin()
         try:
             with ThreadPoolExecutor(1, thread_name_prefix="backup-large") as pool:

@@ -38,6 +38,7 @@ _PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])
 _CHILD = f"import sys; sys.path.insert(0, {_PACKAGE_ROOT!r}); from stasisfs.backup.presign import serve; serve()"
 RECORD = struct.Struct("<32sQQI")  # signature, regular files and their bytes in the whole subtree, path length; then the path
 FLUSH_EVERY = 0.004  # seconds: how stale the walk's view of the helper's progress may be
+FRESH_FOR = 5.0  # seconds: a helper started longer ago than this before the walk (a wait for the lock, a typed password) is started again
 MOUNT_POINT = b"mount point"  # what a directory on another filesystem signs as, with --one-file-system
 
 
@@ -59,6 +60,8 @@ class ReverseSigner:
     """The parent's side: starts the helper, and hands over the signatures it has streamed so far."""
 
     def __init__(self, params: WalkParams) -> None:
+        self.params = params
+        self.started = time.monotonic()
         read_fd, write_fd = os.pipe()
         try:
             self._process: subprocess.Popen[bytes] | None = subprocess.Popen(
@@ -83,6 +86,13 @@ class ReverseSigner:
 
     def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
         self.stop()
+
+    def fresh(self) -> ReverseSigner:
+        """This helper if it started moments ago; else a new one, so no signature is older than the walk by much."""
+        if time.monotonic() - self.started <= FRESH_FOR:
+            return self
+        self.stop()
+        return ReverseSigner(self.params)
 
     def take(self, path: bytes) -> Signed | None:
         """The helper's signature of this directory, if it finished it; each is handed over once."""
