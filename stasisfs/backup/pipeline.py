@@ -26,7 +26,7 @@ from typing import BinaryIO
 import blake3
 
 from stasisfs.backup.presign import MOUNT_POINT, ReverseSigner, Signed
-from stasisfs.backup.walk import ListingAhead, WalkRules, holds_cachedir_tag, options_fingerprint, signed_stat
+from stasisfs.backup.walk import WalkRules, holds_cachedir_tag, options_fingerprint, signed_stat
 from stasisfs.backup.workers import (
     BatchDone,
     FileResult,
@@ -77,8 +77,7 @@ class BackupOptions:
 
 class Backup:
     def __init__(self, repo: Repository, options: BackupOptions, counters: Counters | None = None,
-                 warn: Callable[[str], None] | None = None, listed: ListingAhead | None = None,
-                 presigned: ReverseSigner | None = None) -> None:
+                 warn: Callable[[str], None] | None = None, presigned: ReverseSigner | None = None) -> None:
         self.repo = repo
         self.options = options
         self.counters = counters or Counters()
@@ -127,7 +126,6 @@ class Backup:
         self._worker_pids: set[int] = set()
         self.rules = WalkRules(options.excludes, options.one_file_system, repo.path)  # now that the cache exists
         self._begun = False
-        self._listed = listed
         self._presigned = presigned
 
     def _open_files_cache(self) -> None:
@@ -283,8 +281,7 @@ class Backup:
             dir_key = self.keys.path_key(b"dir\0" + os.path.dirname(path))
         return dir_key[:8] + self.keys.path_key(path)[:24]
 
-    def _file_node(self, pool: ThreadPoolExecutor, path: bytes, node: Node, st: os.stat_result, listed_ahead: bool = False,
-                   dir_key: bytes | None = None) -> PendingItem:
+    def _file_node(self, pool: ThreadPoolExecutor, path: bytes, node: Node, st: os.stat_result, dir_key: bytes | None = None) -> PendingItem:
         path_key = self._record_key(path, dir_key)
         legacy_key = self.keys.path_key(path) if self._legacy_files else None
         known, content = (False, None) if self._files_cache_empty else self.index.unchanged_content(path_key, st, legacy_key)
@@ -296,11 +293,6 @@ class Backup:
                 self.summary.files_unmodified += 1
             self.counters.add(files=1, nbytes=st.st_size)
             return node
-        if listed_ahead:  # about to be read: take its stat as it is now, not as it was when listed
-            with contextlib.suppress(OSError):  # gone since: reading it reports that
-                fresh = os.lstat(path)
-                if stat.S_ISREG(fresh.st_mode) and (fresh.st_ino, fresh.st_ctime_ns, fresh.st_mtime_ns) != (st.st_ino, st.st_ctime_ns, st.st_mtime_ns):
-                    node, st = node_from_stat(node.name, path, fresh, xattrs_later=True), fresh
         with self._summary_lock:
             if known:
                 self.summary.files_changed += 1
@@ -333,9 +325,8 @@ class Backup:
         xattr change) and the subdirectories' signatures. When it matches the one recorded
         with the directory's last tree, that tree is reused without building a node.
         """
-        listed = self._listed.take(path) if self._listed is not None else None
         try:
-            entries = listed if listed is not None else list(os.scandir(path))  # trees are sorted when encoded
+            entries = list(os.scandir(path))  # trees are sorted when encoded
         except OSError as exc:
             self.warn(f"cannot list {os.fsdecode(path)}: {exc.strerror}; saved as empty")
             entries = []
@@ -391,7 +382,7 @@ class Backup:
                 self.warn(f"cannot read {os.fsdecode(entry.path)}: {exc.strerror}; skipped")
                 continue
             if node.type == FILE:
-                item = self._file_node(pool, entry.path, node, st, listed is not None, dir_key)
+                item = self._file_node(pool, entry.path, node, st, dir_key)
                 if not isinstance(item, Node):
                     queued_bytes += st.st_size
                 pending.append(item)
@@ -518,8 +509,6 @@ class Backup:
         self._files_cache_empty = self.index.files_empty()
         self._index_was_empty = self.index.chunk_count() == 0  # after a resume's salvage; see workers.py
         self._legacy_files = self.index.has_legacy_files()
-        if self._listed is not None:
-            self._listed.stop()  # the walk takes over: two threads walking only contend for the GIL
         if self._presigned is not None:
             if self._files_cache_empty:
                 self._presigned.stop()  # a first backup: no signature to reuse

@@ -8,10 +8,11 @@ count and byte count as it finishes it. The walk, reaching a directory the helpe
 looks that signature up in the index instead of listing the directory; the two meet near the
 middle, and an unchanged walk takes about half as long.
 
-The helper holds no key and writes nothing. It only reads the tree, and the walk checks each of
-its signatures against the index, so a signature that no longer matches costs the walk a listing,
-never a wrong snapshot. A directory the helper could not read entirely is not reported: the walk
-lists it itself and reports what is wrong.
+The helper holds no key and writes nothing. It only reads the tree, and the walk looks each of
+its signatures up as it would its own: one made under other rules finds no tree and costs the
+walk a listing. A directory it reports stands as the helper read it, moments before the walk would
+have (a helper older than `FRESH_FOR` is replaced). A directory the helper could not read entirely
+is not reported: the walk lists it itself and reports what is wrong.
 """
 
 from __future__ import annotations

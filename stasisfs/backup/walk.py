@@ -1,23 +1,11 @@
-"""What a backup's walk enters, and listing ahead of it.
-
-`ListingAhead` lists and stats directories, in the walk's order, while the command has
-nothing else to do: deriving the key from a password (Argon2id, a quarter of a second,
-without the GIL) and taking in a killed run's open packs. The walk then finds its first
-directories already listed, unless they changed since. It stops before the walk begins,
-since two threads walking at once only contend for the GIL. Files the walk will read are
-stat'ed again by it, so a listing's age never makes a file look changed while read.
-"""
+"""What a backup's walk enters, and what a directory's signature is made of (the walk and `presign` share both)."""
 
 from __future__ import annotations
 
 import contextlib
 import os
-import stat
 import struct
-import threading
-import time
 from pathlib import Path
-from types import TracebackType
 from typing import TYPE_CHECKING
 
 from stasisfs.system.paths import cache_root
@@ -88,78 +76,3 @@ class WalkRules:
     def descends(self, path: bytes, st: os.stat_result, root_dev: int) -> bool:
         """Whether the walk lists this directory's entries."""
         return not (self.skipped(path, st) or self.excluded(path, True) or (self.one_file_system and st.st_dev != root_dev))
-
-
-RACY_NS = 2_000_000_000  # directories changed this close to the listing are listed again by the walk
-
-
-class ListingAhead:
-    """Directory listings (stats cached in each `DirEntry`), taken in the walk's depth-first order."""
-
-    MAX_ENTRIES = 30_000  # about 12 MB of entries at most: what a walk crosses in the time the key takes to open
-
-    def __init__(self, roots: list[bytes], rules: WalkRules) -> None:
-        self.rules = rules
-        self._listed: dict[bytes, tuple[list[os.DirEntry[bytes]], int, int]] = {}  # entries, dir mtime, dir ctime
-        self._started_ns = time.time_ns()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._list, args=(roots,), name="backup-list-ahead", daemon=True)
-
-    def __enter__(self) -> ListingAhead:
-        self._thread.start()
-        return self
-
-    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
-        self.stop()
-
-    def wait(self) -> None:
-        """Until everything is listed (or the cap is reached)."""
-        self._thread.join()
-
-    def stop(self) -> None:
-        self._stop.set()
-        if self._thread.is_alive():
-            self._thread.join()
-
-    def take(self, path: bytes) -> list[os.DirEntry[bytes]] | None:
-        """This directory's entries if they were listed ahead and it has not changed since; else None.
-
-        Adding, removing or renaming an entry moves the directory's mtime. A directory whose mtime
-        was already recent when listed could hide a change within the clock's granularity, so
-        those are listed again.
-        """
-        listed = self._listed.pop(path, None)
-        if listed is None:
-            return None
-        entries, mtime_ns, ctime_ns = listed
-        try:
-            now = os.lstat(path)
-        except OSError:
-            return None
-        if (now.st_mtime_ns, now.st_ctime_ns) != (mtime_ns, ctime_ns) or mtime_ns >= self._started_ns - RACY_NS:
-            return None
-        return entries
-
-    def _list(self, roots: list[bytes]) -> None:
-        listed = 0
-        pending: list[tuple[bytes, int]] = []
-        for root in reversed(roots):
-            with contextlib.suppress(OSError):
-                st = os.lstat(root)
-                if stat.S_ISDIR(st.st_mode) and self.rules.descends(root, st, st.st_dev):
-                    pending.append((root, st.st_dev))
-        while pending and listed < self.MAX_ENTRIES and not self._stop.is_set():
-            path, root_dev = pending.pop()
-            subdirs = []
-            try:
-                before = os.lstat(path)
-                entries = list(os.scandir(path))
-                for entry in entries:
-                    st = entry.stat(follow_symlinks=False)
-                    if stat.S_ISDIR(st.st_mode) and self.rules.descends(entry.path, st, root_dev):
-                        subdirs.append((entry.path, root_dev))
-            except OSError:
-                continue  # the walk lists it again, and reports what is wrong
-            self._listed[path] = (entries, before.st_mtime_ns, before.st_ctime_ns)
-            listed += len(entries)
-            pending.extend(reversed(subdirs))

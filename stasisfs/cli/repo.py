@@ -16,7 +16,6 @@ import click
 from stasisfs import jobs
 from stasisfs.backup.pipeline import Backup, BackupOptions, count_tree, normalize_paths
 from stasisfs.backup.presign import ReverseSigner, WalkParams
-from stasisfs.backup.walk import ListingAhead, WalkRules
 from stasisfs.cli.common import (
     active_profile,
     counted,
@@ -197,10 +196,6 @@ def _reverse_signer(repo: Repository, options: BackupOptions, from_stdin: bool) 
         return contextlib.nullcontext()
 
 
-def _listing_ahead(options: BackupOptions, rules: WalkRules, needless: bool) -> contextlib.AbstractContextManager[ListingAhead | None]:
-    return contextlib.nullcontext() if needless else ListingAhead(normalize_paths(options.paths), rules)
-
-
 def _backup(paths: tuple[bytes, ...], excludes: tuple[str, ...], exclude_file: str | None, exclude_caches: bool,
             one_file_system: bool, tags: tuple[str, ...], when: str | None, from_stdin: bool, stdin_filename: str,
             dry_run: bool, json_output: bool, quiet: bool, no_sync: bool, lock_wait: int) -> tuple[int, Snapshot, list[str]]:
@@ -232,15 +227,12 @@ def _backup(paths: tuple[bytes, ...], excludes: tuple[str, ...], exclude_file: s
     counters = Counters()
     mode = Reporter.choose(json_output, quiet)
     profile = active_profile()
-    rules = WalkRules(patterns, one_file_system, repo_path())
     saved: Snapshot | None = None
     try:
-        # While the key is derived (that releases the GIL) and open packs are salvaged, a re-backup's helper signs
-        # directories from the far end of the walk; a first backup lists its first directories instead.
-        with open_repository(unlock=False) as repo, _reverse_signer(repo, options, from_stdin) as presigned, \
-                _listing_ahead(options, rules, from_stdin or presigned is not None) as listed, unlocked(repo), \
+        # While the key is derived and open packs are salvaged, a re-backup's helper signs directories from the far end of the walk.
+        with open_repository(unlock=False) as repo, _reverse_signer(repo, options, from_stdin) as presigned, unlocked(repo), \
                 RepositoryLock(repo, "backup", wait=lock_wait):
-            job = Backup(repo, options, counters, warn=None if json_output else warn, listed=listed, presigned=presigned)
+            job = Backup(repo, options, counters, warn=None if json_output else warn, presigned=presigned)
             job.begin()  # after a killed run its workers start now, while the salvage below runs
             jobs.prepare_backup(repo)  # resume: chunks a killed run packed are reused, even from its open packs
             stop = threading.Event()
