@@ -92,3 +92,21 @@ def cli(tmp_path: Path) -> Iterator[Cli]:
 @pytest.fixture(autouse=True)
 def _weak_kdf(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("STASISFS_INSECURE_TEST_KDF", "1")
+
+
+def processes_started_for(marker: str, *commands: bytes) -> list[int]:
+    """Running processes whose command line holds one of `commands` and whose environment holds `marker`
+    (a test's temp dir, through XDG_CACHE_HOME or STASISFS_REPO)."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                command = f.read()
+                if not any(mark in command for mark in commands):
+                    continue
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                if marker.encode() in f.read():
+                    found.append(int(pid))
+        except OSError:
+            continue
+    return found

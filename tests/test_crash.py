@@ -10,24 +10,12 @@ import time
 from collections.abc import Callable
 
 import pytest
-from conftest import Cli
+from conftest import Cli, processes_started_for
 
 
 def workers_of(marker: str) -> list[int]:
     """Worker and helper processes started for this test's repository (found by their environment)."""
-    found = []
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                command = f.read()
-                if b"stasisfs-worker" not in command and b"stasisfs-presign" not in command:
-                    continue
-            with open(f"/proc/{pid}/environ", "rb") as f:
-                if marker.encode() in f.read():
-                    found.append(int(pid))
-        except OSError:
-            continue
-    return found
+    return processes_started_for(marker, b"stasisfs-worker", b"stasisfs-presign")
 
 
 def assert_no_orphan_workers(marker: str) -> None:

@@ -7,7 +7,7 @@ import signal
 from pathlib import Path
 
 import pytest
-from conftest import Cli
+from conftest import Cli, processes_started_for
 
 from stasisfs.backup.pipeline import Backup, BackupOptions
 from stasisfs.backup.presign import MARK, ReverseSigner, WalkParams
@@ -135,18 +135,7 @@ def test_signatures_under_other_rules_are_never_reused(repo: Repository, tmp_pat
 
 def helpers(marked_by: str) -> list[int]:
     """Running presign helpers whose environment holds this string."""
-    found = []
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                if MARK.encode() not in f.read():
-                    continue
-            with open(f"/proc/{pid}/environ", "rb") as f:
-                if marked_by.encode() in f.read():
-                    found.append(int(pid))
-        except OSError:
-            continue
-    return found
+    return processes_started_for(marked_by, MARK.encode())
 
 
 def test_a_helper_killed_midway_costs_nothing_but_time(repo: Repository, tmp_path: Path) -> None:

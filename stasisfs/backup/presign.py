@@ -180,56 +180,55 @@ class _Signer:
         except OSError:
             return
         if stat.S_ISDIR(st.st_mode):
-            self._subdir_signature(root, st, st.st_dev)
+            with contextlib.suppress(_Unreadable):
+                self._subdir(root, st, root_dev=st.st_dev)
 
-    def _subdir_signature(self, path: bytes, st: os.stat_result, root_dev: int) -> bytes | None:
-        """What `Backup._subdir` signs this directory as: None when it is left out, or could not be signed."""
+    def _subdir(self, path: bytes, st: os.stat_result, root_dev: int) -> Signed | None:
+        """What `Backup._subdir` signs this directory as: None when it is left out of the snapshot."""
         if self.rules.skipped(path, st) or (self.exclude_caches and holds_cachedir_tag(path)):
             return None
         if self.rules.one_file_system and st.st_dev != root_dev:
-            return MOUNT_POINT
-        signed = self._sign(path, root_dev)
-        return signed.signature if signed is not None else None
+            return Signed(MOUNT_POINT, 0, 0)  # the mount point is kept empty: none of its files count
+        return self._sign(path, root_dev)
 
-    def _sign(self, path: bytes, root_dev: int) -> Signed | None:
+    def _sign(self, path: bytes, root_dev: int) -> Signed:
+        """Sign and report this directory; raises `_Unreadable` when some of it could not be read."""
         try:
             entries = [(entry, entry.stat(follow_symlinks=False)) for entry in os.scandir(path)]
         except OSError:
-            return None  # the walk lists it itself, and warns
-        spec = self.rules.spec
-        if spec is not None:
+            raise _Unreadable from None  # the walk lists it itself, and warns
+        if self.rules.spec is not None:
             entries = [(e, st) for e, st in entries if not self.rules.excluded(e.path, stat.S_ISDIR(st.st_mode))]
         complete, files, nbytes = True, 0, 0
-        subdir_signatures: dict[bytes, bytes | None] = {}
+        subdirs: dict[bytes, Signed | None] = {}
         for entry, st in reversed(entries):  # the far end first: the walk comes from the near one
             if stat.S_ISDIR(st.st_mode):
-                if self.rules.skipped(entry.path, st) or (self.exclude_caches and holds_cachedir_tag(entry.path)):
-                    subdir_signatures[entry.name] = None
-                elif self.rules.one_file_system and st.st_dev != root_dev:
-                    subdir_signatures[entry.name] = MOUNT_POINT
-                else:
-                    signed = self._sign(entry.path, root_dev)
-                    if signed is None:
-                        complete = False  # its siblings are still worth signing
-                        continue
-                    subdir_signatures[entry.name] = signed.signature
+                try:
+                    signed = subdirs[entry.name] = self._subdir(entry.path, st, root_dev)
+                except _Unreadable:
+                    complete = False  # its siblings are still worth signing
+                    continue
+                if signed is not None:
                     files += signed.files
                     nbytes += signed.nbytes
             elif stat.S_ISREG(st.st_mode):
                 files += 1
                 nbytes += st.st_size
         if not complete:
-            return None
+            raise _Unreadable
         parts = [self.fingerprint]
         for entry, st in entries:
-            parts.append(signed_stat(entry.name, st))
-            parts.append(entry.name)
-            subdir_signature = subdir_signatures.get(entry.name)
-            if subdir_signature is not None:
-                parts.append(subdir_signature)
+            parts += (signed_stat(entry.name, st), entry.name)
+            subdir = subdirs.get(entry.name)
+            if subdir is not None:
+                parts.append(subdir.signature)
         result = Signed(blake3.blake3(b"".join(parts)).digest(), files, nbytes)
         self.outbox.add(path, result)
         return result
+
+
+class _Unreadable(Exception):
+    """Some of a directory could not be read: the walk lists it, and the directories above it, itself."""
 
 
 def serve() -> None:

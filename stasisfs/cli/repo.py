@@ -191,7 +191,7 @@ def _reverse_signer(repo: Repository, options: BackupOptions, from_stdin: bool) 
         return contextlib.nullcontext()
     try:
         return ReverseSigner(WalkParams(normalize_paths(options.paths), options.excludes, options.exclude_caches,
-                                        options.one_file_system, str(repo_path())))
+                                        options.one_file_system, str(repo.path)))
     except OSError:  # no process to spare: the walk does it all
         return contextlib.nullcontext()
 

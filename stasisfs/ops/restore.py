@@ -241,7 +241,6 @@ class Restorer:
         self.counters = counters or Counters()
         self.result = RestoreResult()
         self._report = report or (lambda message: None)
-        self._lock = threading.Lock()
         self._as_root = os.geteuid() == 0
         self._include = _spec(options.includes)
         self._made: dict[bytes, bool] = {}  # directory -> created by this run
@@ -250,8 +249,7 @@ class Restorer:
         self._exclude = _spec(options.excludes)
 
     def _error(self, message: str) -> None:
-        with self._lock:
-            self.result.errors.append(message)
+        self.result.errors.append(message)
         self._report(message)
 
     def _selected(self, path: bytes, node: Node) -> bool:
@@ -317,8 +315,7 @@ class Restorer:
                     self._error(f"cannot create {os.fsdecode(os.path.dirname(dest))}: {exc.strerror}")
                     continue
                 if not fresh_parent and not self._may_replace(dest, node):
-                    with self._lock:
-                        self.result.skipped += 1
+                    self.result.skipped += 1
                     continue
                 key = node.hardlink_key
                 if key is not None and key in first_paths:
@@ -411,18 +408,15 @@ class Restorer:
             warnings = apply_metadata(dest, node, self._as_root)
         except OSError as exc:
             warnings = [f"cannot restore metadata of {os.fsdecode(dest)}: {exc.strerror}"]
-        if warnings:
-            with self._lock:
-                self.result.warnings.extend(warnings)
+        self.result.warnings.extend(warnings)
 
     def _take(self, written: WrittenBatch) -> None:
-        """Fold a writer's answer into the result (parent side)."""
-        with self._lock:
-            self.result.errors.extend(written.errors)
-            self.result.warnings.extend(written.warnings)
-            self.result.files += written.files
-            self.result.bytes += written.bytes
-            self.result.verified += written.verified
+        """Fold a writer's answer into the result (in the walk's thread, as `LeastBusy` collects it)."""
+        self.result.errors.extend(written.errors)
+        self.result.warnings.extend(written.warnings)
+        self.result.files += written.files
+        self.result.bytes += written.bytes
+        self.result.verified += written.verified
         for message in written.errors:
             self._report(message)
         self.counters.add(files=written.files, nbytes=written.bytes)
@@ -444,5 +438,4 @@ class Restorer:
         except OSError:  # the first path failed or lives elsewhere: restore a copy
             self._take(WrittenBatch().add(FileWriter(self.repo, self.options.sparse, self.options.verify, self._as_root).write(dest, node)))
             return
-        with self._lock:
-            self.result.files += 1
+        self.result.files += 1
