@@ -9,7 +9,7 @@ import sys
 import time
 from pathlib import Path
 
-from conftest import PASSWORD, Cli
+from conftest import PASSWORD, Cli, processes_started_for
 
 
 def make_tree(root: Path) -> Path:
@@ -178,6 +178,18 @@ def test_exit_codes(cli: Cli) -> None:
     assert cli.run("restore", "latest").returncode == 2  # --target is required
     assert cli.run("nonsense").returncode == 2
     assert cli.run("dump", "ffffffff:/x").returncode == 2
+
+
+def test_a_first_backups_workers_started_before_the_password_is_checked_never_outlive_it(cli: Cli) -> None:
+    cli.init()
+    src = make_tree(cli.tmp / "src")
+    wrong = cli.run("backup", src, env={"STASISFS_PASSWORD": "wrong password entirely"})
+    assert wrong.returncode == 12 and b"wrong password" in wrong.stderr and b"Traceback" not in wrong.stderr
+    assert processes_started_for(cli.env["XDG_CACHE_HOME"], b"stasisfs-worker") == []
+    cli.ok("backup", src)
+    assert processes_started_for(cli.env["XDG_CACHE_HOME"], b"stasisfs-worker") == []
+    [snap] = cli.snapshots()
+    assert snap["summary"]["files_new"] == snap["summary"]["total_files"] > 0  # type: ignore[index]
 
 
 def test_no_password_and_no_tty_fails_at_once(cli: Cli) -> None:

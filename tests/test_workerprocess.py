@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from stasisfs.system.pools import LeastBusy, StartingWorker, process_ids, start_workers
+from stasisfs.system.pools import LeastBusy, StartingWorker, process_ids, spawn_ahead, start_workers
 from stasisfs.system.workerprocess import WorkerDied, WorkerProcess
 
 
@@ -119,6 +119,30 @@ def test_a_worker_that_starts_runs_in_its_own_process() -> None:
     finally:
         runner.shutdown()
 
+
+@pytest.mark.timeout(60)
+def test_workers_spawned_ahead_import_meanwhile_and_are_adopted_with_their_initializer() -> None:
+    spawned = spawn_ahead(2, "stasisfs.backup.workers")
+    try:
+        assert len(spawned) == 2
+        runner = StartingWorker("test", operator.add, (1, 2), lambda: pytest.fail("fell back to threads"), spawned=spawned[0]).ready()
+        assert runner is spawned[0]
+        preloaded = "'stasisfs.backup.workers' in __import__('sys').modules"
+        assert runner.submit(eval, preloaded).result() is True  # imported before any task of ours ran
+        assert runner.submit(os.getpid).result() == spawned[0].pid != os.getpid()
+    finally:
+        for worker in spawned:
+            worker.shutdown()  # the one never adopted exits as cleanly
+    assert all(not Path(f"/proc/{worker.pid}").exists() for worker in spawned)
+
+
+@pytest.mark.timeout(60)
+def test_no_worker_is_spawned_ahead_where_the_interpreter_cannot_be_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    unrunnable = tmp_path / "python"
+    unrunnable.write_bytes(b"")
+    unrunnable.chmod(0o600)
+    monkeypatch.setattr(sys, "executable", str(unrunnable))
+    assert spawn_ahead(2, "json") == []
 
 
 @pytest.mark.timeout(60)

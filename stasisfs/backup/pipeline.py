@@ -48,6 +48,7 @@ from stasisfs.repo.repository import Repository
 from stasisfs.system.crashpoints import crash_point, tuned
 from stasisfs.system.fsmeta import node_from_stat, read_xattrs
 from stasisfs.system.pools import Answer, StartingWorker, TaskRunner, process_ids
+from stasisfs.system.workerprocess import WorkerProcess
 
 LARGE_FILE = 16 * 1024 * 1024  # larger files stream through a parent thread instead of a worker process
 # How far the walk runs ahead of the trees written: enough to keep workers fed, little enough to bound memory.
@@ -77,7 +78,8 @@ class BackupOptions:
 
 class Backup:
     def __init__(self, repo: Repository, options: BackupOptions, counters: Counters | None = None,
-                 warn: Callable[[str], None] | None = None, presigned: ReverseSigner | None = None) -> None:
+                 warn: Callable[[str], None] | None = None, presigned: ReverseSigner | None = None,
+                 spawned: list[WorkerProcess] | None = None) -> None:
         self.repo = repo
         self.options = options
         self.counters = counters or Counters()
@@ -117,6 +119,7 @@ class Backup:
         # One queue and one single-worker pool per worker: a file goes to the worker its size picks, so copies
         # of a file (same size) meet in one worker, which stores them once (workers pack what they seal).
         self._batches = [BatchQueue(self, worker) for worker in range(options.workers)]
+        self._in_flight = [0] * options.workers  # batches sent to each worker and not answered yet
         self._procs: list[TaskRunner] | None = None
         self._starting: list[StartingWorker] | None = None  # spawned early for a resumed run
         self._sealers = ThreadPoolExecutor(options.workers, thread_name_prefix="backup-seal")  # threads start on first use
@@ -127,6 +130,7 @@ class Backup:
         self.rules = WalkRules(options.excludes, options.one_file_system, repo.path)  # now that the cache exists
         self._begun = False
         self._presigned = presigned
+        self._spawned = list(spawned or [])  # worker processes started before the key was derived, adopted as the workers
 
     def _open_files_cache(self) -> None:
         with contextlib.suppress(Exception):  # the walk's own first use reports what is wrong
@@ -261,6 +265,13 @@ class Backup:
         else:
             self._unsettled_workers.add(done.worker)
         self._worker_flushed[done.worker] = done.flushed_at
+
+    def _feed_idle_workers(self) -> None:
+        """Before the walk waits on one worker: send the others' partial batches, if they have nothing to do."""
+        for queue in self._batches:
+            batch = queue.current
+            if not self._in_flight[queue.worker] and batch.jobs and not batch.sent:
+                batch.submit()
 
     def _flush_workers(self) -> None:
         """The end of a run: every worker holding blobs in open packs (or packs not in an index object) writes them."""
@@ -553,7 +564,9 @@ class Backup:
         """Worker processes (own GILs); threads when processes cannot be started here."""
         initargs = (self.keys.master, str(self.repo.path), str(self.index.path), self.writer.verify, self.options.dry_run)
         share = partial(use_repository_in_threads, self.repo)
-        return [StartingWorker(f"backup-{n}", init_worker, initargs, share) for n in range(self.options.workers)]
+        spawned, self._spawned = self._spawned, []
+        return [StartingWorker(f"backup-{n}", init_worker, initargs, share, spawned.pop() if spawned else None)
+                for n in range(self.options.workers)]
 
     def run_stdin(self, stream: BinaryIO, filename: str) -> Snapshot:
         started = time.monotonic()
@@ -673,13 +686,16 @@ class ProcessBatch:
             backup._sent_to_workers += self.bytes
             jobs = [(p, st.st_size, st.st_mtime_ns) for p, _, st in self.jobs]
             self.answer = backup.procs[self.worker].submit(process_files, jobs, self.pack_here, backup._index_was_empty)
+            backup._in_flight[self.worker] += 1
 
     def resolve(self) -> list[Node | None]:
         if self.nodes is None:
             self.submit()
             assert self.answer is not None
             answer, self.answer = self.answer, None
+            self.backup._feed_idle_workers()  # the walk stops here: first give an idle worker what it has
             done = answer.result()
+            self.backup._in_flight[self.worker] -= 1
             self.backup._batch_done(done)
             self.nodes = [self.backup._complete(p, node, st, r) for (p, node, st), r in zip(self.jobs, done.files, strict=True)]
             self.jobs = []  # the sealed boxes are packed now: let them go

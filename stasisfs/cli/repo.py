@@ -9,6 +9,7 @@ import socket
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from datetime import datetime
 
 import click
@@ -46,6 +47,8 @@ from stasisfs.remote.devices import DeviceRemotes
 from stasisfs.repo.locking import RepositoryLock
 from stasisfs.repo.repository import Repository
 from stasisfs.repo.trees import TreeReader
+from stasisfs.system.pools import spawn_ahead
+from stasisfs.system.workerprocess import WorkerProcess
 
 
 def find_snapshot(repo: Repository, ref: str, path: bytes = b"") -> Snapshot:
@@ -196,6 +199,17 @@ def _reverse_signer(repo: Repository, options: BackupOptions, from_stdin: bool) 
         return contextlib.nullcontext()
 
 
+@contextlib.contextmanager
+def _workers_ahead(repo: Repository, options: BackupOptions, from_stdin: bool) -> Iterator[list[WorkerProcess]]:
+    """A first backup's worker processes, started while the key is derived; they read every file, so none is wasted."""
+    spawned = [] if from_stdin or repo.has_files_cache() else spawn_ahead(options.workers, "stasisfs.backup.workers")
+    try:
+        yield spawned
+    finally:
+        for worker in spawned:  # the backup shut down those it adopted; this is for the rest
+            worker.shutdown(cancel_futures=True)
+
+
 def _backup(paths: tuple[bytes, ...], excludes: tuple[str, ...], exclude_file: str | None, exclude_caches: bool,
             one_file_system: bool, tags: tuple[str, ...], when: str | None, from_stdin: bool, stdin_filename: str,
             dry_run: bool, json_output: bool, quiet: bool, no_sync: bool, lock_wait: int) -> tuple[int, Snapshot, list[str]]:
@@ -230,9 +244,9 @@ def _backup(paths: tuple[bytes, ...], excludes: tuple[str, ...], exclude_file: s
     saved: Snapshot | None = None
     try:
         # While the key is derived and open packs are salvaged, a re-backup's helper signs directories from the far end of the walk.
-        with open_repository(unlock=False) as repo, _reverse_signer(repo, options, from_stdin) as presigned, unlocked(repo), \
-                RepositoryLock(repo, "backup", wait=lock_wait):
-            job = Backup(repo, options, counters, warn=None if json_output else warn, presigned=presigned)
+        with open_repository(unlock=False) as repo, _reverse_signer(repo, options, from_stdin) as presigned, \
+                _workers_ahead(repo, options, from_stdin) as spawned, unlocked(repo), RepositoryLock(repo, "backup", wait=lock_wait):
+            job = Backup(repo, options, counters, warn=None if json_output else warn, presigned=presigned, spawned=spawned)
             job.begin()  # after a killed run its workers start now, while the salvage below runs
             jobs.prepare_backup(repo)  # resume: chunks a killed run packed are reused, even from its open packs
             stop = threading.Event()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import importlib
 import os
 import select
 import signal
@@ -65,15 +66,17 @@ class StartingWorker:
     Falls back to a one-thread pool running the same code when the process cannot start or initialize.
     """
 
-    def __init__(self, name: str, initializer: Callable[..., object], initargs: tuple[Any, ...], share_in_threads: Callable[[], None]) -> None:
+    def __init__(self, name: str, initializer: Callable[..., object], initargs: tuple[Any, ...], share_in_threads: Callable[[], None],
+                 spawned: WorkerProcess | None = None) -> None:
         self._args = (1, name, initializer, initargs, share_in_threads)
-        self._worker: WorkerProcess | None = None
+        self._worker: WorkerProcess | None = spawned
         self._started: Answer[object] | None = None
-        if not os.access(sys.executable, os.X_OK):  # e.g. an interpreter under a home directory this user cannot enter
+        if spawned is None and not os.access(sys.executable, os.X_OK):  # e.g. an interpreter under a home directory this user cannot enter
             return
         with _signals_left_to_the_parent():
             try:
-                self._worker = WorkerProcess(spawned_by_main_thread=threading.current_thread() is threading.main_thread())
+                if self._worker is None:
+                    self._worker = WorkerProcess(spawned_by_main_thread=threading.current_thread() is threading.main_thread())
                 self._started = self._worker.submit(initializer, *initargs)
             except (OSError, WorkerDied):
                 self._discard()
@@ -165,6 +168,30 @@ def start_workers(workers: int, name: str, initializer: Callable[..., object], i
     """`workers` worker processes, all spawned before any is waited for (threads where processes cannot start)."""
     starting = [StartingWorker(f"{name}-{n}", initializer, initargs, share_in_threads) for n in range(workers)]
     return [worker.ready() for worker in starting]
+
+
+def spawn_ahead(count: int, preload: str) -> list[WorkerProcess]:
+    """Worker processes spawned before their initializer can run (it may need a key not derived yet).
+
+    Each imports `preload` meanwhile, so interpreter start and imports overlap the parent's own work.
+    Fewer than `count` (or none) when processes cannot start here; `StartingWorker(spawned=...)` adopts one.
+    """
+    spawned: list[WorkerProcess] = []
+    if not os.access(sys.executable, os.X_OK):
+        return spawned
+    with _signals_left_to_the_parent():
+        for _ in range(count):
+            try:
+                worker = WorkerProcess(spawned_by_main_thread=threading.current_thread() is threading.main_thread())
+            except OSError:
+                break
+            try:
+                worker.submit(importlib.import_module, preload)
+            except (OSError, WorkerDied):
+                worker.kill()
+                break
+            spawned.append(worker)
+    return spawned
 
 
 def process_ids(runners: list[TaskRunner]) -> set[int]:
