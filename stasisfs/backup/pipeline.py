@@ -41,7 +41,7 @@ from stasisfs.format.pack import BLOB_DATA, BLOB_TREE
 from stasisfs.format.snapshot import Snapshot, Summary
 from stasisfs.format.tree import DIR, FILE, Node, encode_tree, split_path
 from stasisfs.progress import Counters
-from stasisfs.repo.index import FileRecord
+from stasisfs.repo.index import file_record
 from stasisfs.repo.packer import BlobWriter
 from stasisfs.repo.packfile import discard_open_packs_of
 from stasisfs.repo.repository import Repository
@@ -218,8 +218,7 @@ class Backup:
         return node
 
     def _record_file(self, key: bytes, st: os.stat_result, content: list[bytes], nbytes: int) -> None:
-        record = FileRecord(st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns, tuple(content))
-        self._file_records.append((key, record.encode()))
+        self._file_records.append((key, file_record(st, content)))
         self._checkpoint(nbytes)
 
     def _checkpoint(self, nbytes: int) -> None:

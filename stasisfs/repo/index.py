@@ -71,17 +71,14 @@ class Location:
         return BlobEntry(chunk_id, self.kind, self.offset, self.length, self.raw_length)
 
 
-@dataclass(frozen=True, slots=True)
-class FileRecord:
-    device: int
-    inode: int
-    size: int
-    mtime_ns: int
-    ctime_ns: int
-    content: tuple[bytes, ...]
+def stat_row(st: os.stat_result) -> bytes:
+    """What a files-cache record holds of a file's stat: any change to the file moves one of these."""
+    return FILE_ROW.pack(st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
-    def encode(self) -> bytes:
-        return FILE_ROW.pack(self.device, self.inode, self.size, self.mtime_ns, self.ctime_ns) + b"".join(self.content)
+
+def file_record(st: os.stat_result, content: Iterable[bytes]) -> bytes:
+    """A files-cache record: the stat row, then the file's chunk ids (32 bytes each)."""
+    return stat_row(st) + b"".join(content)
 
 
 
@@ -364,7 +361,7 @@ class Index:
 
         `legacy_key`: the file's key in a files cache written before records were grouped by directory.
         """
-        expected = FILE_ROW.pack(st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+        expected = stat_row(st)
         files, records = self.open_files_cache()
         with files.begin() as txn:
             raw = txn.get(key, db=records)
@@ -420,7 +417,7 @@ class Index:
         self.drop_legacy_files()
 
     def put_file_records(self, records: Iterable[tuple[bytes, bytes]], scattered: bool = False) -> None:
-        """(keyed path hash, `FileRecord.encode()`) pairs.
+        """(keyed path hash, `file_record(...)`) pairs.
 
         `scattered`: directory records, whose keys are random. Each lands on a page of its own and maps
         64 KiB around it, which 2048 at once made 33 MB of the parent's memory at 300k files; they go in
