@@ -42,6 +42,18 @@ def test_a_task_that_raises_raises_the_same_error_here_and_the_worker_goes_on(wo
 
 
 @pytest.mark.timeout(60)
+def test_reading_what_arrived_never_waits_and_tells_when_the_worker_has_nothing_left(worker: WorkerProcess) -> None:
+    quick, slow = worker.submit(operator.add, 1, 2), worker.submit(time.sleep, 0.5)
+    started = time.monotonic()
+    while not quick.done():
+        assert worker.read_arrived() is False  # the slow one is still running
+    assert time.monotonic() - started < 0.4 and not slow.done()
+    while not worker.read_arrived():
+        time.sleep(0.01)
+    assert slow.done() and quick.result() == 3 and slow.result() is None
+
+
+@pytest.mark.timeout(60)
 def test_big_tasks_and_big_answers_never_block_each_other(worker: WorkerProcess) -> None:
     """Each task and each answer is several times a pipe's buffer, and none is read until all are sent:
     the parent must read answers while the task pipe is full, or both sides wait forever."""

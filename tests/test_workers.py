@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from stasisfs.backup import pipeline
 from stasisfs.backup.workers import ChunkWorker
 from stasisfs.format.chunker import CHUNK_MAX, CHUNK_MIN
 from stasisfs.repo.blobs import BlobReader
@@ -93,3 +94,25 @@ def test_after_an_earlier_run_a_small_file_it_stored_is_looked_up_and_not_stored
     for pack_here in (True, False):
         result = second.process(bytes(copy), st.st_size, st.st_mtime_ns, pack_here=pack_here, index_was_empty=False)
         assert (result.added, result.new_blobs) == (0, [])
+
+
+def test_in_one_run_a_copy_of_a_file_past_one_chunk_goes_to_the_worker_that_has_the_original(
+        repo: Repository, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Larger files go to the least loaded worker, except a size met before, which goes where that file went.
+
+    Queued in this order (files of a directory come after its subdirectories): the original (worker 0),
+    then 600 KB (worker 1), then 5 MB (worker 0, the less loaded), then the copy, which the least loaded
+    worker (1) would store again: it cannot know what worker 0 has not indexed yet.
+    """
+    monkeypatch.setattr(pipeline, "PARENT_PACKS_FIRST", 0)  # every worker packs what it seals: no parent dedups for it
+    original = os.urandom(300_000)
+    deepest = tmp_path / "src" / "d1" / "d2" / "d3"
+    deepest.mkdir(parents=True)
+    (deepest / "original").write_bytes(original)
+    (deepest.parent / "middle").write_bytes(os.urandom(600_000))
+    (deepest.parent.parent / "big").write_bytes(os.urandom(5_000_000))
+    (tmp_path / "src" / "copy").write_bytes(original)
+    job = pipeline.Backup(repo, pipeline.BackupOptions(paths=[bytes(tmp_path / "src")], workers=2))
+    snapshot = job.run()
+    assert len(job._worker_pids) == 2, "worker processes, not threads"
+    assert snapshot.summary.data_added == 300_000 + 600_000 + 5_000_000, "the copy was stored once"

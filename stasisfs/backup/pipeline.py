@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import select
 import stat
 import sys
 import threading
@@ -59,6 +60,11 @@ SEAL_AHEAD = 6  # chunks of one large file hashed, compressed and sealed at once
 MAX_PENDING_ITEMS = 4096  # entries walked ahead of the oldest unwritten tree (their boxes are bounded by bytes)
 MAX_PENDING_BYTES = 12 * 1024 * 1024
 MAX_PENDING_DIRS = 1024
+SIZE_SPREAD = 0x9E3779B97F4A7C15  # 2^64 / golden ratio: consecutive sizes land far apart
+ROUTES_KEPT = 65536  # sizes of larger files remembered, and the worker each went to
+# While the oldest tree waits on one worker and another has nothing left to do, the walk goes on
+# to feed it, up to this many times the limits above.
+WALK_ON_WHILE_IDLE = 4
 # The parent packs what workers seal until a run has sent them this much: a small run (an hourly
 # edit) then writes one pack with its trees. Past it, each worker packs what it seals itself.
 PARENT_PACKS_FIRST = int(tuned("parent-packs-first", 4 * 1024 * 1024))
@@ -120,6 +126,8 @@ class Backup:
         # of a file (same size) meet in one worker, which stores them once (workers pack what they seal).
         self._batches = [BatchQueue(self, worker) for worker in range(options.workers)]
         self._in_flight = [0] * options.workers  # batches sent to each worker and not answered yet
+        self._load = [0] * options.workers  # file bytes given to each worker and not answered yet
+        self._routes: dict[int, int] = {}  # size -> worker, for files past one chunk: copies meet in one worker
         self._procs: list[TaskRunner] | None = None
         self._starting: list[StartingWorker] | None = None  # spawned early for a resumed run
         self._sealers = ThreadPoolExecutor(options.workers, thread_name_prefix="backup-seal")  # threads start on first use
@@ -265,6 +273,22 @@ class Backup:
             self._unsettled_workers.add(done.worker)
         self._worker_flushed[done.worker] = done.flushed_at
 
+    def _route(self, size: int) -> BatchQueue:
+        """The worker a file goes to: always the same for one size, so copies of a file meet in one worker.
+
+        Small files spread by a multiplicative hash of their size (even on sizes' parity, which is not even);
+        the first file of a larger size goes to the worker with the fewest bytes to do: a few of them are
+        most of a tree's bytes, and a fixed rule split the bench tree's 2:3.
+        """
+        if size < CHUNK_MIN:
+            return self._batches[((size * SIZE_SPREAD) & 0xFFFF_FFFF_FFFF_FFFF) * len(self._batches) >> 64]
+        worker = self._routes.get(size)
+        if worker is None:
+            if len(self._routes) >= ROUTES_KEPT:
+                self._routes.clear()  # only copies met after this may be stored twice
+            worker = self._routes[size] = min(range(len(self._load)), key=self._load.__getitem__)
+        return self._batches[worker]
+
     def _feed_idle_workers(self) -> None:
         """Before the walk waits on one worker: send the others' partial batches, if they have nothing to do."""
         for queue in self._batches:
@@ -314,7 +338,7 @@ class Backup:
             return LinkedFile(self, self._hardlinks[key], node, path, st)
         item: Future[Node | None] | PendingFile = (
             pool.submit(self._read_file, path, node, st) if st.st_size >= LARGE_FILE
-            else self._batches[st.st_size % len(self._batches)].add(path, node, st)
+            else self._route(st.st_size).add(path, node, st)
         )
         if key is not None:
             self._hardlinks[key] = item
@@ -410,9 +434,9 @@ class Backup:
         Jobs are queued in post-order, so a tree is always written after the trees of its
         subdirectories; not waiting at each directory keeps the workers busy across them.
         """
-        while self._jobs and (
-            self._pending_items > max_pending or self._pending_bytes > MAX_PENDING_BYTES or len(self._jobs) > MAX_PENDING_DIRS
-        ):
+        while self._jobs and self._pending_over(max_pending):
+            if max_pending and not self._pending_over(max_pending, WALK_ON_WHILE_IDLE) and not self._wait_for(self._jobs[0]):
+                return  # a worker ran out of work meanwhile: walk on, and feed it
             job = self._jobs.popleft()
             self._pending_items -= len(job.items)
             self._pending_bytes -= job.queued_bytes
@@ -424,6 +448,36 @@ class Backup:
             job.node.subtree = self._save_tree(nodes)
             if job.dir_key:
                 self._dir_records.append((job.dir_key, job.signature + job.node.subtree))
+
+    def _pending_over(self, max_pending: int, times: int = 1) -> bool:
+        return (self._pending_items > max_pending * times or self._pending_bytes > MAX_PENDING_BYTES * times
+                or len(self._jobs) > MAX_PENDING_DIRS * times)
+
+    def _wait_for(self, job: DirJob) -> bool:
+        """Wait until every entry of `job` is answered; False as soon as a worker process has nothing left to do.
+
+        The walk then goes on instead, and feeds that worker: waiting here while it idles left one of two
+        cores unused for a tenth of a first backup. With threads standing in for processes, just waits.
+        """
+        workers = [runner for runner in self.procs if isinstance(runner, WorkerProcess)]
+        if len(workers) < len(self.procs):
+            return True
+        for item in job.items:
+            if isinstance(item, PendingFile):
+                item.batch.submit()  # once: nothing more comes to a batch the walk has left
+        poller = select.poll()
+        for worker in workers:
+            poller.register(worker.answer_fd, select.POLLIN)
+        first_waiting = 0
+        while True:
+            starving = [worker.read_arrived() for worker in workers]  # the walk fills its batch: a partial one costs a round trip
+            while first_waiting < len(job.items) and is_answered(job.items[first_waiting]):
+                first_waiting += 1
+            if first_waiting == len(job.items):
+                return True
+            if any(starving):
+                return False
+            poller.poll(5)  # an answer, or a large file's thread finishing (polled)
 
     def _subdir(self, pool: ThreadPoolExecutor, path: bytes, node: Node, st: os.stat_result, root_dev: int) -> bytes | None:
         """Descend into a directory and return its signature; None to leave it out of the snapshot entirely."""
@@ -687,6 +741,9 @@ class ProcessBatch:
             self.answer = backup.procs[self.worker].submit(process_files, jobs, self.pack_here, backup._index_was_empty)
             backup._in_flight[self.worker] += 1
 
+    def answered(self) -> bool:
+        return self.nodes is not None or (self.answer is not None and self.answer.done())
+
     def resolve(self) -> list[Node | None]:
         if self.nodes is None:
             self.submit()
@@ -695,6 +752,7 @@ class ProcessBatch:
             self.backup._feed_idle_workers()  # the walk stops here: first give an idle worker what it has
             done = answer.result()
             self.backup._in_flight[self.worker] -= 1
+            self.backup._load[self.worker] -= self.bytes
             self.backup._batch_done(done)
             self.nodes = [self.backup._complete(p, node, st, r) for (p, node, st), r in zip(self.jobs, done.files, strict=True)]
             self.jobs = []  # the sealed boxes are packed now: let them go
@@ -715,12 +773,24 @@ class BatchQueue:
             batch = self.current = ProcessBatch(self.backup, self.worker)
         batch.jobs.append((path, node, st))
         batch.bytes += st.st_size
+        self.backup._load[self.worker] += st.st_size
         if batch.full:
             batch.submit()
         return PendingFile(batch, len(batch.jobs) - 1)
 
 
 PendingItem = Node | Future[Node | None] | PendingFile | LinkedFile
+
+
+def is_answered(item: PendingItem) -> bool:
+    """An entry whose node is known, or comes without waiting."""
+    if isinstance(item, Node):
+        return True
+    if isinstance(item, PendingFile):
+        return item.batch.answered()
+    if isinstance(item, LinkedFile):
+        return is_answered(item.first)
+    return item.done()
 
 
 @dataclass(slots=True)

@@ -51,6 +51,8 @@ class Answer(Protocol[T_co]):
 
     def result(self, timeout: float | None = None) -> T_co: ...
 
+    def done(self) -> bool: ...
+
 
 class TaskRunner(Protocol):
     """Where a backup sends its batches: one worker process, or a thread pool standing in for it."""

@@ -116,6 +116,17 @@ class WorkerProcess:
     def answer_fd(self) -> int:
         return self._answers.fileno()
 
+    def read_arrived(self) -> bool:
+        """Read the answers already in the pipe, waiting for no more; True when every task sent is answered (the worker idles)."""
+        with self._lock:
+            while self._outstanding and self._answers.poll(0):
+                self._receive()
+            return not self._outstanding
+
+    def answered(self, number: int) -> bool:
+        """Task `number`'s answer was read (`answer` returns it without waiting)."""
+        return number in self._received
+
     def answer(self, number: int, timeout: float | None = None) -> Any:
         with self._lock:
             while number not in self._received:
@@ -165,6 +176,10 @@ class TaskAnswer(Generic[T]):
     def fileno(self) -> int:
         """The worker's answer pipe: readable once this or an earlier answer of the same worker may have come."""
         return self._worker.answer_fd
+
+    def done(self) -> bool:
+        """Answered, as far as the answers read so far tell (`WorkerProcess.read_arrived` reads more)."""
+        return self._outcome is not None or self._worker.answered(self._number)
 
     def result(self, timeout: float | None = None) -> T:
         if self._outcome is None:
