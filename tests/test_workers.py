@@ -116,3 +116,18 @@ def test_in_one_run_a_copy_of_a_file_past_one_chunk_goes_to_the_worker_that_has_
     snapshot = job.run()
     assert len(job._worker_pids) == 2, "worker processes, not threads"
     assert snapshot.summary.data_added == 300_000 + 600_000 + 5_000_000, "the copy was stored once"
+
+
+def test_a_re_backup_whose_files_are_all_unchanged_starts_no_worker(repo: Repository, tmp_path: Path) -> None:
+    """A new symlink rebuilds the directory's tree: past the walk's look-ahead of unchanged entries, none is read."""
+    src = tmp_path / "src"
+    src.mkdir()
+    for n in range(pipeline.MAX_PENDING_ITEMS + 200):
+        (src / f"f{n}").write_bytes(b"%d" % n)
+    options = pipeline.BackupOptions(paths=[bytes(src)], workers=2)
+    pipeline.Backup(repo, options).run()
+    (src / "link").symlink_to("f1")
+    again = pipeline.Backup(repo, options)
+    snapshot = again.run()
+    assert snapshot.summary.files_unmodified == pipeline.MAX_PENDING_ITEMS + 200
+    assert again._procs is None, "no worker started"

@@ -459,8 +459,10 @@ class Backup:
         The walk then goes on instead, and feeds that worker: waiting here while it idles left one of two
         cores unused for a tenth of a first backup. With threads standing in for processes, just waits.
         """
-        workers = [runner for runner in self.procs if isinstance(runner, WorkerProcess)]
-        if len(workers) < len(self.procs):
+        with self._procs_lock:
+            procs = self._procs  # never started here: a run with nothing changed starts none
+        workers = [runner for runner in procs or [] if isinstance(runner, WorkerProcess)]
+        if not workers or len(workers) < len(procs or []):
             return True
         for item in job.items:
             if isinstance(item, PendingFile):
