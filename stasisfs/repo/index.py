@@ -30,7 +30,7 @@ import lmdb
 
 from stasisfs.errors import IndexDamaged
 from stasisfs.format.pack import HEADER_ENTRY, BlobEntry, PackInfo
-from stasisfs.system.kernel import drop_file_mappings
+from stasisfs.system.kernel import drop_mappings, file_mappings
 
 LOCATION = struct.Struct(">32sBIII")
 PACK_ROW = struct.Struct(">Q32s")
@@ -50,11 +50,13 @@ CHUNK_WRITE_BATCH = 512
 # of N such puts maps up to N * 64 KiB of index. Below MAPPED_INDEX_BOUND, mapped pages are dropped every
 # RELEASE_EVERY (the whole index may stay mapped, and is small). Past it, transactions take
 # SCATTERED_WRITE_BATCH puts and each one's pages are dropped at its end, so no process maps more than
-# about 16 MB of index at once (directory records, random keys too, always go so: `put_file_records`).
-# The price: faulting those pages in again, about 5 µs a put.
+# about 8 MB of index at once (directory records, random keys too, always go so: `put_file_records`).
+# The price: faulting those pages in again, about 5 µs a put; a drop is one madvise, since each process
+# lists where it maps the index once (`Index._mapped`), not at every drop (0.3 ms).
 # A first backup of 1M tiny files peaked at 273 MB of PSS with no bound, 227-234 MB with this bound at
-# 64 MiB, 185-225 MB at 16 MiB, for about 10% more time (a median of 33 s against 30; restic: 33-37 s, 340-430 MB).
-SCATTERED_WRITE_BATCH = 256
+# 64 MiB, 185-225 MB at 16 MiB with 256 puts a transaction; with 128, 169-173 MB against 188-205
+# (two rounds each, interleaved), in no more time.
+SCATTERED_WRITE_BATCH = 128
 MAPPED_INDEX_BOUND = 16 << 20
 PAGE_SIZE = 4096
 
@@ -186,6 +188,9 @@ class Index:
         self._write_lock = threading.Lock()
         self._wrote: set[Path] = set()  # the environments this process wrote to
         self._released_at = time.monotonic()
+        # Where this process maps the environments, listed once: every change to a map (opening the files
+        # cache, growing a map, closing) forgets it under the write lock, which every drop also holds.
+        self._mapped: list[tuple[int, int]] | None = None
         self.env = _open_environment(path, probe_first, max_dbs=8)
         self._files_cache: tuple[lmdb.Environment, lmdb._Database] | None = None  # opened on first use: workers never need it
         self._files_lock = threading.Lock()
@@ -209,10 +214,12 @@ class Index:
             with self._files_lock:
                 if self._files_cache is None:
                     try:
-                        self._files_cache = _open_files_environment(self.files_path)
+                        opened = _open_files_environment(self.files_path)
                     except (IndexDamaged, lmdb.Error):
                         remove_index_dir(self.files_path)
-                        self._files_cache = _open_files_environment(self.files_path)
+                        opened = _open_files_environment(self.files_path)
+                    with self._write_lock:
+                        self._files_cache, self._mapped = opened, None
                 files = self._files_cache
         return files
 
@@ -228,11 +235,15 @@ class Index:
         if not now and started - self._released_at < RELEASE_EVERY:
             return
         self._released_at = started
-        with self._write_lock:  # the map moves only when a writer grows it
-            files = [self.files_path / "data.mdb"] if self._files_cache is not None else []
-            drop_file_mappings(self.path / "data.mdb", *files)
+        with self._write_lock:  # a map moves only when a writer grows it
+            if self._mapped is None:
+                files = [self.files_path / "data.mdb"] if self._files_cache is not None else []
+                self._mapped = file_mappings(self.path / "data.mdb", *files)
+            drop_mappings(self._mapped)
 
     def close(self) -> None:
+        with self._write_lock:
+            self._mapped = None
         environments = [(self.path, self.env)] + ([(self.files_path, self._files_cache[0])] if self._files_cache else [])
         for path, env in environments:
             env.close()
@@ -251,6 +262,7 @@ class Index:
                         fn(txn)
                     break
                 except lmdb.MapFullError:
+                    self._mapped = None  # the map moves
                     env.set_mapsize(env.info()["map_size"] * 2)
         self.release_mapped_pages(now=scattered)  # a write reads the pages its keys land on
 

@@ -23,19 +23,32 @@ def die_with_parent() -> None:
         _libc().prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
 
 
-def drop_file_mappings(*paths: os.PathLike[str] | str) -> None:
-    """Unmap this process's pages of every shared mapping of these files; later reads fault them back in from the file.
-
-    Only for read-only shared file mappings: the caller must hold off anything that could move the
-    mapping meanwhile, or the advice could fall on memory reused since (anonymous memory is zeroed).
-    The mapping table is read once for all of them: the kernel takes about 0.3 ms to print it.
-    """
+def file_mappings(*paths: os.PathLike[str] | str) -> list[tuple[int, int]]:
+    """The address ranges of this process's mappings of these files: the kernel takes about 0.3 ms to list them."""
     targets = tuple(" " + os.path.realpath(path) for path in paths)
-    with contextlib.suppress(OSError, AttributeError), open("/proc/self/maps") as maps:
+    ranges = []
+    with contextlib.suppress(OSError), open("/proc/self/maps") as maps:
         for line in maps:
             if line.rstrip("\n").endswith(targets):
                 start, end = (int(bound, 16) for bound in line.split(None, 1)[0].split("-"))
-                _libc().madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), MADV_DONTNEED)
+                ranges.append((start, end))
+    return ranges
+
+
+def drop_mappings(ranges: list[tuple[int, int]]) -> None:
+    """Unmap this process's pages in these ranges of read-only shared file mappings; later reads fault them back in.
+
+    The caller must know the ranges still map those files (nothing unmapped or moved them since
+    `file_mappings`), or the advice could fall on memory reused since: anonymous memory is zeroed.
+    """
+    with contextlib.suppress(OSError, AttributeError):
+        for start, end in ranges:
+            _libc().madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), MADV_DONTNEED)
+
+
+def drop_file_mappings(*paths: os.PathLike[str] | str) -> None:
+    """Unmap this process's pages of every shared mapping of these files (see `drop_mappings`)."""
+    drop_mappings(file_mappings(*paths))
 
 
 def release_free_heap() -> None:
