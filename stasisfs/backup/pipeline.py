@@ -63,9 +63,8 @@ MAX_PENDING_DIRS = 1024
 SIZE_SPREAD = 0x9E3779B97F4A7C15  # 2^64 / golden ratio: consecutive sizes land far apart
 ROUTES_KEPT = 65536  # sizes of larger files remembered, and the worker each went to
 # While the oldest tree waits on one worker and another has nothing left to do, the walk goes on
-# to feed it, up to these many times the limits above (4x entries too cost 1M tiny files 15-20 MB).
-WALK_ON_ITEMS = 2  # entries and directories: their nodes are what a walk ahead holds in memory
-WALK_ON_BYTES = 4  # file bytes: an idle worker needs bytes to do, and past the first few MiB none come back
+# to feed it, up to this many times the limits above.
+WALK_ON_WHILE_IDLE = 4
 # The parent packs what workers seal until a run has sent them this much: a small run (an hourly
 # edit) then writes one pack with its trees. Past it, each worker packs what it seals itself.
 PARENT_PACKS_FIRST = int(tuned("parent-packs-first", 4 * 1024 * 1024))
@@ -436,7 +435,7 @@ class Backup:
         subdirectories; not waiting at each directory keeps the workers busy across them.
         """
         while self._jobs and self._pending_over(max_pending):
-            if max_pending and not self._pending_over(max_pending, WALK_ON_ITEMS, WALK_ON_BYTES) and not self._wait_for(self._jobs[0]):
+            if max_pending and not self._pending_over(max_pending, WALK_ON_WHILE_IDLE) and not self._wait_for(self._jobs[0]):
                 return  # a worker ran out of work meanwhile: walk on, and feed it
             job = self._jobs.popleft()
             self._pending_items -= len(job.items)
@@ -450,9 +449,9 @@ class Backup:
             if job.dir_key:
                 self._dir_records.append((job.dir_key, job.signature + job.node.subtree))
 
-    def _pending_over(self, max_pending: int, items_times: float = 1, bytes_times: float = 1) -> bool:
-        return (self._pending_items > max_pending * items_times or len(self._jobs) > MAX_PENDING_DIRS * items_times
-                or self._pending_bytes > MAX_PENDING_BYTES * bytes_times)
+    def _pending_over(self, max_pending: int, times: int = 1) -> bool:
+        return (self._pending_items > max_pending * times or self._pending_bytes > MAX_PENDING_BYTES * times
+                or len(self._jobs) > MAX_PENDING_DIRS * times)
 
     def _wait_for(self, job: DirJob) -> bool:
         """Wait until every entry of `job` is answered; False as soon as a worker process has nothing left to do.

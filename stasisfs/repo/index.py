@@ -54,7 +54,7 @@ CHUNK_WRITE_BATCH = 512
 # The price: faulting those pages in again, about 5 µs a put; a drop is one madvise, since each process
 # lists where it maps the index once (`Index._mapped`), not at every drop (0.3 ms).
 # A first backup of 1M tiny files peaked at 273 MB of PSS with no bound, 227-234 MB with this bound at
-# 64 MiB, 185-225 MB at 16 MiB with 256 puts a transaction; with 128, 169-173 MB against 188-205
+# 64 MiB, 185-225 MB at 16 MiB with 256 puts a transaction; with 128, 168-173 MB against 188-205
 # (two rounds each, interleaved), in no more time.
 SCATTERED_WRITE_BATCH = 128
 MAPPED_INDEX_BOUND = 16 << 20
