@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from stasisfs.repo import index as index_module
-from stasisfs.system.kernel import drop_file_mappings, file_mappings
+from stasisfs.system.kernel import drop_mappings, file_mappings
 
 
 def resident_kib(path: Path) -> int:
@@ -33,7 +33,7 @@ def test_every_named_files_pages_are_dropped_and_read_back_on_use(tmp_path: Path
         assert sum(mapped[offset] for offset in range(0, len(mapped), 4096)) == (number + 1) * 1024  # touch every page
         maps.append(mapped)
     assert all(resident_kib(path) >= 4096 for path in files)
-    drop_file_mappings(files[0], files[1])
+    drop_mappings(file_mappings(files[0], files[1]))
     assert resident_kib(files[0]) == 0 and resident_kib(files[1]) == 0
     assert resident_kib(files[2]) >= 4096, "only the files named"
     assert maps[1][12345] == 2 and maps[0][(4 << 20) - 1] == 1, "read back from the file"

@@ -17,6 +17,15 @@ from stasisfs.system.workerprocess import WorkerDied, WorkerProcess
 
 
 @pytest.fixture
+def unrunnable_interpreter(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`sys.executable` names a file this user cannot run."""
+    unrunnable = tmp_path / "python"
+    unrunnable.write_bytes(b"")
+    unrunnable.chmod(0o600)
+    monkeypatch.setattr(sys, "executable", str(unrunnable))
+
+
+@pytest.fixture
 def worker() -> Iterator[WorkerProcess]:
     process = WorkerProcess(spawned_by_main_thread=True)
     yield process
@@ -112,11 +121,8 @@ def test_a_worker_whose_initializer_fails_in_its_process_is_replaced_by_a_thread
 
 
 @pytest.mark.timeout(60)
-def test_an_interpreter_that_cannot_be_run_means_threads(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    unrunnable = tmp_path / "python"
-    unrunnable.write_bytes(b"")
-    unrunnable.chmod(0o600)
-    monkeypatch.setattr(sys, "executable", str(unrunnable))
+@pytest.mark.usefixtures("unrunnable_interpreter")
+def test_an_interpreter_that_cannot_be_run_means_threads() -> None:
     runner = StartingWorker("test", operator.add, (1, 2), lambda: None).ready()
     assert runner.submit(os.getpid).result() == os.getpid()
     runner.shutdown()
@@ -149,11 +155,8 @@ def test_workers_spawned_ahead_import_meanwhile_and_are_adopted_with_their_initi
 
 
 @pytest.mark.timeout(60)
-def test_no_worker_is_spawned_ahead_where_the_interpreter_cannot_be_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    unrunnable = tmp_path / "python"
-    unrunnable.write_bytes(b"")
-    unrunnable.chmod(0o600)
-    monkeypatch.setattr(sys, "executable", str(unrunnable))
+@pytest.mark.usefixtures("unrunnable_interpreter")
+def test_no_worker_is_spawned_ahead_where_the_interpreter_cannot_be_run() -> None:
     assert spawn_ahead(2, "json") == []
 
 

@@ -276,9 +276,9 @@ class Backup:
     def _route(self, size: int) -> BatchQueue:
         """The worker a file goes to: always the same for one size, so copies of a file meet in one worker.
 
-        Small files spread by a multiplicative hash of their size (even on sizes' parity, which is not even);
-        the first file of a larger size goes to the worker with the fewest bytes to do: a few of them are
-        most of a tree's bytes, and a fixed rule split the bench tree's 2:3.
+        Small files spread by a multiplicative hash of their size (sizes' parity is uneven: 1.05:1 on the bench
+        tree); the first file of a larger size goes to the worker with the fewest bytes to do, since a few
+        such files are most of a tree's bytes and any fixed rule split the bench tree's 2:3.
         """
         if size < CHUNK_MIN:
             return self._batches[((size * SIZE_SPREAD) & 0xFFFF_FFFF_FFFF_FFFF) * len(self._batches) >> 64]

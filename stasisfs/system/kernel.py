@@ -46,11 +46,6 @@ def drop_mappings(ranges: list[tuple[int, int]]) -> None:
             _libc().madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), MADV_DONTNEED)
 
 
-def drop_file_mappings(*paths: os.PathLike[str] | str) -> None:
-    """Unmap this process's pages of every shared mapping of these files (see `drop_mappings`)."""
-    drop_mappings(file_mappings(*paths))
-
-
 def release_free_heap() -> None:
     """Give the C heap's free pages back to the kernel (glibc; elsewhere this does nothing).
 

@@ -71,14 +71,10 @@ class StartingWorker:
     def __init__(self, name: str, initializer: Callable[..., object], initargs: tuple[Any, ...], share_in_threads: Callable[[], None],
                  spawned: WorkerProcess | None = None) -> None:
         self._args = (1, name, initializer, initargs, share_in_threads)
-        self._worker: WorkerProcess | None = spawned
+        self._worker = spawned or _spawn()
         self._started: Answer[object] | None = None
-        if spawned is None and not os.access(sys.executable, os.X_OK):  # e.g. an interpreter under a home directory this user cannot enter
-            return
-        with _signals_left_to_the_parent():
+        if self._worker is not None:
             try:
-                if self._worker is None:
-                    self._worker = WorkerProcess(spawned_by_main_thread=threading.current_thread() is threading.main_thread())
                 self._started = self._worker.submit(initializer, *initargs)
             except (OSError, WorkerDied):
                 self._discard()
@@ -179,21 +175,28 @@ def spawn_ahead(count: int, preload: str) -> list[WorkerProcess]:
     Fewer than `count` (or none) when processes cannot start here; `StartingWorker(spawned=...)` adopts one.
     """
     spawned: list[WorkerProcess] = []
-    if not os.access(sys.executable, os.X_OK):
-        return spawned
-    with _signals_left_to_the_parent():
-        for _ in range(count):
-            try:
-                worker = WorkerProcess(spawned_by_main_thread=threading.current_thread() is threading.main_thread())
-            except OSError:
-                break
-            try:
-                worker.submit(importlib.import_module, preload)
-            except (OSError, WorkerDied):
-                worker.kill()
-                break
-            spawned.append(worker)
+    for _ in range(count):
+        worker = _spawn()
+        if worker is None:
+            break
+        try:
+            worker.submit(importlib.import_module, preload)
+        except (OSError, WorkerDied):
+            worker.kill()
+            break
+        spawned.append(worker)
     return spawned
+
+
+def _spawn() -> WorkerProcess | None:
+    """A worker process, ignoring the terminal's signals from its start; None where one cannot start."""
+    if not os.access(sys.executable, os.X_OK):  # e.g. an interpreter under a home directory this user cannot enter
+        return None
+    with _signals_left_to_the_parent():
+        try:
+            return WorkerProcess(spawned_by_main_thread=threading.current_thread() is threading.main_thread())
+        except OSError:
+            return None
 
 
 def process_ids(runners: list[TaskRunner]) -> set[int]:
